@@ -1,0 +1,718 @@
+// Fused attention on CPUs: FlashAttention-2 style tiling with an online softmax.
+//
+// This file is compiled once per instruction set (see CMakeLists.txt). Each copy lives in its
+// own namespace, aigc_ext::cpu::<isa>, and sees ATen's Vectorized<T> for that instruction set.
+//
+// Forward, per task = (batch, query head, chunk of query rows):
+//   for each key/value block (BK keys):      pack K^T and V once, reused by every query block
+//     for each query block (BQ rows):        S = Q K^T          (GEMM, fp32 accumulate)
+//                                            online softmax     (running max m, running sum l)
+//                                            acc = acc*alpha + P V   (GEMM)
+//   out = acc / l,  lse = m + log(l)
+// Nothing of size L x S is ever stored; the working set per thread is one BQ x BK score tile
+// plus the chunk's accumulator.
+//
+// Backward, per task = (batch, KV head, chunk of key blocks), probabilities recomputed from lse:
+//   P = exp(scale*S - lse), dV += P^T dO, dP = dO V^T, dS = P*(dP - D) with D = rowsum(dO*O),
+//   dK += scale * dS^T Q, dQ += scale * dS K.
+// dK and dV are owned by the task (all query heads of a GQA group are visited inside it), so
+// they need no reduction; dQ is accumulated per key chunk in fp32 and summed at the end, which
+// lets a single (batch, head) use every core.
+//
+// GEMMs: fp32/fp64 through the BLAS torch links (MKL on x86); bf16/fp16 through torch's brgemm
+// (oneDNN, AMX tiles where the CPU has them) with B packed to VNNI layout, or, where brgemm is
+// unavailable, through fp32 BLAS on converted tiles.
+#include "cpu/attention.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifndef AIGC_ISA_NAMESPACE
+#error "AIGC_ISA_NAMESPACE must be defined by the build (one of default_, avx2, avx512)"
+#endif
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kPackN = 64;  // brgemm's packed B is handled in column panels of this width
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <typename A>
+constexpr A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// ------------------------------------------------------------------------------------------
+// GEMM layer
+// ------------------------------------------------------------------------------------------
+
+// Row-major C[M x N] = op(A)[M x K] * op(B)[K x N] + beta * C through column-major BLAS:
+// C^T = op(B)^T op(A)^T.
+template <typename A>
+void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const A* a, int64_t lda,
+               const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) c[i * ldc + j] = beta == A(0) ? A(0) : c[i * ldc + j] * beta;
+    return;
+  }
+  const char transa = tb ? 'T' : 'N';
+  const char transb = ta ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const A alpha = 1;
+  if constexpr (std::is_same_v<A, float>) {
+    sgemm_(&transa, &transb, &m, &n, &k, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&transa, &transb, &m, &n, &k, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  }
+}
+
+template <typename S, typename D>
+inline void convert_row(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, sizeof(S) * n);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// The B operand of a GEMM, prepared once and reused for several A operands.
+template <typename T>
+struct PackedB {
+  int64_t K = 0, N = 0;
+  // BLAS path: the source itself.
+  const T* src = nullptr;
+  int64_t ld = 0;
+  bool trans = false;
+  // brgemm path: VNNI panels of kPackN columns, K padded to even.
+  std::vector<T> vnni;
+  int64_t k_even = 0;
+  // fallback path for bf16/fp16 without brgemm: fp32 copy, row-major K x N.
+  std::vector<float> f32;
+};
+
+// All GEMMs of the kernels go through this class. C always has fp32 (fp64) elements and must
+// have room for round_up(N, 64) columns: the brgemm path writes whole 64-column panels.
+template <typename T>
+class Gemm {
+ public:
+  using acc_t = acc_type<T>;
+  enum class Path { kBlas, kBrgemm, kConvert };
+
+  explicit Gemm(bool use_brgemm) {
+    if constexpr (kReduced<T>) {
+      path_ = use_brgemm ? Path::kBrgemm : Path::kConvert;
+    } else {
+      path_ = Path::kBlas;
+    }
+  }
+  ~Gemm() {
+    if (path_ == Path::kBrgemm && used_brgemm_) at::native::cpublas::brgemm_release();
+  }
+
+  // Whether A operands need an even, zero-padded number of columns.
+  bool needs_even_k() const { return path_ == Path::kBrgemm; }
+
+  // B is logical K x N: element (k, n) is src[k * ld + n], or src[n * ld + k] when trans.
+  void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
+    pb.K = K;
+    pb.N = N;
+    if (path_ == Path::kBlas) {
+      pb.src = src;
+      pb.ld = ld;
+      pb.trans = trans;
+      return;
+    }
+    if (path_ == Path::kConvert) {
+      pb.f32.resize(std::max<int64_t>(K * N, 1));
+      for (int64_t k = 0; k < K; ++k) {
+        if (!trans) {
+          convert_row(src + k * ld, pb.f32.data() + k * N, N);
+        } else {
+          for (int64_t n = 0; n < N; ++n) pb.f32[k * N + n] = static_cast<float>(src[n * ld + k]);
+        }
+      }
+      return;
+    }
+    pb.k_even = round_up(K, 2);
+    const int64_t panels = ceil_div(N, kPackN);
+    pb.vnni.resize(std::max<int64_t>(panels * pb.k_even * kPackN, 1));
+    panel_.resize(pb.k_even * kPackN);
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPackN, nn = std::min(kPackN, N - n0);
+      std::fill(panel_.begin(), panel_.end(), T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        T* row = panel_.data() + k * kPackN;
+        if (!trans) {
+          std::memcpy(row, src + k * ld + n0, sizeof(T) * nn);
+        } else {
+          for (int64_t n = 0; n < nn; ++n) row[n] = src[(n0 + n) * ld + k];
+        }
+      }
+      at::native::cpublas::pack(pb.k_even, kPackN, kPackN, kPackN, c10::CppTypeToScalarType<T>::value,
+                                c10::CppTypeToScalarType<T>::value, panel_.data(),
+                                pb.vnni.data() + p * pb.k_even * kPackN);
+    }
+  }
+
+  // C[M x N] (+)= A[M x K] * B. A is row-major with leading dimension lda; on the brgemm path
+  // it must have round_up(K, 2) readable columns, the extra one zero.
+  void run(int64_t M, const T* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
+           bool add) {
+    if (M == 0 || pb.N == 0) return;
+    if constexpr (!kReduced<T>) {
+      blas_gemm<acc_t>(false, pb.trans, M, pb.N, pb.K, a, lda, pb.src, pb.ld, add ? 1 : 0, c, ldc);
+    } else {
+      if (path_ == Path::kConvert) {
+        a32_.resize(std::max<int64_t>(M * pb.K, 1));
+        for (int64_t i = 0; i < M; ++i) convert_row(a + i * lda, a32_.data() + i * pb.K, pb.K);
+        blas_gemm<float>(false, false, M, pb.N, pb.K, a32_.data(), pb.K, pb.f32.data(), pb.N,
+                         add ? 1.f : 0.f, c, ldc);
+        return;
+      }
+      if (pb.K == 0) {
+        if (!add)
+          for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + pb.N, 0.f);
+        return;
+      }
+      used_brgemm_ = true;
+      const int64_t panels = ceil_div(pb.N, kPackN);
+      for (int64_t p = 0; p < panels; ++p) {
+        at::native::cpublas::brgemm(M, kPackN, pb.k_even, lda, kPackN, ldc, add, a,
+                                    pb.vnni.data() + p * pb.k_even * kPackN, c + p * kPackN);
+      }
+    }
+  }
+
+  // C[M x N] (+)= op(A) op(B) for operands used once.
+  void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
+          int64_t ldb, acc_t* c, int64_t ldc, bool add) {
+    if (path_ == Path::kBlas) {
+      if constexpr (!kReduced<T>) {
+        blas_gemm<acc_t>(ta, tb, M, N, K, a, lda, b, ldb, add ? 1 : 0, c, ldc);
+      }
+      return;
+    }
+    pack(scratch_, tb, K, N, b, ldb);
+    const int64_t ke = needs_even_k() ? round_up(K, 2) : K;
+    if (ta || ke != K) {
+      a_copy_.assign(std::max<int64_t>(M * ke, 1), T(0));
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t k = 0; k < K; ++k) a_copy_[i * ke + k] = ta ? a[k * lda + i] : a[i * lda + k];
+      a = a_copy_.data();
+      lda = ke;
+    }
+    run(M, a, lda, scratch_, c, ldc, add);
+  }
+
+ private:
+  Path path_;
+  bool used_brgemm_ = false;
+  std::vector<T> panel_, a_copy_;
+  std::vector<float> a32_;
+  PackedB<T> scratch_;
+};
+
+// ------------------------------------------------------------------------------------------
+// Row operations of the online softmax (vectorised over keys)
+// ------------------------------------------------------------------------------------------
+
+template <typename A>
+inline A row_max(const A* s, int64_t n) {
+  using Vec = Vectorized<A>;
+  A m = neg_inf<A>();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm(neg_inf<A>());
+    for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(s + i));
+    m = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+  }
+  for (; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+}
+
+template <typename A>
+inline Vectorized<A> vexp(const Vectorized<A>& x) {
+  if constexpr (std::is_same_v<A, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// s[i] = exp(s[i] * scale - shift) for i < n; returns the sum.
+template <typename A>
+inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
+  using Vec = Vectorized<A>;
+  const Vec vscale(scale), vshift(shift);
+  Vec vsum(A(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec e = vexp(at::vec::fmsub(Vec::loadu(s + i), vscale, vshift));
+    e.store(s + i);
+    vsum = vsum + e;
+  }
+  A total = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, vsum);
+  for (; i < n; ++i) {
+    const A e = std::exp(s[i] * scale - shift);
+    s[i] = e;
+    total += e;
+  }
+  return total;
+}
+
+template <typename A>
+inline void row_scale(A* s, int64_t n, A f) {
+  using Vec = Vectorized<A>;
+  const Vec vf(f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(s + i) * vf).store(s + i);
+  for (; i < n; ++i) s[i] *= f;
+}
+
+// Applies scale and the user mask to one row of raw scores: s = s*scale + mask (float masks),
+// or s*scale where the bool mask is true and -inf where it is false.
+template <typename T, typename A>
+inline void apply_mask_row(A* s, int64_t n, A scale, const AttentionForwardParams& p,
+                           const char* mask_row) {
+  const int64_t ms = p.mask_stride_s;
+  switch (p.mask_kind) {
+    case MaskKind::kBool: {
+      const bool* m = reinterpret_cast<const bool*>(mask_row);
+      for (int64_t j = 0; j < n; ++j) s[j] = m[j * ms] ? s[j] * scale : neg_inf<A>();
+      break;
+    }
+    case MaskKind::kSameAsInput: {
+      const T* m = reinterpret_cast<const T*>(mask_row);
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + static_cast<A>(m[j * ms]);
+      break;
+    }
+    case MaskKind::kFloat32: {
+      const float* m = reinterpret_cast<const float*>(mask_row);
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + static_cast<A>(m[j * ms]);
+      break;
+    }
+    case MaskKind::kNone:
+      row_scale(s, n, scale);
+      break;
+  }
+}
+
+inline size_t mask_elem_size(const AttentionForwardParams& p, size_t input_elem) {
+  switch (p.mask_kind) {
+    case MaskKind::kBool:
+      return sizeof(bool);
+    case MaskKind::kSameAsInput:
+      return input_elem;
+    case MaskKind::kFloat32:
+      return sizeof(float);
+    default:
+      return 0;
+  }
+}
+
+// Pointer to mask element (b, h, i, n0) in bytes.
+inline const char* mask_ptr(const AttentionForwardParams& p, size_t esize, int64_t b, int64_t h,
+                            int64_t i, int64_t n0) {
+  return static_cast<const char*>(p.mask) +
+         esize * (b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_l +
+                  n0 * p.mask_stride_s);
+}
+
+// Runs fn(begin, end) on every thread, handing out tasks [0, n) one at a time from a shared
+// counter, so uneven tasks (causal attention) balance across cores.
+template <typename Fn>
+void parallel_tasks(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 1));
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { fn(next); });
+}
+
+// Copies rows [0, m) of a (ld) into dst with width k_even, zero-padding column k.
+template <typename T>
+void copy_padded(const T* a, int64_t ld, int64_t m, int64_t k, int64_t k_even, T* dst) {
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(dst + i * k_even, a + i * ld, sizeof(T) * k);
+    for (int64_t j = k; j < k_even; ++j) dst[i * k_even + j] = T(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockKV = 512;
+constexpr int64_t kFwdMaxChunkRows = 4096;
+
+template <typename T>
+void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
+  using A = acc_type<T>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv;
+  T* out = static_cast<T*>(p.out);
+  A* lse = static_cast<A*>(p.lse);
+  if (B == 0 || Hq == 0 || L == 0) return;
+  if (S == 0) {
+    std::fill(out, out + B * Hq * L * Ev, T(0));
+    std::fill(lse, lse + B * Hq * L, neg_inf<A>());
+    return;
+  }
+  const bool brgemm = kReduced<T> && opt.use_brgemm &&
+                      at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  const int64_t BQ = kFwdBlockQ;
+  const int64_t BK = std::min(kFwdBlockKV, round_up(S, kPackN));
+  const int64_t ev_pad = round_up(Ev, kPackN);
+  const int64_t e_even = round_up(E, 2);
+  const size_t mesize = mask_elem_size(p, sizeof(T));
+
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nqb = ceil_div(L, BQ);
+  int64_t chunks = std::min(nqb, std::max<int64_t>(1, ceil_div(4 * nthreads, B * Hq)));
+  chunks = std::max(chunks, ceil_div(L, kFwdMaxChunkRows));
+  const int64_t blocks_per_chunk = ceil_div(nqb, chunks);
+  chunks = ceil_div(nqb, blocks_per_chunk);
+  const int64_t chunk_rows = blocks_per_chunk * BQ;
+  const int64_t ntasks = B * Hq * chunks;
+  const A scale = static_cast<A>(p.scale);
+
+  parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+    Gemm<T> gemm(brgemm);
+    PackedB<T> pk, pv;
+    std::vector<A> sbuf(BQ * BK), acc(chunk_rows * ev_pad), m(chunk_rows), l(chunk_rows);
+    std::vector<T> pbuf(kReduced<T> ? BQ * BK : 0);
+    std::vector<T> qpad(brgemm && e_even != E ? BQ * e_even : 0);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      // Largest chunks first: with causal masking the last rows carry the most work.
+      const int64_t c = chunks - 1 - t % chunks, bh = t / chunks;
+      const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
+      const int64_t r0 = c * chunk_rows, r1 = std::min(L, r0 + chunk_rows);
+      const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      const int64_t kv_end = p.is_causal ? std::min(r1, S) : S;
+      std::fill(m.begin(), m.end(), neg_inf<A>());
+      std::fill(l.begin(), l.end(), A(0));
+      std::fill(acc.begin(), acc.begin() + (r1 - r0) * ev_pad, A(0));
+
+      for (int64_t n0 = 0; n0 < kv_end; n0 += BK) {
+        const int64_t bn = std::min(BK, kv_end - n0);
+        const int64_t bn_even = round_up(bn, 2);
+        gemm.pack(pk, /*trans=*/true, E, bn, kp + n0 * p.k_stride_l, p.k_stride_l);
+        gemm.pack(pv, /*trans=*/false, bn, Ev, vp + n0 * p.v_stride_l, p.v_stride_l);
+        for (int64_t q0 = r0; q0 < r1; q0 += BQ) {
+          const int64_t q1 = std::min(q0 + BQ, r1), bq = q1 - q0;
+          if (p.is_causal && q1 <= n0) continue;  // every row of this block precedes the keys
+          const T* qa = qp + q0 * p.q_stride_l;
+          int64_t lda = p.q_stride_l;
+          if (!qpad.empty()) {
+            copy_padded(qa, lda, bq, E, e_even, qpad.data());
+            qa = qpad.data();
+            lda = e_even;
+          }
+          gemm.run(bq, qa, lda, pk, sbuf.data(), BK, /*add=*/false);
+
+          for (int64_t r = 0; r < bq; ++r) {
+            const int64_t i = q0 + r, ri = i - r0;
+            A* s = sbuf.data() + r * BK;
+            const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn) : bn;
+            A eff_scale = scale;
+            if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+              apply_mask_row<T, A>(s, valid, scale, p,
+                                   p.mask_kind == MaskKind::kNone
+                                       ? nullptr
+                                       : mask_ptr(p, mesize, b, h, i, n0));
+              eff_scale = 1;
+            }
+            const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
+            const A m_new = std::max(m[ri], bmax);
+            A* acc_row = acc.data() + ri * ev_pad;
+            if (m_new == neg_inf<A>()) {
+              // Nothing visible yet in this row: P = 0 and the state stays as it is.
+              std::fill(s, s + bn_even, A(0));
+            } else {
+              const A alpha = std::exp(m[ri] - m_new);
+              const A sum = row_exp_sum(s, valid, eff_scale, m_new);
+              std::fill(s + valid, s + bn_even, A(0));
+              if (alpha != A(1)) row_scale(acc_row, Ev, alpha);
+              l[ri] = l[ri] * alpha + sum;
+              m[ri] = m_new;
+            }
+            if constexpr (kReduced<T>) {
+              convert_row(s, pbuf.data() + r * BK, bn_even);
+            }
+          }
+          const T* pa;
+          if constexpr (kReduced<T>) {
+            pa = pbuf.data();
+          } else {
+            pa = sbuf.data();
+          }
+          gemm.run(bq, pa, BK, pv, acc.data() + (q0 - r0) * ev_pad, ev_pad, /*add=*/true);
+        }
+      }
+      // Normalise and write out.
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t ri = i - r0;
+        A* acc_row = acc.data() + ri * ev_pad;
+        T* o = out + ((b * Hq + h) * L + i) * Ev;
+        if (l[ri] > A(0)) {
+          row_scale(acc_row, Ev, A(1) / l[ri]);
+          convert_row(acc_row, o, Ev);
+          lse[(b * Hq + h) * L + i] = m[ri] + std::log(l[ri]);
+        } else {
+          std::fill(o, o + Ev, T(0));  // no key to attend to: zeros, as torch does
+          lse[(b * Hq + h) * L + i] = neg_inf<A>();
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBwdBlockKV = 256;
+
+template <typename T>
+void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) {
+  using A = acc_type<T>;
+  const AttentionForwardParams& p = bp.fwd;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv;
+  T* dq = static_cast<T*>(bp.grad_q);
+  T* dk = static_cast<T*>(bp.grad_k);
+  T* dv = static_cast<T*>(bp.grad_v);
+  const T* dout = static_cast<const T*>(bp.grad_out);
+  const T* out = static_cast<const T*>(p.out);
+  const A* lse = static_cast<const A*>(p.lse);
+  std::fill(dq, dq + B * Hq * L * E, T(0));
+  std::fill(dk, dk + B * Hkv * S * E, T(0));
+  std::fill(dv, dv + B * Hkv * S * Ev, T(0));
+  if (B == 0 || Hq == 0 || L == 0 || S == 0) return;
+
+  const bool brgemm = kReduced<T> && opt.use_brgemm &&
+                      at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  const int64_t BQ = kBwdBlockQ;
+  const int64_t BK = std::min(kBwdBlockKV, round_up(S, kPackN));
+  const int64_t e_pad = round_up(E, kPackN), ev_pad = round_up(Ev, kPackN);
+  const int64_t e_even = round_up(E, 2), ev_even = round_up(Ev, 2);
+  const int64_t bq_cap = round_up(std::min(BQ, L), 2);
+  const size_t mesize = mask_elem_size(p, sizeof(T));
+  const A scale = static_cast<A>(p.scale);
+
+  // D = rowsum(dO * O), one value per query row.
+  std::vector<A> D(B * Hq * L);
+  at::parallel_for(0, B * Hq * L, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      A s = 0;
+      const T* a = dout + r * Ev;
+      const T* o = out + r * Ev;
+      for (int64_t e = 0; e < Ev; ++e) s += static_cast<A>(a[e]) * static_cast<A>(o[e]);
+      D[r] = s;
+    }
+  });
+
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nkb = ceil_div(S, BK);
+  int64_t chunks = std::min(nkb, std::max<int64_t>(1, ceil_div(2 * nthreads, B * Hkv)));
+  const int64_t blocks_per_chunk = ceil_div(nkb, chunks);
+  chunks = ceil_div(nkb, blocks_per_chunk);
+  const int64_t ntasks = B * Hkv * chunks;
+  // dQ partial sums, one slab per key chunk: (chunks, B, Hq, L, e_pad).
+  std::vector<A> dq_acc(chunks * B * Hq * L * e_pad, A(0));
+
+  parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+    Gemm<T> gemm(brgemm);
+    PackedB<T> pkt, pvt, pk;
+    std::vector<A> sbuf(bq_cap * BK), dpbuf(bq_cap * BK);
+    std::vector<A> dk_acc(BK * e_pad), dv_acc(BK * ev_pad);
+    std::vector<T> pbuf(kReduced<T> ? bq_cap * BK : 0), dsbuf(kReduced<T> ? bq_cap * BK : 0);
+    std::vector<T> qpad(brgemm && e_even != E ? BQ * e_even : 0);
+    std::vector<T> dopad(brgemm && ev_even != Ev ? BQ * ev_even : 0);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const int64_t c = t % chunks, bhk = t / chunks;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      const int64_t kb0 = c * blocks_per_chunk, kb1 = std::min(nkb, kb0 + blocks_per_chunk);
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t n0 = kb * BK, bn = std::min(BK, S - n0), bn_even = round_up(bn, 2);
+        const T* kblk = kp + n0 * p.k_stride_l;
+        const T* vblk = vp + n0 * p.v_stride_l;
+        gemm.pack(pkt, /*trans=*/true, E, bn, kblk, p.k_stride_l);   // K^T for S = Q K^T
+        gemm.pack(pvt, /*trans=*/true, Ev, bn, vblk, p.v_stride_l);  // V^T for dP = dO V^T
+        gemm.pack(pk, /*trans=*/false, bn, E, kblk, p.k_stride_l);   // K for dQ = dS K
+        std::fill(dk_acc.begin(), dk_acc.end(), A(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), A(0));
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g;
+          const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+          const T* dop = dout + (b * Hq + h) * L * Ev;
+          const A* lse_h = lse + (b * Hq + h) * L;
+          const A* D_h = D.data() + (b * Hq + h) * L;
+          A* dqa = dq_acc.data() + ((c * B + b) * Hq + h) * L * e_pad;
+          const int64_t qstart = p.is_causal ? (n0 / BQ) * BQ : 0;
+          for (int64_t q0 = qstart; q0 < L; q0 += BQ) {
+            const int64_t bq = std::min(BQ, L - q0);
+            const T* qa = qp + q0 * p.q_stride_l;
+            int64_t ldq = p.q_stride_l;
+            const T* doa = dop + q0 * Ev;
+            int64_t lddo = Ev;
+            if (!qpad.empty()) {
+              copy_padded(qa, ldq, bq, E, e_even, qpad.data());
+              qa = qpad.data();
+              ldq = e_even;
+            }
+            if (!dopad.empty()) {
+              copy_padded(doa, lddo, bq, Ev, ev_even, dopad.data());
+              doa = dopad.data();
+              lddo = ev_even;
+            }
+            // S = Q K^T, then P = exp(scale*S + mask - lse)
+            gemm.run(bq, qa, ldq, pkt, sbuf.data(), BK, false);
+            for (int64_t r = 0; r < bq; ++r) {
+              const int64_t i = q0 + r;
+              A* s = sbuf.data() + r * BK;
+              const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn) : bn;
+              if (valid == 0 || lse_h[i] == neg_inf<A>()) {
+                std::fill(s, s + bn_even, A(0));
+              } else {
+                A eff_scale = scale;
+                if (p.mask_kind != MaskKind::kNone) {
+                  apply_mask_row<T, A>(s, valid, scale, p, mask_ptr(p, mesize, b, h, i, n0));
+                  eff_scale = 1;
+                }
+                row_exp_sum(s, valid, eff_scale, lse_h[i]);
+                std::fill(s + valid, s + bn_even, A(0));
+              }
+              if constexpr (kReduced<T>) convert_row(s, pbuf.data() + r * BK, bn_even);
+            }
+            const T* pa;
+            if constexpr (kReduced<T>) {
+              pa = pbuf.data();
+            } else {
+              pa = sbuf.data();
+            }
+            // dV += P^T dO
+            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * Ev, Ev, dv_acc.data(), ev_pad, true);
+            // dP = dO V^T, dS = P * (dP - D)
+            gemm.run(bq, doa, lddo, pvt, dpbuf.data(), BK, false);
+            for (int64_t r = 0; r < bq; ++r) {
+              const A d = D_h[q0 + r];
+              A* dp = dpbuf.data() + r * BK;
+              const A* pr = sbuf.data() + r * BK;
+              using Vec = Vectorized<A>;
+              const Vec vd(d);
+              int64_t j = 0;
+              for (; j + Vec::size() <= bn; j += Vec::size())
+                (Vec::loadu(pr + j) * (Vec::loadu(dp + j) - vd)).store(dp + j);
+              for (; j < bn; ++j) dp[j] = pr[j] * (dp[j] - d);
+              for (j = bn; j < bn_even; ++j) dp[j] = 0;
+              if constexpr (kReduced<T>) convert_row(dp, dsbuf.data() + r * BK, bn_even);
+            }
+            const T* dsa;
+            if constexpr (kReduced<T>) {
+              dsa = dsbuf.data();
+            } else {
+              dsa = dpbuf.data();
+            }
+            // dK += dS^T Q (scaled at the end), dQ += dS K (scaled at the end)
+            gemm.mm(true, false, bn, E, bq, dsa, BK, qp + q0 * p.q_stride_l, p.q_stride_l,
+                    dk_acc.data(), e_pad, true);
+            gemm.run(bq, dsa, BK, pk, dqa + q0 * e_pad, e_pad, true);
+          }
+        }
+        for (int64_t j = 0; j < bn; ++j) {
+          A* dkr = dk_acc.data() + j * e_pad;
+          row_scale(dkr, E, scale);
+          convert_row(dkr, dk + ((b * Hkv + hk) * S + n0 + j) * E, E);
+          convert_row(dv_acc.data() + j * ev_pad, dv + ((b * Hkv + hk) * S + n0 + j) * Ev, Ev);
+        }
+      }
+    }
+  });
+
+  // dQ = scale * sum over key chunks.
+  at::parallel_for(0, B * Hq * L, 64, [&](int64_t begin, int64_t end) {
+    std::vector<A> row(e_pad);
+    for (int64_t r = begin; r < end; ++r) {
+      std::fill(row.begin(), row.end(), A(0));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const A* src = dq_acc.data() + (c * B * Hq * L + r) * e_pad;
+        for (int64_t e = 0; e < E; ++e) row[e] += src[e];
+      }
+      row_scale(row.data(), E, scale);
+      convert_row(row.data(), dq + r * E, E);
+    }
+  });
+}
+
+}  // namespace
+
+void attention_forward(const AttentionForwardParams& p, const KernelOptions& opt) {
+  switch (p.dtype) {
+    case c10::ScalarType::Float:
+      return forward_impl<float>(p, opt);
+    case c10::ScalarType::Double:
+      return forward_impl<double>(p, opt);
+    case c10::ScalarType::BFloat16:
+      return forward_impl<c10::BFloat16>(p, opt);
+    case c10::ScalarType::Half:
+      return forward_impl<c10::Half>(p, opt);
+    default:
+      TORCH_CHECK(false, "aigc_ext attention: unsupported dtype ", p.dtype);
+  }
+}
+
+void attention_backward(const AttentionBackwardParams& p, const KernelOptions& opt) {
+  switch (p.fwd.dtype) {
+    case c10::ScalarType::Float:
+      return backward_impl<float>(p, opt);
+    case c10::ScalarType::Double:
+      return backward_impl<double>(p, opt);
+    case c10::ScalarType::BFloat16:
+      return backward_impl<c10::BFloat16>(p, opt);
+    case c10::ScalarType::Half:
+      return backward_impl<c10::Half>(p, opt);
+    default:
+      TORCH_CHECK(false, "aigc_ext attention backward: unsupported dtype ", p.fwd.dtype);
+  }
+}
+
+}  // namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE
