@@ -1,0 +1,51 @@
+"""The ``cpu`` backend: the fused C++ operator ``torch.ops.aigc_ext.attention_forward``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aigc_ext.layout import to_op_layout
+from aigc_ext.validation import AttentionCall
+
+__all__ = ["sdpa", "unavailable_reason", "unsupported_reason"]
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason() -> str | None:
+    try:
+        from aigc_ext import ops  # noqa: F401
+    except (ImportError, OSError) as exc:  # pragma: no cover - broken builds only
+        return f"the compiled extension aigc_ext._C failed to load: {exc}"
+    return None
+
+
+def unsupported_reason(call: AttentionCall) -> str | None:
+    if call.dtype not in _DTYPES:
+        return f"dtype {call.dtype} is not supported"
+    if call.dropout_p > 0.0:
+        return "dropout_p > 0 is not implemented in the fused kernel"
+    if call.mask_requires_grad:
+        return "attn_mask requires grad (the fused kernel does not differentiate the mask)"
+    return None
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    from aigc_ext import ops
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    lay = to_op_layout(query, key, value, attn_mask)
+    out = ops.attention(lay.query, lay.key, lay.value, lay.mask, bool(is_causal), float(scale))
+    return lay.restore(out)

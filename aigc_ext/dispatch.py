@@ -1,0 +1,224 @@
+"""Backend registry and per-call backend choice.
+
+A backend is a function with the signature of ``scaled_dot_product_attention`` plus two
+questions it answers: is it available on this machine (and if not, why), and can it serve a
+given call (and if not, why). Built-in backends register here exactly as third-party ones do.
+
+Choice per call:
+
+* forced with ``with use_backend(name):`` or, for a whole process, ``AIGC_EXT_BACKEND=name``:
+  that backend serves the call or a :class:`BackendError` says why it cannot;
+* otherwise the available backend with the highest priority that supports the call; if only the
+  reference can, it serves the call with a one-time warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from aigc_ext.validation import AttentionCall
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendInfo",
+    "backends",
+    "current_backend_override",
+    "get_backend",
+    "register_backend",
+    "select_backend",
+    "use_backend",
+]
+
+SdpaFn = Callable[..., object]
+Availability = Callable[[], "str | None"]  # None when available, else the reason
+Support = Callable[[AttentionCall], "str | None"]  # None when the call is served, else the reason
+
+REFERENCE = "reference"
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot serve a call, or a backend name is unknown or unavailable."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: SdpaFn
+    devices: tuple[str, ...]
+    priority: int = 0
+    description: str = ""
+    unavailable_reason: Availability | None = None
+    unsupported_reason: Support | None = None
+    source: str = "aigc_ext"
+
+    def why_unavailable(self) -> str | None:
+        return self.unavailable_reason() if self.unavailable_reason is not None else None
+
+    def why_unsupported(self, call: AttentionCall) -> str | None:
+        if call.device_type not in self.devices:
+            return f"runs on {', '.join(self.devices)}, not {call.device_type}"
+        return self.unsupported_reason(call) if self.unsupported_reason is not None else None
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One row of :func:`backends`."""
+
+    name: str
+    available: bool
+    reason: str | None
+    devices: tuple[str, ...]
+    priority: int
+    description: str
+    source: str
+
+
+_registry: dict[str, Backend] = {}
+_lock = threading.Lock()
+_warned: set[str] = set()
+_override = threading.local()
+
+
+def register_backend(
+    name: str,
+    fn: SdpaFn,
+    devices: tuple[str, ...] | list[str] = ("cpu",),
+    *,
+    priority: int = 0,
+    description: str = "",
+    unavailable_reason: Availability | None = None,
+    unsupported_reason: Support | None = None,
+    source: str = "aigc_ext",
+) -> Backend:
+    """Adds a backend. Registering a name twice is an error naming both sources."""
+    backend = Backend(
+        name=name,
+        fn=fn,
+        devices=tuple(devices),
+        priority=priority,
+        description=description,
+        unavailable_reason=unavailable_reason,
+        unsupported_reason=unsupported_reason,
+        source=source,
+    )
+    with _lock:
+        if name in _registry:
+            raise ValueError(
+                f"attention backend {name!r} is registered twice: by {_registry[name].source} "
+                f"and by {source}"
+            )
+        _registry[name] = backend
+    return backend
+
+
+def _unregister_backend(name: str) -> None:
+    """Removes a backend (for tests)."""
+    with _lock:
+        _registry.pop(name, None)
+
+
+def _ensure_builtins() -> None:
+    if REFERENCE not in _registry:
+        from aigc_ext import builtins as _builtin
+
+        _builtin.register_builtin_backends()
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``; :class:`BackendError` lists the known ones."""
+    _ensure_builtins()
+    try:
+        return _registry[name]
+    except KeyError:
+        raise BackendError(
+            f"unknown attention backend {name!r}; registered: {', '.join(sorted(_registry))}"
+        ) from None
+
+
+def backends() -> list[BackendInfo]:
+    """Every registered backend, with whether it is available here and, if not, why."""
+    _ensure_builtins()
+    rows = []
+    for b in sorted(_registry.values(), key=lambda b: (-b.priority, b.name)):
+        reason = b.why_unavailable()
+        rows.append(
+            BackendInfo(
+                name=b.name,
+                available=reason is None,
+                reason=reason,
+                devices=b.devices,
+                priority=b.priority,
+                description=b.description,
+                source=b.source,
+            )
+        )
+    return rows
+
+
+def current_backend_override() -> str | None:
+    """The backend forced by :func:`use_backend` on this thread, else by ``AIGC_EXT_BACKEND``."""
+    stack = getattr(_override, "stack", None)
+    if stack:
+        return stack[-1]
+    return os.environ.get("AIGC_EXT_BACKEND") or None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Forces backend ``name`` for calls made on this thread inside the ``with`` block.
+
+    Raises :class:`BackendError` at entry if the name is unknown or the backend is unavailable
+    here, and at a call it cannot serve.
+    """
+    backend = get_backend(name)
+    reason = backend.why_unavailable()
+    if reason is not None:
+        raise BackendError(f"attention backend {name!r} is not available: {reason}")
+    stack = getattr(_override, "stack", None)
+    if stack is None:
+        stack = _override.stack = []
+    stack.append(name)
+    try:
+        yield backend
+    finally:
+        stack.pop()
+
+
+def select_backend(call: AttentionCall) -> Backend:
+    """The backend that serves ``call`` (see the module docstring for the rules)."""
+    _ensure_builtins()
+    forced = current_backend_override()
+    if forced is not None:
+        backend = get_backend(forced)
+        reason = backend.why_unavailable() or backend.why_unsupported(call)
+        if reason is not None:
+            raise BackendError(f"attention backend {forced!r} cannot serve this call: {reason}")
+        return backend
+    reasons = []
+    for b in sorted(_registry.values(), key=lambda b: (-b.priority, b.name)):
+        if b.name == REFERENCE:
+            continue
+        reason = b.why_unavailable() or b.why_unsupported(call)
+        if reason is None:
+            return b
+        if call.device_type in b.devices:
+            reasons.append(f"{b.name}: {reason}")
+    if reasons:
+        _warn_once(
+            "aigc_ext: no fused kernel serves this attention call ("
+            + "; ".join(reasons)
+            + "); using the pure-PyTorch reference path"
+        )
+    return _registry[REFERENCE]
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)

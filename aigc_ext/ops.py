@@ -1,0 +1,86 @@
+"""The `torch.ops.aigc_ext` operators: loading, fake (meta) kernels and autograd.
+
+Every backend implements the same contract (see ``csrc/ops.cpp``):
+
+* ``attention_forward(q, k, v, attn_mask, is_causal, scale) -> (out, lse)`` with
+  q ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)``, ``Hq % Hkv == 0``;
+  ``lse`` is the per-row logsumexp of the scaled, masked scores (float32, or float64 for
+  float64 inputs), ``-inf`` for a row with no visible key (whose output is zero).
+* ``attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale)
+  -> (grad_q, grad_k, grad_v)``.
+
+The fake kernels make the operators traceable by ``torch.compile`` and ``torch.export``; the
+autograd registration lets gradients flow through the forward operator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aigc_ext import _C  # noqa: F401  (loads the library: registers torch.ops.aigc_ext.*)
+
+__all__ = ["attention", "cpu_kernel_config", "lse_dtype"]
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the logsumexp output for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("aigc_ext::attention_forward")
+def _attention_forward_fake(query, key, value, attn_mask=None, is_causal=False, scale=1.0):
+    batch, heads, length, _ = query.shape
+    out = query.new_empty((batch, heads, length, value.shape[-1]))
+    lse = query.new_empty((batch, heads, length), dtype=lse_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("aigc_ext::attention_backward")
+def _attention_backward_fake(
+    grad_out, query, key, value, out, lse, attn_mask=None, is_causal=False, scale=1.0
+):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, attn_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+    ctx.is_causal = is_causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, attn_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.aigc_ext.attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd(
+    "aigc_ext::attention_forward", _backward, setup_context=_setup_context
+)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Calls the forward operator on 4-D tensors and returns the attention output only."""
+    return torch.ops.aigc_ext.attention_forward(query, key, value, attn_mask, is_causal, scale)[0]
+
+
+def cpu_kernel_config(isa: str | None = None, use_brgemm: bool | None = None) -> str:
+    """Reads (and optionally sets) the CPU kernel's instruction set and GEMM engine.
+
+    ``isa`` is one of ``"auto"``, ``"default"``, ``"avx2"``, ``"avx512"``; ``use_brgemm``
+    switches bf16/fp16 GEMMs between torch's brgemm (AMX where present) and fp32 BLAS. Returns a
+    description such as ``"isa=avx512 brgemm=1 ... compiled=default,avx2,avx512 threads=2"``.
+    """
+    return torch.ops.aigc_ext._cpu_kernel_config(isa, use_brgemm)
