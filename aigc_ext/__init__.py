@@ -12,6 +12,7 @@ Quick start::
 
 from __future__ import annotations
 
+from aigc_ext import ops  # loads the compiled operators
 from aigc_ext.api import scaled_dot_product_attention
 from aigc_ext.dispatch import (
     BackendError,
@@ -28,6 +29,7 @@ __all__ = [
     "BackendInfo",
     "__version__",
     "backends",
+    "ops",
     "register_backend",
     "scaled_dot_product_attention",
     "use_backend",

@@ -29,11 +29,11 @@ class OpLayout:
 
 
 def _to_4d(t: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-    """(*lead, N, D) -> (B, H, N, D) with B = prod(lead[:-1]), H = lead[-1]."""
+    """(*lead, N, D) -> (B, H, N, D) with B = prod(lead[:-1]) (1 if none), H = lead[-1]."""
     if len(lead) == 0:
         return t.reshape(1, 1, *t.shape[-2:])
     if len(lead) == 1:
-        return t.unsqueeze(1) if t.dim() == 3 else t.reshape(lead[0], 1, *t.shape[-2:])
+        return t.unsqueeze(0)
     if len(lead) == 2:
         return t
     return t.reshape(-1, lead[-1], *t.shape[-2:])
@@ -47,7 +47,9 @@ def to_op_layout(
 ) -> OpLayout:
     """Views of the (validated) arguments in the operator layout.
 
-    3-D inputs ``(N, L, E)`` become ``(N, 1, L, E)``; 2-D ``(L, E)`` become ``(1, 1, L, E)``.
+    3-D inputs ``(N, L, E)`` become ``(1, N, L, E)``: dim -3 is the head dim, as for
+    ``enable_gqa``, so a key/value with ``N == 1`` is shared by every query row group through the
+    operator's GQA support; 2-D ``(L, E)`` become ``(1, 1, L, E)``.
     Key/value batch dims that broadcast to the query's are expanded; their head count stays
     (GQA is served by the operator directly).
     """
@@ -68,7 +70,7 @@ def to_op_layout(
         if len(target) > 4:
             m = m.expand(target).reshape(-1, lead_q[-1], *target[-2:])
         elif len(target) == 3:
-            m = m.unsqueeze(1)  # (N, L, S) -> (N, 1, L, S), like the query
+            m = m.unsqueeze(0)  # (N, L, S) -> (1, N, L, S), like the query
         elif len(target) == 2:
             m = m.reshape(1, 1, *m.shape)
         mask4 = m

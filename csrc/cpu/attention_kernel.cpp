@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -117,9 +118,9 @@ struct PackedB {
   const T* src = nullptr;
   int64_t ld = 0;
   bool trans = false;
-  // brgemm path: VNNI panels of kPackN columns, K padded to even.
+  // brgemm path: VNNI layout, K padded to even and N to a multiple of 16.
   std::vector<T> vnni;
-  int64_t k_even = 0;
+  int64_t k_even = 0, n_pad = 0;
   // fallback path for bf16/fp16 without brgemm: fp32 copy, row-major K x N.
   std::vector<float> f32;
 };
@@ -130,17 +131,21 @@ template <typename T>
 class Gemm {
  public:
   using acc_t = acc_type<T>;
-  enum class Path { kBlas, kBrgemm, kConvert };
+  // kBlas: fp32/fp64 BLAS (MKL); kBrgemmF32: fp32 through oneDNN's brgemm (JIT AVX-512);
+  // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS.
+  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert };
 
-  explicit Gemm(bool use_brgemm) {
+  explicit Gemm(bool use_brgemm, bool f32_brgemm = false) {
     if constexpr (kReduced<T>) {
       path_ = use_brgemm ? Path::kBrgemm : Path::kConvert;
+    } else if constexpr (std::is_same_v<T, float>) {
+      path_ = f32_brgemm ? Path::kBrgemmF32 : Path::kBlas;
     } else {
       path_ = Path::kBlas;
     }
   }
   ~Gemm() {
-    if (path_ == Path::kBrgemm && used_brgemm_) at::native::cpublas::brgemm_release();
+    if (used_brgemm_) at::native::cpublas::brgemm_release(path_ == Path::kBrgemm);
   }
 
   // Whether A operands need an even, zero-padded number of columns.
@@ -150,10 +155,24 @@ class Gemm {
   void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
     pb.K = K;
     pb.N = N;
-    if (path_ == Path::kBlas) {
+    if (path_ == Path::kBlas || (path_ == Path::kBrgemmF32 && !trans)) {
       pb.src = src;
       pb.ld = ld;
       pb.trans = trans;
+      return;
+    }
+    if (path_ == Path::kBrgemmF32) {
+      // brgemm takes B row-major: materialise the transpose once.
+      pb.n_pad = round_up(N, 16);
+      pb.f32.resize(std::max<int64_t>(K * pb.n_pad, 1));
+      float* dst = pb.f32.data();
+      for (int64_t n = 0; n < N; ++n) {
+        const T* row = src + n * ld;
+        for (int64_t k = 0; k < K; ++k) dst[k * pb.n_pad + n] = row[k];
+      }
+      pb.src = reinterpret_cast<const T*>(dst);
+      pb.ld = pb.n_pad;
+      pb.trans = false;
       return;
     }
     if (path_ == Path::kConvert) {
@@ -167,24 +186,39 @@ class Gemm {
       }
       return;
     }
+    // VNNI layout for brgemm: pairs of consecutive k rows interleaved, [K/2][n_pad][2].
     pb.k_even = round_up(K, 2);
-    const int64_t panels = ceil_div(N, kPackN);
-    pb.vnni.resize(std::max<int64_t>(panels * pb.k_even * kPackN, 1));
-    panel_.resize(pb.k_even * kPackN);
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t n0 = p * kPackN, nn = std::min(kPackN, N - n0);
-      std::fill(panel_.begin(), panel_.end(), T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        T* row = panel_.data() + k * kPackN;
-        if (!trans) {
-          std::memcpy(row, src + k * ld + n0, sizeof(T) * nn);
-        } else {
-          for (int64_t n = 0; n < nn; ++n) row[n] = src[(n0 + n) * ld + k];
+    pb.n_pad = round_up(N, 16);
+    const int64_t np = pb.n_pad;
+    pb.vnni.resize(std::max<int64_t>(pb.k_even * np, 1));
+    T* dst = pb.vnni.data();
+    if (K != pb.k_even || N != np) std::memset(dst, 0, sizeof(T) * pb.k_even * np);
+    if (!trans) {
+      for (int64_t kp = 0; kp < K / 2; ++kp) {
+        const T* r0 = src + (2 * kp) * ld;
+        const T* r1 = r0 + ld;
+        T* o = dst + kp * 2 * np;
+        for (int64_t n = 0; n < N; ++n) {
+          o[2 * n] = r0[n];
+          o[2 * n + 1] = r1[n];
         }
       }
-      at::native::cpublas::pack(pb.k_even, kPackN, kPackN, kPackN, c10::CppTypeToScalarType<T>::value,
-                                c10::CppTypeToScalarType<T>::value, panel_.data(),
-                                pb.vnni.data() + p * pb.k_even * kPackN);
+      if (K % 2) {
+        const T* r0 = src + (K - 1) * ld;
+        T* o = dst + (K / 2) * 2 * np;
+        for (int64_t n = 0; n < N; ++n) o[2 * n] = r0[n];
+      }
+    } else {
+      // B(k, n) = src[n * ld + k]: each source row holds the k pairs for one column n.
+      for (int64_t n = 0; n < N; ++n) {
+        const T* row = src + n * ld;
+        for (int64_t kp = 0; kp < K / 2; ++kp) {
+          uint32_t pair;
+          std::memcpy(&pair, row + 2 * kp, sizeof(pair));
+          std::memcpy(dst + kp * 2 * np + 2 * n, &pair, sizeof(pair));
+        }
+        if (K % 2) dst[(K / 2) * 2 * np + 2 * n] = row[K - 1];
+      }
     }
   }
 
@@ -194,6 +228,13 @@ class Gemm {
            bool add) {
     if (M == 0 || pb.N == 0) return;
     if constexpr (!kReduced<T>) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (path_ == Path::kBrgemmF32 && pb.K > 0) {
+          used_brgemm_ = true;
+          at::native::cpublas::brgemm(M, pb.N, pb.K, lda, pb.ld, ldc, add, a, pb.src, c, false);
+          return;
+        }
+      }
       blas_gemm<acc_t>(false, pb.trans, M, pb.N, pb.K, a, lda, pb.src, pb.ld, add ? 1 : 0, c, ldc);
     } else {
       if (path_ == Path::kConvert) {
@@ -209,11 +250,8 @@ class Gemm {
         return;
       }
       used_brgemm_ = true;
-      const int64_t panels = ceil_div(pb.N, kPackN);
-      for (int64_t p = 0; p < panels; ++p) {
-        at::native::cpublas::brgemm(M, kPackN, pb.k_even, lda, kPackN, ldc, add, a,
-                                    pb.vnni.data() + p * pb.k_even * kPackN, c + p * kPackN);
-      }
+      at::native::cpublas::brgemm(M, pb.n_pad, pb.k_even, lda, pb.n_pad, ldc, add, a, pb.vnni.data(),
+                                  c);
     }
   }
 
@@ -226,9 +264,19 @@ class Gemm {
       }
       return;
     }
+    if constexpr (std::is_same_v<T, float>) {
+      if (path_ == Path::kBrgemmF32 && ta) {
+        a32_.resize(std::max<int64_t>(M * K, 1));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t i = 0; i < M; ++i) a32_[i * K + k] = a[k * lda + i];
+        a = a32_.data();
+        lda = K;
+        ta = false;
+      }
+    }
     pack(scratch_, tb, K, N, b, ldb);
     const int64_t ke = needs_even_k() ? round_up(K, 2) : K;
-    if (ta || ke != K) {
+    if (path_ != Path::kBrgemmF32 && (ta || ke != K)) {
       a_copy_.assign(std::max<int64_t>(M * ke, 1), T(0));
       for (int64_t i = 0; i < M; ++i)
         for (int64_t k = 0; k < K; ++k) a_copy_[i * ke + k] = ta ? a[k * lda + i] : a[i * lda + k];
@@ -241,7 +289,7 @@ class Gemm {
  private:
   Path path_;
   bool used_brgemm_ = false;
-  std::vector<T> panel_, a_copy_;
+  std::vector<T> a_copy_;
   std::vector<float> a32_;
   PackedB<T> scratch_;
 };
@@ -289,6 +337,31 @@ inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
   for (; i < n; ++i) {
     const A e = std::exp(s[i] * scale - shift);
     s[i] = e;
+    total += e;
+  }
+  return total;
+}
+
+// out[i] = exp(s[i] * scale - shift) rounded to T (bf16/fp16), for i < n; returns the fp32 sum.
+// Fuses the exponential, the row sum and the down-conversion into one pass over the scores.
+template <typename T>
+inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift, T* out) {
+  using fVec = Vectorized<float>;
+  using rVec = Vectorized<T>;
+  static_assert(rVec::size() == 2 * fVec::size());
+  const fVec vscale(scale), vshift(shift);
+  fVec vsum(0.f);
+  int64_t i = 0;
+  for (; i + rVec::size() <= n; i += rVec::size()) {
+    const fVec e0 = vexp(at::vec::fmsub(fVec::loadu(s + i), vscale, vshift));
+    const fVec e1 = vexp(at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift));
+    vsum = vsum + e0 + e1;
+    at::vec::convert_from_float<T>(e0, e1).store(out + i);
+  }
+  float total = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, vsum);
+  for (; i < n; ++i) {
+    const float e = std::exp(s[i] * scale - shift);
+    out[i] = static_cast<T>(e);
     total += e;
   }
   return total;
@@ -393,8 +466,10 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   }
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  const int64_t BQ = kFwdBlockQ;
-  const int64_t BK = std::min(kFwdBlockKV, round_up(S, kPackN));
+  static const int64_t env_bq = std::getenv("AIGC_BQ") ? std::atoll(std::getenv("AIGC_BQ")) : kFwdBlockQ;
+  static const int64_t env_bk = std::getenv("AIGC_BK") ? std::atoll(std::getenv("AIGC_BK")) : kFwdBlockKV;
+  const int64_t BQ = env_bq;
+  const int64_t BK = std::min(env_bk, round_up(S, kPackN));
   const int64_t ev_pad = round_up(Ev, kPackN);
   const int64_t e_even = round_up(E, 2);
   const size_t mesize = mask_elem_size(p, sizeof(T));
@@ -409,8 +484,9 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   const int64_t ntasks = B * Hq * chunks;
   const A scale = static_cast<A>(p.scale);
 
+  static const bool f32_brgemm = std::getenv("AIGC_F32_BRGEMM") != nullptr;
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    Gemm<T> gemm(brgemm);
+    Gemm<T> gemm(brgemm, f32_brgemm);
     PackedB<T> pk, pv;
     std::vector<A> sbuf(BQ * BK), acc(chunk_rows * ev_pad), m(chunk_rows), l(chunk_rows);
     std::vector<T> pbuf(kReduced<T> ? BQ * BK : 0);
@@ -462,17 +538,25 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             A* acc_row = acc.data() + ri * ev_pad;
             if (m_new == neg_inf<A>()) {
               // Nothing visible yet in this row: P = 0 and the state stays as it is.
-              std::fill(s, s + bn_even, A(0));
+              if constexpr (kReduced<T>) {
+                std::fill(pbuf.data() + r * BK, pbuf.data() + r * BK + bn_even, T(0));
+              } else {
+                std::fill(s, s + bn_even, A(0));
+              }
             } else {
               const A alpha = std::exp(m[ri] - m_new);
-              const A sum = row_exp_sum(s, valid, eff_scale, m_new);
-              std::fill(s + valid, s + bn_even, A(0));
+              A sum;
+              if constexpr (kReduced<T>) {
+                T* pr = pbuf.data() + r * BK;
+                sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr);
+                std::fill(pr + valid, pr + bn_even, T(0));
+              } else {
+                sum = row_exp_sum(s, valid, eff_scale, m_new);
+                std::fill(s + valid, s + bn_even, A(0));
+              }
               if (alpha != A(1)) row_scale(acc_row, Ev, alpha);
               l[ri] = l[ri] * alpha + sum;
               m[ri] = m_new;
-            }
-            if constexpr (kReduced<T>) {
-              convert_row(s, pbuf.data() + r * BK, bn_even);
             }
           }
           const T* pa;
@@ -557,8 +641,9 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   // dQ partial sums, one slab per key chunk: (chunks, B, Hq, L, e_pad).
   std::vector<A> dq_acc(chunks * B * Hq * L * e_pad, A(0));
 
+  static const bool f32_brgemm = std::getenv("AIGC_F32_BRGEMM") != nullptr;
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    Gemm<T> gemm(brgemm);
+    Gemm<T> gemm(brgemm, f32_brgemm);
     PackedB<T> pkt, pvt, pk;
     std::vector<A> sbuf(bq_cap * BK), dpbuf(bq_cap * BK);
     std::vector<A> dk_acc(BK * e_pad), dv_acc(BK * ev_pad);
