@@ -12,6 +12,7 @@ Environment:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,14 @@ class CMakeBuild(build_ext):
         ]
         subprocess.run(cfg, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
+        subprocess.run(
+            ["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True
+        )
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        self.copy_file(str(build_dir / "_C.so"), str(out_path))
+        # Replace atomically: a process that has the old library mapped keeps a valid file.
+        tmp_path = out_path.with_name(out_path.name + ".tmp")
+        shutil.copyfile(build_dir / "_C.so", tmp_path)
+        os.replace(tmp_path, out_path)
 
 
 setup(

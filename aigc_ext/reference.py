@@ -42,6 +42,8 @@ def _scores(
 
 def _softmax_rows(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim that gives zeros (not NaN) for rows with no finite score."""
+    if s.shape[-1] == 0:  # no keys at all (S = 0): an empty (..., L, 0) matrix
+        return torch.softmax(s, dim=-1)
     row_max = s.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(row_max)
     safe_max = torch.where(empty, torch.zeros_like(row_max), row_max).detach()

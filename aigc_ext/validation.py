@@ -151,11 +151,15 @@ def validate_sdpa_args(
             )
         mask_requires_grad = attn_mask.requires_grad
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1]; got {dropout_p}")
+        raise ValueError(
+            f"scaled_dot_product_attention: dropout_p must be in [0, 1]; got {dropout_p}"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scaled_dot_product_attention: scale must be a finite number; got {scale}")
+        raise ValueError(
+            f"scaled_dot_product_attention: scale must be a finite number; got {scale}"
+        )
     return AttentionCall(
         device_type=query.device.type,
         dtype=query.dtype,

@@ -101,11 +101,13 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0),
               "aigc_ext::attention: batch sizes differ: query ", shape_str(q), ", key ",
               shape_str(k), ", value ", shape_str(v));
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "aigc_ext::attention: key/value heads must be equal and divide query heads; got query ",
-              shape_str(q), ", key ", shape_str(k), ", value ", shape_str(v));
-  TORCH_CHECK(k.size(2) == v.size(2), "aigc_ext::attention: key and value sequence lengths differ: key ",
-              shape_str(k), ", value ", shape_str(v));
+  TORCH_CHECK(
+      k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+      "aigc_ext::attention: key/value heads must be equal and divide query heads; got query ",
+      shape_str(q), ", key ", shape_str(k), ", value ", shape_str(v));
+  TORCH_CHECK(k.size(2) == v.size(2),
+              "aigc_ext::attention: key and value sequence lengths differ: key ", shape_str(k),
+              ", value ", shape_str(v));
   TORCH_CHECK(q.size(3) == k.size(3), "aigc_ext::attention: query and key head dims differ: query ",
               shape_str(q), ", key ", shape_str(k));
 }
@@ -129,8 +131,9 @@ Tensor prepare_mask(const std::optional<Tensor>& mask, const Tensor& q, const Te
                 q.scalar_type(), "); got ", m.scalar_type());
   }
   const std::vector<int64_t> target{q.size(0), q.size(1), q.size(2), k.size(2)};
-  TORCH_CHECK(m.dim() <= 4, "aigc_ext::attention: attn_mask ", shape_str(m),
-              " has more than 4 dims; it must broadcast to (B, Hq, L, S) = ", at::IntArrayRef(target));
+  TORCH_CHECK(
+      m.dim() <= 4, "aigc_ext::attention: attn_mask ", shape_str(m),
+      " has more than 4 dims; it must broadcast to (B, Hq, L, S) = ", at::IntArrayRef(target));
   for (int64_t d = 0; d < m.dim(); ++d) {
     const int64_t md = m.size(m.dim() - 1 - d), td = target[3 - d];
     TORCH_CHECK(md == td || md == 1, "aigc_ext::attention: attn_mask ", shape_str(m),
@@ -240,18 +243,21 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& query, const Tens
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
-    const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value,
-    const Tensor& out, const Tensor& lse, const std::optional<Tensor>& attn_mask, bool is_causal,
-    double scale) {
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out,
+                                                          const Tensor& query, const Tensor& key,
+                                                          const Tensor& value, const Tensor& out,
+                                                          const Tensor& lse,
+                                                          const std::optional<Tensor>& attn_mask,
+                                                          bool is_causal, double scale) {
   check_common(query, key, value);
   const std::vector<int64_t> out_shape{query.size(0), query.size(1), query.size(2), value.size(3)};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) && out.sizes() == grad_out.sizes(),
               "aigc_ext::attention_backward: grad_out ", shape_str(grad_out), " and out ",
               shape_str(out), " must have shape ", at::IntArrayRef(out_shape));
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
-              "aigc_ext::attention_backward: grad_out and out must have the query dtype ",
-              query.scalar_type());
+  TORCH_CHECK(
+      grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
+      "aigc_ext::attention_backward: grad_out and out must have the query dtype ",
+      query.scalar_type());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(out_shape).slice(0, 3) &&
                   lse.scalar_type() == lse_dtype(query),
               "aigc_ext::attention_backward: lse must be ", lse_dtype(query), " of shape ",
@@ -294,7 +300,8 @@ std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool
     }
     TORCH_CHECK(isa_compiled(want), "aigc_ext: CPU kernels for ", *isa, " were not compiled in");
     const std::string cap = at::get_cpu_capability();
-    TORCH_CHECK(want == Isa::kDefault || (want == Isa::kAvx2 && (cap == "AVX2" || cap == "AVX512")) ||
+    TORCH_CHECK(want == Isa::kDefault ||
+                    (want == Isa::kAvx2 && (cap == "AVX2" || cap == "AVX512")) ||
                     (want == Isa::kAvx512 && cap == "AVX512"),
                 "aigc_ext: this CPU does not support ", *isa, " (torch reports ", cap, ")");
     current_isa().store(static_cast<int>(want));
@@ -304,7 +311,8 @@ std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool
   os << "isa=" << isa_name(static_cast<Isa>(current_isa().load()))
      << " brgemm=" << (use_brgemm().load() ? 1 : 0)
      << " brgemm_bf16=" << (at::native::cpublas::could_pack(at::kBFloat16) ? 1 : 0)
-     << " brgemm_fp16=" << (at::native::cpublas::could_pack(at::kHalf) ? 1 : 0) << " compiled=default";
+     << " brgemm_fp16=" << (at::native::cpublas::could_pack(at::kHalf) ? 1 : 0)
+     << " compiled=default";
   if (isa_compiled(Isa::kAvx2)) os << ",avx2";
   if (isa_compiled(Isa::kAvx512)) os << ",avx512";
   os << " threads=" << at::get_num_threads();

@@ -48,10 +48,10 @@ struct KernelOptions {
   bool use_brgemm = true;  // use torch's brgemm (AMX on capable CPUs) for bf16/fp16 GEMMs
 };
 
-#define AIGC_DECLARE_ISA(ns)                                                              \
-  namespace ns {                                                                          \
-  void attention_forward(const AttentionForwardParams& p, const KernelOptions& opt);      \
-  void attention_backward(const AttentionBackwardParams& p, const KernelOptions& opt);    \
+#define AIGC_DECLARE_ISA(ns)                                                           \
+  namespace ns {                                                                       \
+  void attention_forward(const AttentionForwardParams& p, const KernelOptions& opt);   \
+  void attention_backward(const AttentionBackwardParams& p, const KernelOptions& opt); \
   }
 
 AIGC_DECLARE_ISA(default_)

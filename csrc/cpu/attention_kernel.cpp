@@ -22,8 +22,6 @@
 // GEMMs: fp32/fp64 through the BLAS torch links (MKL on x86); bf16/fp16 through torch's brgemm
 // (oneDNN, AMX tiles where the CPU has them) with B packed to VNNI layout, or, where brgemm is
 // unavailable, through fp32 BLAS on converted tiles.
-#include "cpu/attention.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -31,6 +29,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+
+#include "cpu/attention.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -198,7 +202,21 @@ class Gemm {
         const T* r0 = src + (2 * kp) * ld;
         const T* r1 = r0 + ld;
         T* o = dst + kp * 2 * np;
-        for (int64_t n = 0; n < N; ++n) {
+        int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        // Interleave 32 elements of each row: permutes pick a[j], b[j] alternately.
+        const __m512i lo =
+            _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                             38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        for (; n + 32 <= N; n += 32) {
+          const __m512i a = _mm512_loadu_si512(r0 + n);
+          const __m512i b = _mm512_loadu_si512(r1 + n);
+          _mm512_storeu_si512(o + 2 * n, _mm512_permutex2var_epi16(a, lo, b));
+          _mm512_storeu_si512(o + 2 * n + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+#endif
+        for (; n < N; ++n) {
           o[2 * n] = r0[n];
           o[2 * n + 1] = r1[n];
         }
@@ -210,7 +228,25 @@ class Gemm {
       }
     } else {
       // B(k, n) = src[n * ld + k]: each source row holds the k pairs for one column n.
-      for (int64_t n = 0; n < N; ++n) {
+      int64_t n_done = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // Gather one k pair from 16 consecutive rows at a time.
+      const __m512i rows =
+          _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                             _mm512_set1_epi32(static_cast<int>(ld)));
+      for (; n_done + 16 <= N && ld * N < (int64_t(1) << 30); n_done += 16) {
+        const T* base = src + n_done * ld;
+        for (int64_t kp = 0; kp < K / 2; ++kp) {
+          const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(2 * kp)));
+          _mm512_storeu_si512(dst + kp * 2 * np + 2 * n_done, _mm512_i32gather_epi32(idx, base, 2));
+        }
+        if (K % 2) {
+          for (int64_t j = 0; j < 16; ++j)
+            dst[(K / 2) * 2 * np + 2 * (n_done + j)] = base[j * ld + K - 1];
+        }
+      }
+#endif
+      for (int64_t n = n_done; n < N; ++n) {
         const T* row = src + n * ld;
         for (int64_t kp = 0; kp < K / 2; ++kp) {
           uint32_t pair;
@@ -250,8 +286,8 @@ class Gemm {
         return;
       }
       used_brgemm_ = true;
-      at::native::cpublas::brgemm(M, pb.n_pad, pb.k_even, lda, pb.n_pad, ldc, add, a, pb.vnni.data(),
-                                  c);
+      at::native::cpublas::brgemm(M, pb.n_pad, pb.k_even, lda, pb.n_pad, ldc, add, a,
+                                  pb.vnni.data(), c);
     }
   }
 
@@ -305,17 +341,91 @@ inline A row_max(const A* s, int64_t n) {
   int64_t i = 0;
   if (n >= Vec::size()) {
     Vec vm(neg_inf<A>());
-    for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(s + i));
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<A, float>) {
+        vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + i));  // NaN still reaches the output via exp
+        continue;
+      }
+#endif
+      vm = at::vec::maximum(vm, Vec::loadu(s + i));
+    }
     m = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
   }
   for (; i < n; ++i) m = std::max(m, s[i]);
   return m;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) for 16 floats: x = n*ln2 + r with |r| <= ln2/2, e^r by a Taylor polynomial of degree
+// kDegree (6: relative error ~1e-7, for fp32 outputs; 4: ~4e-5, enough for probabilities that
+// are rounded to bf16/fp16 anyway), 2^n applied with vscalefps. Inputs below -126.5 give exactly
+// 0 (-inf included); NaN propagates.
+template <int kDegree>
+inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-126.5f), x);  // NaN in x is returned as is
+  x = _mm512_min_ps(_mm512_set1_ps(88.5f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p;
+  if constexpr (kDegree >= 6) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 24), r, _mm512_set1_ps(1.f / 6));
+  }
+  if constexpr (kDegree >= 6) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// The fused exp/sum/convert row pass with the hardware fp32 -> bf16 conversion.
+__attribute__((target("avx512bf16"))) inline float row_exp_sum_bf16_native(
+    const float* s, int64_t n, float scale, float shift, c10::BFloat16* out, float* xmax) {
+  const __m512 vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(shift);
+  __m512 vsum = _mm512_setzero_ps();
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vscale, vshift);
+    const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vscale, vshift);
+    vmax = _mm512_max_ps(vmax, _mm512_max_ps(x0, x1));
+    const __m512 e0 = exp_avx512<4>(x0);
+    const __m512 e1 = exp_avx512<4>(x1);
+    vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  for (; i < n; i += 16) {
+    const int64_t r = std::min<int64_t>(16, n - i);
+    const __mmask16 k = static_cast<__mmask16>((1u << r) - 1);
+    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vscale, vshift);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_avx512<4>(x));
+    vsum = _mm512_add_ps(vsum, e);
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  *xmax = _mm512_reduce_max_ps(vmax);
+  return _mm512_reduce_add_ps(vsum);
+}
+#endif
+
 template <typename A>
 inline Vectorized<A> vexp(const Vectorized<A>& x) {
   if constexpr (std::is_same_v<A, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vectorized<float>(exp_avx512<6>(x));
+#else
     return x.exp_u20();
+#endif
   } else {
     return x.exp();
   }
@@ -342,28 +452,43 @@ inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
   return total;
 }
 
-// out[i] = exp(s[i] * scale - shift) rounded to T (bf16/fp16), for i < n; returns the fp32 sum.
-// Fuses the exponential, the row sum and the down-conversion into one pass over the scores.
+// out[i] = exp(s[i] * scale - shift) rounded to T (bf16/fp16), for i < n; returns the fp32 sum
+// and, in *xmax, max(s[i] * scale - shift). Fuses the exponential, the row sum, the row maximum
+// and the down-conversion into one pass over the scores.
 template <typename T>
-inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift, T* out) {
+inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift, T* out,
+                            float* xmax) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu_has_avx512_bf16()) return row_exp_sum_bf16_native(s, n, scale, shift, out, xmax);
+  }
+#endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;
   static_assert(rVec::size() == 2 * fVec::size());
   const fVec vscale(scale), vshift(shift);
-  fVec vsum(0.f);
+  fVec vsum(0.f), vmax(neg_inf<float>());
   int64_t i = 0;
   for (; i + rVec::size() <= n; i += rVec::size()) {
-    const fVec e0 = vexp(at::vec::fmsub(fVec::loadu(s + i), vscale, vshift));
-    const fVec e1 = vexp(at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift));
+    const fVec x0 = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
+    const fVec x1 = at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift);
+    vmax = at::vec::maximum(vmax, at::vec::maximum(x0, x1));
+    const fVec e0 = vexp(x0);
+    const fVec e1 = vexp(x1);
     vsum = vsum + e0 + e1;
     at::vec::convert_from_float<T>(e0, e1).store(out + i);
   }
   float total = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, vsum);
+  float mx =
+      at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, vmax);
   for (; i < n; ++i) {
-    const float e = std::exp(s[i] * scale - shift);
+    const float x = s[i] * scale - shift;
+    mx = std::max(mx, x);
+    const float e = std::exp(x);
     out[i] = static_cast<T>(e);
     total += e;
   }
+  *xmax = mx;
   return total;
 }
 
@@ -420,9 +545,8 @@ inline size_t mask_elem_size(const AttentionForwardParams& p, size_t input_elem)
 // Pointer to mask element (b, h, i, n0) in bytes.
 inline const char* mask_ptr(const AttentionForwardParams& p, size_t esize, int64_t b, int64_t h,
                             int64_t i, int64_t n0) {
-  return static_cast<const char*>(p.mask) +
-         esize * (b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_l +
-                  n0 * p.mask_stride_s);
+  return static_cast<const char*>(p.mask) + esize * (b * p.mask_stride_b + h * p.mask_stride_h +
+                                                     i * p.mask_stride_l + n0 * p.mask_stride_s);
 }
 
 // Runs fn(begin, end) on every thread, handing out tasks [0, n) one at a time from a shared
@@ -450,6 +574,7 @@ void copy_padded(const T* a, int64_t ld, int64_t m, int64_t k, int64_t k_even, T
 constexpr int64_t kFwdBlockQ = 64;
 constexpr int64_t kFwdBlockKV = 512;
 constexpr int64_t kFwdMaxChunkRows = 4096;
+constexpr float kLazyMax = 8.f;
 
 template <typename T>
 void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
@@ -466,8 +591,10 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   }
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  static const int64_t env_bq = std::getenv("AIGC_BQ") ? std::atoll(std::getenv("AIGC_BQ")) : kFwdBlockQ;
-  static const int64_t env_bk = std::getenv("AIGC_BK") ? std::atoll(std::getenv("AIGC_BK")) : kFwdBlockKV;
+  static const int64_t env_bq =
+      std::getenv("AIGC_BQ") ? std::atoll(std::getenv("AIGC_BQ")) : kFwdBlockQ;
+  static const int64_t env_bk =
+      std::getenv("AIGC_BK") ? std::atoll(std::getenv("AIGC_BK")) : kFwdBlockKV;
   const int64_t BQ = env_bq;
   const int64_t BK = std::min(env_bk, round_up(S, kPackN));
   const int64_t ev_pad = round_up(Ev, kPackN);
@@ -527,36 +654,54 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn) : bn;
             A eff_scale = scale;
             if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
-              apply_mask_row<T, A>(s, valid, scale, p,
-                                   p.mask_kind == MaskKind::kNone
-                                       ? nullptr
-                                       : mask_ptr(p, mesize, b, h, i, n0));
+              apply_mask_row<T, A>(
+                  s, valid, scale, p,
+                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
               eff_scale = 1;
             }
-            const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
-            const A m_new = std::max(m[ri], bmax);
             A* acc_row = acc.data() + ri * ev_pad;
-            if (m_new == neg_inf<A>()) {
-              // Nothing visible yet in this row: P = 0 and the state stays as it is.
-              if constexpr (kReduced<T>) {
-                std::fill(pbuf.data() + r * BK, pbuf.data() + r * BK + bn_even, T(0));
-              } else {
-                std::fill(s, s + bn_even, A(0));
+            if constexpr (kReduced<T>) {
+              // Lazy rescaling: exponentiate against the running maximum m and track the block's
+              // own maximum in the same pass; only when it exceeds m by more than kLazyMax
+              // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
+              // redone against the new maximum and the accumulator rescaled.
+              T* pr = pbuf.data() + r * BK;
+              A sum = 0;
+              bool visible = valid > 0;
+              if (visible && m[ri] == neg_inf<A>()) {
+                const A bmax = row_max(s, valid) * eff_scale;
+                visible = bmax != neg_inf<A>();
+                if (visible) m[ri] = bmax;
               }
-            } else {
-              const A alpha = std::exp(m[ri] - m_new);
-              A sum;
-              if constexpr (kReduced<T>) {
-                T* pr = pbuf.data() + r * BK;
-                sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr);
+              if (visible) {
+                float xmax;
+                sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
+                if (xmax > kLazyMax) {
+                  const A m_new = m[ri] + xmax;
+                  const A alpha = std::exp(m[ri] - m_new);
+                  sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
+                  row_scale(acc_row, Ev, alpha);
+                  l[ri] *= alpha;
+                  m[ri] = m_new;
+                }
+                l[ri] += sum;
                 std::fill(pr + valid, pr + bn_even, T(0));
               } else {
-                sum = row_exp_sum(s, valid, eff_scale, m_new);
-                std::fill(s + valid, s + bn_even, A(0));
+                std::fill(pr, pr + bn_even, T(0));  // nothing visible: P = 0, state unchanged
               }
-              if (alpha != A(1)) row_scale(acc_row, Ev, alpha);
-              l[ri] = l[ri] * alpha + sum;
-              m[ri] = m_new;
+            } else {
+              const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
+              const A m_new = std::max(m[ri], bmax);
+              if (m_new == neg_inf<A>()) {
+                std::fill(s, s + bn_even, A(0));  // nothing visible: P = 0, state unchanged
+              } else {
+                const A alpha = std::exp(m[ri] - m_new);
+                const A sum = row_exp_sum(s, valid, eff_scale, m_new);
+                std::fill(s + valid, s + bn_even, A(0));
+                if (alpha != A(1)) row_scale(acc_row, Ev, alpha);
+                l[ri] = l[ri] * alpha + sum;
+                m[ri] = m_new;
+              }
             }
           }
           const T* pa;
@@ -715,7 +860,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
               pa = sbuf.data();
             }
             // dV += P^T dO
-            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * Ev, Ev, dv_acc.data(), ev_pad, true);
+            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * Ev, Ev, dv_acc.data(), ev_pad,
+                    true);
             // dP = dO V^T, dS = P * (dP - D)
             gemm.run(bq, doa, lddo, pvt, dpbuf.data(), BK, false);
             for (int64_t r = 0; r < bq; ++r) {

@@ -16,10 +16,9 @@ int main() {
 
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("aigc_ext::attention_forward", "")
-                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                          const at::Tensor&,
-                                                          const std::optional<at::Tensor>&, bool,
-                                                          double)>();
+                .typed<std::tuple<at::Tensor, at::Tensor>(
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const std::optional<at::Tensor>&, bool, double)>();
   for (bool causal : {false, true}) {
     auto [out, lse] = op.call(q, k, v, std::nullopt, causal, scale);
 
@@ -30,7 +29,8 @@ int main() {
     }
     auto expected = torch::matmul(torch::softmax(s, -1), v.to(torch::kDouble));
     const double err = (out.to(torch::kDouble) - expected).abs().max().item<double>();
-    const double lse_err = (lse.to(torch::kDouble) - torch::logsumexp(s, -1)).abs().max().item<double>();
+    const double lse_err =
+        (lse.to(torch::kDouble) - torch::logsumexp(s, -1)).abs().max().item<double>();
     std::cout << "causal=" << causal << " max |out - naive| = " << err
               << ", max |lse - naive| = " << lse_err << std::endl;
     if (!(err < 1e-4) || !(lse_err < 1e-4)) {
