@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -72,6 +73,27 @@ constexpr int64_t kPackN = 64;  // brgemm's packed B is handled in column panels
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Tuning knobs read once from the environment (documented in README.md).
+inline int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  const int64_t x = v ? std::atoll(v) : 0;
+  return x > 0 ? x : fallback;
+}
+
+// fp32 GEMMs through oneDNN's brgemm (JIT AVX-512) rather than BLAS: faster for the small,
+// fixed-shape tiles of this kernel. Only in the AVX-512 build; AIGC_EXT_CPU_F32_BRGEMM=0 opts out.
+inline bool use_f32_brgemm() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool on = [] {
+    const char* v = std::getenv("AIGC_EXT_CPU_F32_BRGEMM");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
 
 template <typename A>
 constexpr A neg_inf() {
@@ -260,34 +282,38 @@ class Gemm {
 
   // C[M x N] (+)= A[M x K] * B. A is row-major with leading dimension lda; on the brgemm path
   // it must have round_up(K, 2) readable columns, the extra one zero.
+  //
+  // n_use / k_use (when >= 0) restrict the product to the first columns / rows of B, e.g. the
+  // keys a causal query block can see.
   void run(int64_t M, const T* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
-           bool add) {
-    if (M == 0 || pb.N == 0) return;
+           bool add, int64_t n_use = -1, int64_t k_use = -1) {
+    const int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
+    if (M == 0 || N == 0) return;
     if constexpr (!kReduced<T>) {
       if constexpr (std::is_same_v<T, float>) {
-        if (path_ == Path::kBrgemmF32 && pb.K > 0) {
+        if (path_ == Path::kBrgemmF32 && K > 0) {
           used_brgemm_ = true;
-          at::native::cpublas::brgemm(M, pb.N, pb.K, lda, pb.ld, ldc, add, a, pb.src, c, false);
+          at::native::cpublas::brgemm(M, N, K, lda, pb.ld, ldc, add, a, pb.src, c, false);
           return;
         }
       }
-      blas_gemm<acc_t>(false, pb.trans, M, pb.N, pb.K, a, lda, pb.src, pb.ld, add ? 1 : 0, c, ldc);
+      blas_gemm<acc_t>(false, pb.trans, M, N, K, a, lda, pb.src, pb.ld, add ? 1 : 0, c, ldc);
     } else {
       if (path_ == Path::kConvert) {
-        a32_.resize(std::max<int64_t>(M * pb.K, 1));
-        for (int64_t i = 0; i < M; ++i) convert_row(a + i * lda, a32_.data() + i * pb.K, pb.K);
-        blas_gemm<float>(false, false, M, pb.N, pb.K, a32_.data(), pb.K, pb.f32.data(), pb.N,
+        a32_.resize(std::max<int64_t>(M * K, 1));
+        for (int64_t i = 0; i < M; ++i) convert_row(a + i * lda, a32_.data() + i * K, K);
+        blas_gemm<float>(false, false, M, N, K, a32_.data(), K, pb.f32.data(), pb.N,
                          add ? 1.f : 0.f, c, ldc);
         return;
       }
-      if (pb.K == 0) {
+      if (K == 0) {
         if (!add)
-          for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + pb.N, 0.f);
+          for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
         return;
       }
       used_brgemm_ = true;
-      at::native::cpublas::brgemm(M, pb.n_pad, pb.k_even, lda, pb.n_pad, ldc, add, a,
-                                  pb.vnni.data(), c);
+      at::native::cpublas::brgemm(M, std::min(round_up(N, 16), pb.n_pad), round_up(K, 2), lda,
+                                  pb.n_pad, ldc, add, a, pb.vnni.data(), c);
     }
   }
 
@@ -465,18 +491,28 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
 #endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;
-  static_assert(rVec::size() == 2 * fVec::size());
   const fVec vscale(scale), vshift(shift);
   fVec vsum(0.f), vmax(neg_inf<float>());
   int64_t i = 0;
-  for (; i + rVec::size() <= n; i += rVec::size()) {
-    const fVec x0 = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
-    const fVec x1 = at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift);
-    vmax = at::vec::maximum(vmax, at::vec::maximum(x0, x1));
-    const fVec e0 = vexp(x0);
-    const fVec e1 = vexp(x1);
-    vsum = vsum + e0 + e1;
-    at::vec::convert_from_float<T>(e0, e1).store(out + i);
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + fVec::size() <= n; i += fVec::size()) {
+      const fVec x = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
+      vmax = at::vec::maximum(vmax, x);
+      const fVec e = vexp(x);
+      vsum = vsum + e;
+      e.store(out + i);
+    }
+  } else {
+    static_assert(rVec::size() == 2 * fVec::size());
+    for (; i + rVec::size() <= n; i += rVec::size()) {
+      const fVec x0 = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
+      const fVec x1 = at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(x0, x1));
+      const fVec e0 = vexp(x0);
+      const fVec e1 = vexp(x1);
+      vsum = vsum + e0 + e1;
+      at::vec::convert_from_float<T>(e0, e1).store(out + i);
+    }
   }
   float total = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, vsum);
   float mx =
@@ -571,7 +607,7 @@ void copy_padded(const T* a, int64_t ld, int64_t m, int64_t k, int64_t k_even, T
 // Forward
 // ------------------------------------------------------------------------------------------
 
-constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockQ = 128;
 constexpr int64_t kFwdBlockKV = 512;
 constexpr int64_t kFwdMaxChunkRows = 4096;
 constexpr float kLazyMax = 8.f;
@@ -591,12 +627,8 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   }
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  static const int64_t env_bq =
-      std::getenv("AIGC_BQ") ? std::atoll(std::getenv("AIGC_BQ")) : kFwdBlockQ;
-  static const int64_t env_bk =
-      std::getenv("AIGC_BK") ? std::atoll(std::getenv("AIGC_BK")) : kFwdBlockKV;
-  const int64_t BQ = env_bq;
-  const int64_t BK = std::min(env_bk, round_up(S, kPackN));
+  const int64_t BQ = env_int("AIGC_EXT_CPU_BLOCK_Q", kFwdBlockQ);
+  const int64_t BK = std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", kFwdBlockKV), round_up(S, kPackN));
   const int64_t ev_pad = round_up(Ev, kPackN);
   const int64_t e_even = round_up(E, 2);
   const size_t mesize = mask_elem_size(p, sizeof(T));
@@ -611,12 +643,11 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   const int64_t ntasks = B * Hq * chunks;
   const A scale = static_cast<A>(p.scale);
 
-  static const bool f32_brgemm = std::getenv("AIGC_F32_BRGEMM") != nullptr;
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    Gemm<T> gemm(brgemm, f32_brgemm);
+    Gemm<T> gemm(brgemm, use_f32_brgemm());
     PackedB<T> pk, pv;
     std::vector<A> sbuf(BQ * BK), acc(chunk_rows * ev_pad), m(chunk_rows), l(chunk_rows);
-    std::vector<T> pbuf(kReduced<T> ? BQ * BK : 0);
+    std::vector<T> pbuf(std::is_same_v<T, double> ? 0 : BQ * BK);
     std::vector<T> qpad(brgemm && e_even != E ? BQ * e_even : 0);
     for (int64_t t = next++; t < ntasks; t = next++) {
       // Largest chunks first: with causal masking the last rows carry the most work.
@@ -633,7 +664,6 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
 
       for (int64_t n0 = 0; n0 < kv_end; n0 += BK) {
         const int64_t bn = std::min(BK, kv_end - n0);
-        const int64_t bn_even = round_up(bn, 2);
         gemm.pack(pk, /*trans=*/true, E, bn, kp + n0 * p.k_stride_l, p.k_stride_l);
         gemm.pack(pv, /*trans=*/false, bn, Ev, vp + n0 * p.v_stride_l, p.v_stride_l);
         for (int64_t q0 = r0; q0 < r1; q0 += BQ) {
@@ -646,12 +676,15 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             qa = qpad.data();
             lda = e_even;
           }
-          gemm.run(bq, qa, lda, pk, sbuf.data(), BK, /*add=*/false);
+          // With causal masking the keys at or beyond q1 are hidden from the whole block.
+          const int64_t bn_q = p.is_causal ? std::min(bn, q1 - n0) : bn;
+          const int64_t bn_q_even = round_up(bn_q, 2);
+          gemm.run(bq, qa, lda, pk, sbuf.data(), BK, /*add=*/false, bn_q);
 
           for (int64_t r = 0; r < bq; ++r) {
             const int64_t i = q0 + r, ri = i - r0;
             A* s = sbuf.data() + r * BK;
-            const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn) : bn;
+            const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn_q) : bn;
             A eff_scale = scale;
             if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
               apply_mask_row<T, A>(
@@ -660,7 +693,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
               eff_scale = 1;
             }
             A* acc_row = acc.data() + ri * ev_pad;
-            if constexpr (kReduced<T>) {
+            if constexpr (!std::is_same_v<T, double>) {
               // Lazy rescaling: exponentiate against the running maximum m and track the block's
               // own maximum in the same pass; only when it exceeds m by more than kLazyMax
               // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
@@ -685,19 +718,19 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                   m[ri] = m_new;
                 }
                 l[ri] += sum;
-                std::fill(pr + valid, pr + bn_even, T(0));
+                std::fill(pr + valid, pr + bn_q_even, T(0));
               } else {
-                std::fill(pr, pr + bn_even, T(0));  // nothing visible: P = 0, state unchanged
+                std::fill(pr, pr + bn_q_even, T(0));  // nothing visible: P = 0, state unchanged
               }
             } else {
               const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
               const A m_new = std::max(m[ri], bmax);
               if (m_new == neg_inf<A>()) {
-                std::fill(s, s + bn_even, A(0));  // nothing visible: P = 0, state unchanged
+                std::fill(s, s + bn_q_even, A(0));  // nothing visible: P = 0, state unchanged
               } else {
                 const A alpha = std::exp(m[ri] - m_new);
                 const A sum = row_exp_sum(s, valid, eff_scale, m_new);
-                std::fill(s + valid, s + bn_even, A(0));
+                std::fill(s + valid, s + bn_q_even, A(0));
                 if (alpha != A(1)) row_scale(acc_row, Ev, alpha);
                 l[ri] = l[ri] * alpha + sum;
                 m[ri] = m_new;
@@ -705,12 +738,12 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             }
           }
           const T* pa;
-          if constexpr (kReduced<T>) {
-            pa = pbuf.data();
-          } else {
+          if constexpr (std::is_same_v<T, double>) {
             pa = sbuf.data();
+          } else {
+            pa = pbuf.data();
           }
-          gemm.run(bq, pa, BK, pv, acc.data() + (q0 - r0) * ev_pad, ev_pad, /*add=*/true);
+          gemm.run(bq, pa, BK, pv, acc.data() + (q0 - r0) * ev_pad, ev_pad, /*add=*/true, -1, bn_q);
         }
       }
       // Normalise and write out.
@@ -786,9 +819,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   // dQ partial sums, one slab per key chunk: (chunks, B, Hq, L, e_pad).
   std::vector<A> dq_acc(chunks * B * Hq * L * e_pad, A(0));
 
-  static const bool f32_brgemm = std::getenv("AIGC_F32_BRGEMM") != nullptr;
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    Gemm<T> gemm(brgemm, f32_brgemm);
+    Gemm<T> gemm(brgemm, use_f32_brgemm());
     PackedB<T> pkt, pvt, pk;
     std::vector<A> sbuf(bq_cap * BK), dpbuf(bq_cap * BK);
     std::vector<A> dk_acc(BK * e_pad), dv_acc(BK * ev_pad);
