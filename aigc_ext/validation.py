@@ -72,17 +72,18 @@ def validate_sdpa_args(
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(
             "scaled_dot_product_attention: query, key and value must have the same dtype; got "
-            f"{query.dtype}, {key.dtype}, {value.dtype}"
+            f"{query.dtype}, {key.dtype}, {value.dtype} ({shapes})"
         )
     if query.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"scaled_dot_product_attention: unsupported dtype {query.dtype}; expected one of "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+            f"scaled_dot_product_attention: query, key and value have unsupported dtype "
+            f"{query.dtype}; expected one of {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
+            f"({shapes})"
         )
     if not (query.device == key.device == value.device):
         raise ValueError(
             "scaled_dot_product_attention: query, key and value must be on the same device; got "
-            f"{query.device}, {key.device}, {value.device}"
+            f"{query.device}, {key.device}, {value.device} ({shapes})"
         )
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(
@@ -133,15 +134,15 @@ def validate_sdpa_args(
                 f"scaled_dot_product_attention: attn_mask must be a Tensor or None, got {type(attn_mask)}"
             )
         mask_dtype = attn_mask.dtype
-        if mask_dtype != torch.bool and mask_dtype != query.dtype:
+        if mask_dtype not in (torch.bool, query.dtype, torch.float32):
             raise ValueError(
-                "scaled_dot_product_attention: attn_mask must be bool or have the query dtype "
-                f"({query.dtype}); got {mask_dtype}"
+                "scaled_dot_product_attention: attn_mask must be bool, float32 or the query dtype "
+                f"({query.dtype}); got {mask_dtype} (attn_mask {_shape(attn_mask)}, {shapes})"
             )
         if attn_mask.device != query.device:
             raise ValueError(
                 f"scaled_dot_product_attention: attn_mask is on {attn_mask.device}, query on "
-                f"{query.device}"
+                f"{query.device} (attn_mask {_shape(attn_mask)}, {shapes})"
             )
         target = (*query.shape[:-1], key.shape[-2])
         if _broadcast(tuple(attn_mask.shape), target) != target:

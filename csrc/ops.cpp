@@ -102,7 +102,7 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v) {
               "aigc_ext::attention: batch sizes differ: query ", shape_str(q), ", key ",
               shape_str(k), ", value ", shape_str(v));
   TORCH_CHECK(
-      k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+      k.size(1) == v.size(1) && (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0),
       "aigc_ext::attention: key/value heads must be equal and divide query heads; got query ",
       shape_str(q), ", key ", shape_str(k), ", value ", shape_str(v));
   TORCH_CHECK(k.size(2) == v.size(2),
@@ -144,8 +144,18 @@ Tensor prepare_mask(const std::optional<Tensor>& mask, const Tensor& q, const Te
   return m;
 }
 
-Tensor last_dim_contiguous(const Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+// The kernels need unit stride on the head dim and rows that do not overlap (a sequence stride
+// of at least the head dim, as BLAS leading dimensions require); other views are copied.
+Tensor rows_contiguous(const Tensor& t) {
+  const bool unit_last = t.size(-1) <= 1 || t.stride(-1) == 1;
+  const bool rows_apart = t.size(-2) <= 1 || t.stride(-2) >= std::max<int64_t>(t.size(-1), 1);
+  return unit_last && rows_apart ? t : t.contiguous();
+}
+
+// The sequence stride handed to the kernels (a GEMM leading dimension). A single-row tensor may
+// carry any stride there (torch even calls it contiguous), so use the row length instead.
+int64_t seq_stride(const Tensor& t) {
+  return t.size(2) <= 1 ? std::max<int64_t>(t.size(3), 1) : t.stride(2);
 }
 
 cpu::AttentionForwardParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -163,15 +173,15 @@ cpu::AttentionForwardParams make_params(const Tensor& q, const Tensor& k, const 
   p.q = q.data_ptr();
   p.q_stride_b = q.stride(0);
   p.q_stride_h = q.stride(1);
-  p.q_stride_l = q.stride(2);
+  p.q_stride_l = seq_stride(q);
   p.k = k.data_ptr();
   p.k_stride_b = k.stride(0);
   p.k_stride_h = k.stride(1);
-  p.k_stride_l = k.stride(2);
+  p.k_stride_l = seq_stride(k);
   p.v = v.data_ptr();
   p.v_stride_b = v.stride(0);
   p.v_stride_h = v.stride(1);
-  p.v_stride_l = v.stride(2);
+  p.v_stride_l = seq_stride(v);
   p.mask_kind = kind;
   if (kind != cpu::MaskKind::kNone) {
     p.mask = mask.data_ptr();
@@ -230,8 +240,7 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& query, const Tens
                                                  const std::optional<Tensor>& attn_mask,
                                                  bool is_causal, double scale) {
   check_common(query, key, value);
-  const Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
-               v = last_dim_contiguous(value);
+  const Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   cpu::MaskKind kind;
   const Tensor mask = prepare_mask(attn_mask, q, k, kind);
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -263,8 +272,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out
               "aigc_ext::attention_backward: lse must be ", lse_dtype(query), " of shape ",
               at::IntArrayRef(out_shape).slice(0, 3), "; got ", lse.scalar_type(), " ",
               shape_str(lse));
-  const Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
-               v = last_dim_contiguous(value);
+  const Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   const Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   cpu::MaskKind kind;
   const Tensor mask = prepare_mask(attn_mask, q, k, kind);

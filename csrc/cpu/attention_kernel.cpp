@@ -616,7 +616,7 @@ template <typename T>
 void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   using A = acc_type<T>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
-  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hkv > 0 ? Hq / Hkv : 1;
   T* out = static_cast<T*>(p.out);
   A* lse = static_cast<A*>(p.lse);
   if (B == 0 || Hq == 0 || L == 0) return;
@@ -776,7 +776,7 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   using A = acc_type<T>;
   const AttentionForwardParams& p = bp.fwd;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
-  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hkv > 0 ? Hq / Hkv : 1;
   T* dq = static_cast<T*>(bp.grad_q);
   T* dk = static_cast<T*>(bp.grad_k);
   T* dv = static_cast<T*>(bp.grad_v);
