@@ -161,7 +161,12 @@ class Gemm {
   // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS.
   enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert };
 
-  explicit Gemm(bool use_brgemm, bool f32_brgemm = false) {
+  explicit Gemm(bool use_brgemm = false, bool f32_brgemm = false) {
+    configure(use_brgemm, f32_brgemm);
+  }
+  ~Gemm() { release(); }
+
+  void configure(bool use_brgemm, bool f32_brgemm) {
     if constexpr (kReduced<T>) {
       path_ = use_brgemm ? Path::kBrgemm : Path::kConvert;
     } else if constexpr (std::is_same_v<T, float>) {
@@ -170,8 +175,11 @@ class Gemm {
       path_ = Path::kBlas;
     }
   }
-  ~Gemm() {
+
+  // Gives back the AMX tile state brgemm configured; call before leaving a parallel region.
+  void release() {
     if (used_brgemm_) at::native::cpublas::brgemm_release(path_ == Path::kBrgemm);
+    used_brgemm_ = false;
   }
 
   // Whether A operands need an even, zero-padded number of columns.
@@ -585,6 +593,17 @@ inline const char* mask_ptr(const AttentionForwardParams& p, size_t esize, int64
                                                      i * p.mask_stride_l + n0 * p.mask_stride_s);
 }
 
+// A per-thread buffer of at least n elements that survives across calls, so that steady-state
+// calls neither allocate nor page-fault. Distinct kSlot values give distinct buffers; the buffer
+// may be larger than asked, so callers always pass explicit lengths. Slots are shared between
+// element types that coincide (T = float = A), so every use needs its own slot number.
+template <typename X, int kSlot>
+X* thread_buffer(int64_t n) {
+  thread_local std::vector<X> v;
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
 // Runs fn(begin, end) on every thread, handing out tasks [0, n) one at a time from a shared
 // counter, so uneven tasks (causal attention) balance across cores.
 template <typename Fn>
@@ -644,11 +663,16 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   const A scale = static_cast<A>(p.scale);
 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    Gemm<T> gemm(brgemm, use_f32_brgemm());
-    PackedB<T> pk, pv;
-    std::vector<A> sbuf(BQ * BK), acc(chunk_rows * ev_pad), m(chunk_rows), l(chunk_rows);
-    std::vector<T> pbuf(std::is_same_v<T, double> ? 0 : BQ * BK);
-    std::vector<T> qpad(brgemm && e_even != E ? BQ * e_even : 0);
+    thread_local Gemm<T> gemm;
+    thread_local PackedB<T> pk, pv;
+    gemm.configure(brgemm, use_f32_brgemm());
+    A* sbuf = thread_buffer<A, 0>(BQ * BK);
+    A* acc = thread_buffer<A, 1>(chunk_rows * ev_pad);
+    A* m = thread_buffer<A, 2>(chunk_rows);
+    A* l = thread_buffer<A, 3>(chunk_rows);
+    T* pbuf = thread_buffer<T, 4>(BQ * BK);
+    const bool pad_q = brgemm && e_even != E;
+    T* qpad = thread_buffer<T, 5>(pad_q ? BQ * e_even : 0);
     for (int64_t t = next++; t < ntasks; t = next++) {
       // Largest chunks first: with causal masking the last rows carry the most work.
       const int64_t c = chunks - 1 - t % chunks, bh = t / chunks;
@@ -658,9 +682,9 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
       const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
       const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
       const int64_t kv_end = p.is_causal ? std::min(r1, S) : S;
-      std::fill(m.begin(), m.end(), neg_inf<A>());
-      std::fill(l.begin(), l.end(), A(0));
-      std::fill(acc.begin(), acc.begin() + (r1 - r0) * ev_pad, A(0));
+      std::fill(m, m + (r1 - r0), neg_inf<A>());
+      std::fill(l, l + (r1 - r0), A(0));
+      std::fill(acc, acc + (r1 - r0) * ev_pad, A(0));
 
       for (int64_t n0 = 0; n0 < kv_end; n0 += BK) {
         const int64_t bn = std::min(BK, kv_end - n0);
@@ -671,19 +695,19 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
           if (p.is_causal && q1 <= n0) continue;  // every row of this block precedes the keys
           const T* qa = qp + q0 * p.q_stride_l;
           int64_t lda = p.q_stride_l;
-          if (!qpad.empty()) {
-            copy_padded(qa, lda, bq, E, e_even, qpad.data());
-            qa = qpad.data();
+          if (pad_q) {
+            copy_padded(qa, lda, bq, E, e_even, qpad);
+            qa = qpad;
             lda = e_even;
           }
           // With causal masking the keys at or beyond q1 are hidden from the whole block.
           const int64_t bn_q = p.is_causal ? std::min(bn, q1 - n0) : bn;
           const int64_t bn_q_even = round_up(bn_q, 2);
-          gemm.run(bq, qa, lda, pk, sbuf.data(), BK, /*add=*/false, bn_q);
+          gemm.run(bq, qa, lda, pk, sbuf, BK, /*add=*/false, bn_q);
 
           for (int64_t r = 0; r < bq; ++r) {
             const int64_t i = q0 + r, ri = i - r0;
-            A* s = sbuf.data() + r * BK;
+            A* s = sbuf + r * BK;
             const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn_q) : bn;
             A eff_scale = scale;
             if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
@@ -692,13 +716,13 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                   p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
               eff_scale = 1;
             }
-            A* acc_row = acc.data() + ri * ev_pad;
+            A* acc_row = acc + ri * ev_pad;
             if constexpr (!std::is_same_v<T, double>) {
               // Lazy rescaling: exponentiate against the running maximum m and track the block's
               // own maximum in the same pass; only when it exceeds m by more than kLazyMax
               // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
               // redone against the new maximum and the accumulator rescaled.
-              T* pr = pbuf.data() + r * BK;
+              T* pr = pbuf + r * BK;
               A sum = 0;
               bool visible = valid > 0;
               if (visible && m[ri] == neg_inf<A>()) {
@@ -739,17 +763,17 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
           }
           const T* pa;
           if constexpr (std::is_same_v<T, double>) {
-            pa = sbuf.data();
+            pa = sbuf;
           } else {
-            pa = pbuf.data();
+            pa = pbuf;
           }
-          gemm.run(bq, pa, BK, pv, acc.data() + (q0 - r0) * ev_pad, ev_pad, /*add=*/true, -1, bn_q);
+          gemm.run(bq, pa, BK, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/true, -1, bn_q);
         }
       }
       // Normalise and write out.
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t ri = i - r0;
-        A* acc_row = acc.data() + ri * ev_pad;
+        A* acc_row = acc + ri * ev_pad;
         T* o = out + ((b * Hq + h) * L + i) * Ev;
         if (l[ri] > A(0)) {
           row_scale(acc_row, Ev, A(1) / l[ri]);
@@ -761,6 +785,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
         }
       }
     }
+    gemm.release();
   });
 }
 
@@ -820,13 +845,18 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   std::vector<A> dq_acc(chunks * B * Hq * L * e_pad, A(0));
 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    Gemm<T> gemm(brgemm, use_f32_brgemm());
-    PackedB<T> pkt, pvt, pk;
-    std::vector<A> sbuf(bq_cap * BK), dpbuf(bq_cap * BK);
-    std::vector<A> dk_acc(BK * e_pad), dv_acc(BK * ev_pad);
-    std::vector<T> pbuf(kReduced<T> ? bq_cap * BK : 0), dsbuf(kReduced<T> ? bq_cap * BK : 0);
-    std::vector<T> qpad(brgemm && e_even != E ? BQ * e_even : 0);
-    std::vector<T> dopad(brgemm && ev_even != Ev ? BQ * ev_even : 0);
+    thread_local Gemm<T> gemm;
+    thread_local PackedB<T> pkt, pvt, pk;
+    gemm.configure(brgemm, use_f32_brgemm());
+    A* sbuf = thread_buffer<A, 10>(bq_cap * BK);
+    A* dpbuf = thread_buffer<A, 11>(bq_cap * BK);
+    A* dk_acc = thread_buffer<A, 12>(BK * e_pad);
+    A* dv_acc = thread_buffer<A, 13>(BK * ev_pad);
+    T* pbuf = thread_buffer<T, 14>(kReduced<T> ? bq_cap * BK : 0);
+    T* dsbuf = thread_buffer<T, 15>(kReduced<T> ? bq_cap * BK : 0);
+    const bool pad_q = brgemm && e_even != E, pad_do = brgemm && ev_even != Ev;
+    T* qpad = thread_buffer<T, 16>(pad_q ? BQ * e_even : 0);
+    T* dopad = thread_buffer<T, 17>(pad_do ? BQ * ev_even : 0);
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t c = t % chunks, bhk = t / chunks;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
@@ -840,8 +870,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
         gemm.pack(pkt, /*trans=*/true, E, bn, kblk, p.k_stride_l);   // K^T for S = Q K^T
         gemm.pack(pvt, /*trans=*/true, Ev, bn, vblk, p.v_stride_l);  // V^T for dP = dO V^T
         gemm.pack(pk, /*trans=*/false, bn, E, kblk, p.k_stride_l);   // K for dQ = dS K
-        std::fill(dk_acc.begin(), dk_acc.end(), A(0));
-        std::fill(dv_acc.begin(), dv_acc.end(), A(0));
+        std::fill(dk_acc, dk_acc + BK * e_pad, A(0));
+        std::fill(dv_acc, dv_acc + BK * ev_pad, A(0));
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = hk * group + g;
           const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
@@ -856,21 +886,21 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
             int64_t ldq = p.q_stride_l;
             const T* doa = dop + q0 * Ev;
             int64_t lddo = Ev;
-            if (!qpad.empty()) {
-              copy_padded(qa, ldq, bq, E, e_even, qpad.data());
-              qa = qpad.data();
+            if (pad_q) {
+              copy_padded(qa, ldq, bq, E, e_even, qpad);
+              qa = qpad;
               ldq = e_even;
             }
-            if (!dopad.empty()) {
-              copy_padded(doa, lddo, bq, Ev, ev_even, dopad.data());
-              doa = dopad.data();
+            if (pad_do) {
+              copy_padded(doa, lddo, bq, Ev, ev_even, dopad);
+              doa = dopad;
               lddo = ev_even;
             }
             // S = Q K^T, then P = exp(scale*S + mask - lse)
-            gemm.run(bq, qa, ldq, pkt, sbuf.data(), BK, false);
+            gemm.run(bq, qa, ldq, pkt, sbuf, BK, false);
             for (int64_t r = 0; r < bq; ++r) {
               const int64_t i = q0 + r;
-              A* s = sbuf.data() + r * BK;
+              A* s = sbuf + r * BK;
               const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn) : bn;
               if (valid == 0 || lse_h[i] == neg_inf<A>()) {
                 std::fill(s, s + bn_even, A(0));
@@ -883,23 +913,22 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
                 row_exp_sum(s, valid, eff_scale, lse_h[i]);
                 std::fill(s + valid, s + bn_even, A(0));
               }
-              if constexpr (kReduced<T>) convert_row(s, pbuf.data() + r * BK, bn_even);
+              if constexpr (kReduced<T>) convert_row(s, pbuf + r * BK, bn_even);
             }
             const T* pa;
             if constexpr (kReduced<T>) {
-              pa = pbuf.data();
+              pa = pbuf;
             } else {
-              pa = sbuf.data();
+              pa = sbuf;
             }
             // dV += P^T dO
-            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * Ev, Ev, dv_acc.data(), ev_pad,
-                    true);
+            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * Ev, Ev, dv_acc, ev_pad, true);
             // dP = dO V^T, dS = P * (dP - D)
-            gemm.run(bq, doa, lddo, pvt, dpbuf.data(), BK, false);
+            gemm.run(bq, doa, lddo, pvt, dpbuf, BK, false);
             for (int64_t r = 0; r < bq; ++r) {
               const A d = D_h[q0 + r];
-              A* dp = dpbuf.data() + r * BK;
-              const A* pr = sbuf.data() + r * BK;
+              A* dp = dpbuf + r * BK;
+              const A* pr = sbuf + r * BK;
               using Vec = Vectorized<A>;
               const Vec vd(d);
               int64_t j = 0;
@@ -907,28 +936,29 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
                 (Vec::loadu(pr + j) * (Vec::loadu(dp + j) - vd)).store(dp + j);
               for (; j < bn; ++j) dp[j] = pr[j] * (dp[j] - d);
               for (j = bn; j < bn_even; ++j) dp[j] = 0;
-              if constexpr (kReduced<T>) convert_row(dp, dsbuf.data() + r * BK, bn_even);
+              if constexpr (kReduced<T>) convert_row(dp, dsbuf + r * BK, bn_even);
             }
             const T* dsa;
             if constexpr (kReduced<T>) {
-              dsa = dsbuf.data();
+              dsa = dsbuf;
             } else {
-              dsa = dpbuf.data();
+              dsa = dpbuf;
             }
             // dK += dS^T Q (scaled at the end), dQ += dS K (scaled at the end)
-            gemm.mm(true, false, bn, E, bq, dsa, BK, qp + q0 * p.q_stride_l, p.q_stride_l,
-                    dk_acc.data(), e_pad, true);
+            gemm.mm(true, false, bn, E, bq, dsa, BK, qp + q0 * p.q_stride_l, p.q_stride_l, dk_acc,
+                    e_pad, true);
             gemm.run(bq, dsa, BK, pk, dqa + q0 * e_pad, e_pad, true);
           }
         }
         for (int64_t j = 0; j < bn; ++j) {
-          A* dkr = dk_acc.data() + j * e_pad;
+          A* dkr = dk_acc + j * e_pad;
           row_scale(dkr, E, scale);
           convert_row(dkr, dk + ((b * Hkv + hk) * S + n0 + j) * E, E);
-          convert_row(dv_acc.data() + j * ev_pad, dv + ((b * Hkv + hk) * S + n0 + j) * Ev, Ev);
+          convert_row(dv_acc + j * ev_pad, dv + ((b * Hkv + hk) * S + n0 + j) * Ev, Ev);
         }
       }
     }
+    gemm.release();
   });
 
   // dQ = scale * sum over key chunks.
