@@ -80,6 +80,8 @@ class BackendInfo:
 
 
 _registry: dict[str, Backend] = {}
+_by_priority: list[Backend] = []  # _registry's values, highest priority first
+_unavailable: dict[str, str | None] = {}  # cached why_unavailable() per backend
 _lock = threading.Lock()
 _warned: set[str] = set()
 _override = threading.local()
@@ -114,13 +116,29 @@ def register_backend(
                 f"and by {source}"
             )
         _registry[name] = backend
+        _reindex()
     return backend
+
+
+def _reindex() -> None:
+    _by_priority[:] = sorted(_registry.values(), key=lambda b: (-b.priority, b.name))
+    _unavailable.clear()
+
+
+def _why_unavailable(backend: Backend) -> str | None:
+    """Availability does not change while the process runs: ask each backend once."""
+    try:
+        return _unavailable[backend.name]
+    except KeyError:
+        reason = _unavailable[backend.name] = backend.why_unavailable()
+        return reason
 
 
 def _unregister_backend(name: str) -> None:
     """Removes a backend (for tests)."""
     with _lock:
         _registry.pop(name, None)
+        _reindex()
 
 
 def _ensure_builtins() -> None:
@@ -145,8 +163,8 @@ def backends() -> list[BackendInfo]:
     """Every registered backend, with whether it is available here and, if not, why."""
     _ensure_builtins()
     rows = []
-    for b in sorted(_registry.values(), key=lambda b: (-b.priority, b.name)):
-        reason = b.why_unavailable()
+    for b in list(_by_priority):
+        reason = _why_unavailable(b)
         rows.append(
             BackendInfo(
                 name=b.name,
@@ -177,7 +195,7 @@ def use_backend(name: str) -> Iterator[Backend]:
     here, and at a call it cannot serve.
     """
     backend = get_backend(name)
-    reason = backend.why_unavailable()
+    reason = _why_unavailable(backend)
     if reason is not None:
         raise BackendError(f"attention backend {name!r} is not available: {reason}")
     stack = getattr(_override, "stack", None)
@@ -196,15 +214,15 @@ def select_backend(call: AttentionCall) -> Backend:
     forced = current_backend_override()
     if forced is not None:
         backend = get_backend(forced)
-        reason = backend.why_unavailable() or backend.why_unsupported(call)
+        reason = _why_unavailable(backend) or backend.why_unsupported(call)
         if reason is not None:
             raise BackendError(f"attention backend {forced!r} cannot serve this call: {reason}")
         return backend
     reasons = []
-    for b in sorted(_registry.values(), key=lambda b: (-b.priority, b.name)):
+    for b in _by_priority:
         if b.name == REFERENCE:
             continue
-        reason = b.why_unavailable() or b.why_unsupported(call)
+        reason = _why_unavailable(b) or b.why_unsupported(call)
         if reason is None:
             return b
         if call.device_type in b.devices:

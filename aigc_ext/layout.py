@@ -54,7 +54,7 @@ def to_op_layout(
     (GQA is served by the operator directly).
     """
     lead_q = tuple(query.shape[:-2])
-    if query.dim() >= 3:
+    if query.dim() >= 3 and key.shape[:-3] != query.shape[:-3]:
         kv_lead = (*lead_q[:-1], key.shape[-3])
         key = key.expand(*kv_lead, *key.shape[-2:])
         value = value.expand(*kv_lead, *value.shape[-2:])

@@ -42,11 +42,21 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
+def _qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
+    return f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+
+
 def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
-    try:
-        return tuple(torch.broadcast_shapes(a, b))
-    except RuntimeError:
-        return None
+    """The broadcast of two shapes, or None when they do not broadcast."""
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def validate_sdpa_args(
@@ -68,39 +78,38 @@ def validate_sdpa_args(
                 f"scaled_dot_product_attention: {name} must have at least 2 dims (..., seq, dim); "
                 f"got shape {_shape(t)}"
             )
-    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(
             "scaled_dot_product_attention: query, key and value must have the same dtype; got "
-            f"{query.dtype}, {key.dtype}, {value.dtype} ({shapes})"
+            f"{query.dtype}, {key.dtype}, {value.dtype} ({_qkv(query, key, value)})"
         )
     if query.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"scaled_dot_product_attention: query, key and value have unsupported dtype "
             f"{query.dtype}; expected one of {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
-            f"({shapes})"
+            f"({_qkv(query, key, value)})"
         )
     if not (query.device == key.device == value.device):
         raise ValueError(
             "scaled_dot_product_attention: query, key and value must be on the same device; got "
-            f"{query.device}, {key.device}, {value.device} ({shapes})"
+            f"{query.device}, {key.device}, {value.device} ({_qkv(query, key, value)})"
         )
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(
-            f"scaled_dot_product_attention: query, key and value must have the same rank; got {shapes}"
+            f"scaled_dot_product_attention: query, key and value must have the same rank; got {_qkv(query, key, value)}"
         )
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(
-            f"scaled_dot_product_attention: query and key head dims differ (last dim); got {shapes}"
+            f"scaled_dot_product_attention: query and key head dims differ (last dim); got {_qkv(query, key, value)}"
         )
     if query.shape[-1] == 0:
         raise ValueError(
-            f"scaled_dot_product_attention: head dim of query and key is 0; got {shapes}"
+            f"scaled_dot_product_attention: head dim of query and key is 0; got {_qkv(query, key, value)}"
         )
     if key.shape[:-1] != value.shape[:-1]:
         raise ValueError(
             "scaled_dot_product_attention: key and value must agree on every dim but the last; "
-            f"got {shapes}"
+            f"got {_qkv(query, key, value)}"
         )
     heads_q = query.shape[-3] if query.dim() >= 3 else 1
     heads_kv = key.shape[-3] if key.dim() >= 3 else 1
@@ -109,22 +118,22 @@ def validate_sdpa_args(
             if heads_kv == 0 or heads_q % heads_kv != 0:
                 raise ValueError(
                     "scaled_dot_product_attention: with enable_gqa, query heads (dim -3) must be a "
-                    f"multiple of key/value heads; got {shapes}"
+                    f"multiple of key/value heads; got {_qkv(query, key, value)}"
                 )
         elif heads_kv != 1:
             raise ValueError(
                 "scaled_dot_product_attention: query and key/value head counts (dim -3) differ; "
-                f"pass enable_gqa=True for grouped-query attention; got {shapes}"
+                f"pass enable_gqa=True for grouped-query attention; got {_qkv(query, key, value)}"
             )
     lead_q, lead_k = tuple(query.shape[:-3]), tuple(key.shape[:-3])
     if query.dim() >= 3 and _broadcast(lead_q, lead_k) != lead_q:
         raise ValueError(
             "scaled_dot_product_attention: batch dims of key/value must match or broadcast to "
-            f"those of query; got {shapes}"
+            f"those of query; got {_qkv(query, key, value)}"
         )
     if query.dim() == 3 and key.shape[0] not in (1, query.shape[0]):
         raise ValueError(
-            f"scaled_dot_product_attention: batch dims of query and key/value differ; got {shapes}"
+            f"scaled_dot_product_attention: batch dims of query and key/value differ; got {_qkv(query, key, value)}"
         )
     mask_dtype = None
     mask_requires_grad = False
@@ -137,12 +146,12 @@ def validate_sdpa_args(
         if mask_dtype not in (torch.bool, query.dtype, torch.float32):
             raise ValueError(
                 "scaled_dot_product_attention: attn_mask must be bool, float32 or the query dtype "
-                f"({query.dtype}); got {mask_dtype} (attn_mask {_shape(attn_mask)}, {shapes})"
+                f"({query.dtype}); got {mask_dtype} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
             )
         if attn_mask.device != query.device:
             raise ValueError(
                 f"scaled_dot_product_attention: attn_mask is on {attn_mask.device}, query on "
-                f"{query.device} (attn_mask {_shape(attn_mask)}, {shapes})"
+                f"{query.device} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
             )
         target = (*query.shape[:-1], key.shape[-2])
         if _broadcast(tuple(attn_mask.shape), target) != target:
