@@ -227,12 +227,13 @@ def select_backend(call: AttentionCall) -> Backend:
             return b
         if call.device_type in b.devices:
             reasons.append(f"{b.name}: {reason}")
-    if reasons:
-        _warn_once(
-            "aigc_ext: no fused kernel serves this attention call ("
-            + "; ".join(reasons)
-            + "); using the pure-PyTorch reference path"
-        )
+    if not reasons:
+        reasons.append(f"no fused backend is registered for device {call.device_type!r}")
+    _warn_once(
+        "aigc_ext: no fused kernel serves this attention call ("
+        + "; ".join(reasons)
+        + "); using the pure-PyTorch reference path"
+    )
     return _registry[REFERENCE]
 
 

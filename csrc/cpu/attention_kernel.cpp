@@ -847,7 +847,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pkt, pvt, pk;
-    gemm.configure(brgemm, use_f32_brgemm());
+    // fp32: BLAS, whose transposed operands cost no copies (the backward has two per tile).
+    gemm.configure(brgemm, /*f32_brgemm=*/false);
     A* sbuf = thread_buffer<A, 10>(bq_cap * BK);
     A* dpbuf = thread_buffer<A, 11>(bq_cap * BK);
     A* dk_acc = thread_buffer<A, 12>(BK * e_pad);
