@@ -136,6 +136,23 @@ inline void convert_row(const S* src, D* dst, int64_t n) {
   }
 }
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: a transpose, done in 16 x 16
+// blocks so that both the reads and the writes stay within a few cache lines at a time.
+template <typename T>
+void transpose_into(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  constexpr int64_t kB = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kB) {
+    const int64_t i1 = std::min(rows, i0 + kB);
+    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
+      const int64_t j1 = std::min(cols, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* s = src + i * lds;
+        for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = s[j];
+      }
+    }
+  }
+}
+
 // The B operand of a GEMM, prepared once and reused for several A operands.
 template <typename T>
 struct PackedB {
@@ -347,10 +364,16 @@ class Gemm {
     pack(scratch_, tb, K, N, b, ldb);
     const int64_t ke = needs_even_k() ? round_up(K, 2) : K;
     if (path_ != Path::kBrgemmF32 && (ta || ke != K)) {
-      a_copy_.assign(std::max<int64_t>(M * ke, 1), T(0));
+      if (static_cast<int64_t>(a_copy_.size()) < M * ke) a_copy_.resize(M * ke);
+      T* dst = a_copy_.data();
+      if (ta) {
+        transpose_into(a, lda, K, M, dst, ke);
+      } else {
+        for (int64_t i = 0; i < M; ++i) std::memcpy(dst + i * ke, a + i * lda, sizeof(T) * K);
+      }
       for (int64_t i = 0; i < M; ++i)
-        for (int64_t k = 0; k < K; ++k) a_copy_[i * ke + k] = ta ? a[k * lda + i] : a[i * lda + k];
-      a = a_copy_.data();
+        for (int64_t k = K; k < ke; ++k) dst[i * ke + k] = T(0);
+      a = dst;
       lda = ke;
     }
     run(M, a, lda, scratch_, c, ldc, add);
