@@ -604,3 +604,43 @@ def test_public_api_matches_between_backends(backend):
     with aigc_ext.use_backend(backend):
         out = aigc_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# short queries against long keys (the split-KV decoding path of the CPU kernel)
+# ---------------------------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # (B, Hq, Hkv, L, S, E, Ev)
+    (1, 32, 8, 1, 3000, 128, 128),  # one group per task, keys in several blocks
+    (1, 4, 1, 1, 5000, 64, 64),  # B * Hkv = 1: keys split across tasks
+    (2, 6, 2, 4, 1537, 59, 40),  # odd head dims, Ev != E, L > 1
+    (1, 2, 2, 16, 700, 111, 111),  # the longest query still served by this path
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=_ids)
+def test_decode_shapes(backend, dtype, case):
+    b, hq, hkv, lq, lkv, e, ev = case
+    q, k, v = make_qkv(b, hq, hkv, lq, lkv, e, ev, dtype=dtype, seed=7)
+    check_sdpa(backend, q, k, v, enable_gqa=hq != hkv)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=_ids)
+def test_decode_masks_and_causal(backend, dtype, mask_kind):
+    q, k, v = make_qkv(1, 8, 2, 3, 2100, 64, dtype=dtype, seed=11)
+    mask = random_mask((1, 1, 3, 2100), mask_kind, dtype, seed=5)
+    mask[..., 1, :] = False if mask_kind == "bool" else float("-inf")  # a fully masked row
+    check_sdpa(backend, q, k, v, attn_mask=mask, enable_gqa=True)
+    check_sdpa(backend, q, k, v, is_causal=True, enable_gqa=True)
+    check_sdpa(backend, q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
+
+
+def test_decode_lse_matches_logsumexp(cpu_backend):
+    q, k, v = make_qkv(1, 8, 2, 2, 4100, 64, seed=3)
+    mask = random_mask((1, 1, 2, 4100), "bool", torch.float32, seed=9)
+    _, lse = torch.ops.aigc_ext.attention_forward(q, k, v, mask, False, 0.125)
+    s = scores64(q, k, attn_mask=mask, scale=0.125)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, dim=-1), atol=1e-5, rtol=1e-5)

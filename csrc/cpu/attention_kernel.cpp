@@ -132,6 +132,24 @@ inline void convert_row(const S* src, D* dst, int64_t n) {
   if constexpr (std::is_same_v<S, D>) {
     std::memcpy(dst, src, sizeof(S) * n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<D, float> && kReduced<S>) {
+      // Widening is exact: bf16 is the top half of an fp32; fp16 has a hardware conversion.
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+        __m512 f;
+        if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        } else {
+          f = _mm512_cvtph_ps(h);
+        }
+        _mm512_storeu_ps(dst + i, f);
+      }
+      for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+      return;
+    }
+#endif
     at::vec::convert(src, dst, n);
   }
 }
@@ -654,6 +672,188 @@ constexpr int64_t kFwdBlockKV = 512;
 constexpr int64_t kFwdMaxChunkRows = 4096;
 constexpr float kLazyMax = 8.f;
 
+// ------------------------------------------------------------------------------------------
+// Forward for short queries (decoding with a KV cache): split-KV
+// ------------------------------------------------------------------------------------------
+//
+// With L <= kDecodeMaxLen the query tiles are too short to amortise packing K and V, and
+// batch x heads may be smaller than the number of cores. So: one task per (batch, KV head,
+// key split). A task takes every query row of the GQA group at once (group * L rows), so each
+// key and value is read once per group, streams its keys in blocks (converted to fp32 when
+// needed), keeps a partial online-softmax state (m, l, acc) per row, and the partial states
+// of the splits are merged at the end through their logsumexps.
+
+#if defined(CPU_CAPABILITY_AVX512)
+// s[g * lds + j] = dot(q_g, k_j) for bf16 rows, straight from bf16 with vdpbf16ps (products of
+// bf16 pairs accumulated in fp32): no conversion pass over the keys.
+__attribute__((target("avx512bf16"))) void qk_dot_bf16(const c10::BFloat16* q, int64_t G, int64_t E,
+                                                       const c10::BFloat16* k, int64_t ldk,
+                                                       int64_t nb, float* s, int64_t lds) {
+  const int64_t full = E / 32, rem = E % 32;
+  const __mmask32 tail = rem ? static_cast<__mmask32>((1ull << rem) - 1) : 0;
+  for (int64_t j = 0; j < nb; ++j) {
+    const c10::BFloat16* kj = k + j * ldk;
+    for (int64_t g = 0; g < G; ++g) {
+      const c10::BFloat16* qg = q + g * E;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < full; ++c) {
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qg + 32 * c),
+                               (__m512bh)_mm512_loadu_si512(kj + 32 * c));
+      }
+      if (rem) {
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, qg + 32 * full),
+                               (__m512bh)_mm512_maskz_loadu_epi16(tail, kj + 32 * full));
+      }
+      s[g * lds + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+#endif
+
+constexpr int64_t kDecodeMaxLen = 16;
+constexpr int64_t kDecodeMaxRows = 128;  // group * L
+constexpr int64_t kDecodeBlock = 512;    // keys per block
+
+template <typename T>
+void decode_impl(const AttentionForwardParams& p) {
+  using A = acc_type<T>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv, G = group * L;
+  T* out = static_cast<T*>(p.out);
+  A* lse = static_cast<A*>(p.lse);
+  const size_t mesize = mask_elem_size(p, sizeof(T));
+  const A scale = static_cast<A>(p.scale);
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nblocks = ceil_div(S, kDecodeBlock);
+  int64_t splits = std::min(nblocks, std::max<int64_t>(1, ceil_div(4 * nthreads, B * Hkv)));
+  const int64_t blocks_per_split = ceil_div(nblocks, splits);
+  splits = ceil_div(nblocks, blocks_per_split);
+  const int64_t ntasks = B * Hkv * splits;
+  // Partial states: (B, Hkv, splits, G) rows of m, l and acc (Ev).
+  std::vector<A> part_m(ntasks * G), part_l(ntasks * G), part_acc(ntasks * G * Ev);
+
+  parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+    A* qf = thread_buffer<A, 20>(G * E);
+    A* sbuf = thread_buffer<A, 21>(G * kDecodeBlock);
+    A* kf = thread_buffer<A, 22>(kReduced<T> ? kDecodeBlock * E : 0);
+    T* qb = thread_buffer<T, 24>(G * E);
+    A* vf = thread_buffer<A, 23>(kReduced<T> ? kDecodeBlock * Ev : 0);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const int64_t sp = t % splits, bhk = t / splits;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      A* m = part_m.data() + t * G;
+      A* l = part_l.data() + t * G;
+      A* acc = part_acc.data() + t * G * Ev;
+      std::fill(m, m + G, neg_inf<A>());
+      std::fill(l, l + G, A(0));
+      std::fill(acc, acc + G * Ev, A(0));
+      // Row g is query row i = g % L of head h = hk * group + g / L.
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * group + g / L, i = g % L;
+        const T* qrow =
+            static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + i * p.q_stride_l;
+        convert_row(qrow, qf + g * E, E);
+        std::memcpy(qb + g * E, qrow, sizeof(T) * E);
+      }
+      const int64_t s0 = sp * blocks_per_split * kDecodeBlock;
+      const int64_t s1 = std::min(S, s0 + blocks_per_split * kDecodeBlock);
+      for (int64_t n0 = s0; n0 < s1; n0 += kDecodeBlock) {
+        const int64_t nb = std::min(kDecodeBlock, s1 - n0);
+        const A* kb;
+        const A* vb;
+        int64_t ldk, ldv;
+        bool scores_done = false;
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (cpu_has_avx512_bf16()) {
+            qk_dot_bf16(qb, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            scores_done = true;
+          }
+        }
+#endif
+        if constexpr (kReduced<T>) {
+          for (int64_t j = 0; j < nb; ++j) {
+            if (!scores_done) convert_row(kp + (n0 + j) * p.k_stride_l, kf + j * E, E);
+            convert_row(vp + (n0 + j) * p.v_stride_l, vf + j * Ev, Ev);
+          }
+          kb = kf;
+          vb = vf;
+          ldk = E;
+          ldv = Ev;
+        } else {
+          kb = kp + n0 * p.k_stride_l;
+          vb = vp + n0 * p.v_stride_l;
+          ldk = p.k_stride_l;
+          ldv = p.v_stride_l;
+        }
+        if (!scores_done) {
+          blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeBlock);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * group + g / L, i = g % L;
+          A* s = sbuf + g * kDecodeBlock;
+          const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, nb) : nb;
+          A eff_scale = scale;
+          if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+            apply_mask_row<T, A>(
+                s, valid, scale, p,
+                p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+            eff_scale = 1;
+          }
+          const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
+          const A m_new = std::max(m[g], bmax);
+          if (m_new == neg_inf<A>()) {
+            std::fill(s, s + nb, A(0));
+            continue;
+          }
+          const A alpha = std::exp(m[g] - m_new);
+          const A sum = row_exp_sum(s, valid, eff_scale, m_new);
+          std::fill(s + valid, s + nb, A(0));
+          if (alpha != A(1)) row_scale(acc + g * Ev, Ev, alpha);
+          l[g] = l[g] * alpha + sum;
+          m[g] = m_new;
+        }
+        blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeBlock, vb, ldv, A(1), acc, Ev);
+      }
+    }
+  });
+
+  // Merge the splits: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
+  at::parallel_for(0, B * Hkv * G, 16, [&](int64_t begin, int64_t end) {
+    std::vector<A> row(Ev);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bhk = r / G, g = r % G;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
+      A mx = neg_inf<A>();
+      for (int64_t sp = 0; sp < splits; ++sp)
+        mx = std::max(mx, part_m[(bhk * splits + sp) * G + g]);
+      T* o = out + ((b * Hq + h) * L + i) * Ev;
+      A* lse_out = lse + (b * Hq + h) * L + i;
+      if (mx == neg_inf<A>()) {
+        std::fill(o, o + Ev, T(0));
+        *lse_out = neg_inf<A>();
+        continue;
+      }
+      std::fill(row.begin(), row.end(), A(0));
+      A total = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t t = bhk * splits + sp;
+        const A ms = part_m[t * G + g];
+        if (ms == neg_inf<A>()) continue;
+        const A w = std::exp(ms - mx);
+        total += w * part_l[t * G + g];
+        const A* a = part_acc.data() + (t * G + g) * Ev;
+        for (int64_t e = 0; e < Ev; ++e) row[e] += w * a[e];
+      }
+      row_scale(row.data(), Ev, A(1) / total);
+      convert_row(row.data(), o, Ev);
+      *lse_out = mx + std::log(total);
+    }
+  });
+}
+
 template <typename T>
 void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   using A = acc_type<T>;
@@ -667,6 +867,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
     std::fill(lse, lse + B * Hq * L, neg_inf<A>());
     return;
   }
+  if (L <= kDecodeMaxLen && group * L <= kDecodeMaxRows) return decode_impl<T>(p);
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
   const int64_t BQ = env_int("AIGC_EXT_CPU_BLOCK_Q", kFwdBlockQ);
