@@ -12,7 +12,10 @@ Quick start::
 
 from __future__ import annotations
 
-from aigc_ext import ops  # loads the compiled operators
+from aigc_ext import (
+    nn,
+    ops,  # loads the compiled operators
+)
 from aigc_ext.api import scaled_dot_product_attention
 from aigc_ext.dispatch import (
     BackendError,
@@ -21,6 +24,7 @@ from aigc_ext.dispatch import (
     register_backend,
     use_backend,
 )
+from aigc_ext.integrations.patch import patch_sdpa
 
 __version__ = "0.1.0"
 
@@ -29,8 +33,24 @@ __all__ = [
     "BackendInfo",
     "__version__",
     "backends",
+    "nn",
     "ops",
+    "patch_sdpa",
     "register_backend",
     "scaled_dot_product_attention",
     "use_backend",
 ]
+
+# Make attn_implementation="aigc_ext" available when transformers models are already loaded
+# (registering then costs about 10 ms); otherwise call aigc_ext.integrations.transformers.register().
+import sys as _sys
+
+if "transformers.modeling_utils" in _sys.modules:
+    try:
+        from aigc_ext.integrations import transformers as _hf
+
+        _hf.register()
+    except Exception as _exc:  # a broken transformers must not break `import aigc_ext`
+        import warnings as _warnings
+
+        _warnings.warn(f"aigc_ext: could not register with transformers: {_exc}", stacklevel=2)

