@@ -713,6 +713,7 @@ __attribute__((target("avx512bf16"))) void qk_dot_bf16(const c10::BFloat16* q, i
 constexpr int64_t kDecodeMaxLen = 16;
 constexpr int64_t kDecodeMaxRows = 128;  // group * L
 constexpr int64_t kDecodeBlock = 512;    // keys per block
+constexpr int64_t kDecodeDotRows = 8;    // bf16 scores by dot products up to this many rows
 
 template <typename T>
 void decode_impl(const AttentionForwardParams& p) {
@@ -767,7 +768,9 @@ void decode_impl(const AttentionForwardParams& p) {
         bool scores_done = false;
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (cpu_has_avx512_bf16()) {
+          // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
+          // amortise converting the keys for a GEMM.
+          if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
             qk_dot_bf16(qb, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
             scores_done = true;
           }
