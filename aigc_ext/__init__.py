@@ -24,6 +24,7 @@ from aigc_ext.dispatch import (
     register_backend,
     use_backend,
 )
+from aigc_ext.hookspecs import hookimpl
 from aigc_ext.integrations.patch import patch_sdpa
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "BackendInfo",
     "__version__",
     "backends",
+    "hookimpl",
     "nn",
     "ops",
     "patch_sdpa",

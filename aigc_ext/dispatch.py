@@ -2,7 +2,8 @@
 
 A backend is a function with the signature of ``scaled_dot_product_attention`` plus two
 questions it answers: is it available on this machine (and if not, why), and can it serve a
-given call (and if not, why). Built-in backends register here exactly as third-party ones do.
+given call (and if not, why). Built-in backends register here exactly as third-party ones do:
+through the ``aigc_register_attention_backends`` plugin hook (see :mod:`aigc_ext.plugins`).
 
 Choice per call:
 
@@ -141,16 +142,16 @@ def _unregister_backend(name: str) -> None:
         _reindex()
 
 
-def _ensure_builtins() -> None:
-    if REFERENCE not in _registry:
-        from aigc_ext import builtins as _builtin
+def _ensure_plugins() -> None:
+    """Loads the plugins (the built-in backends among them) on first use."""
+    from aigc_ext import plugins
 
-        _builtin.register_builtin_backends()
+    plugins.load()
 
 
 def get_backend(name: str) -> Backend:
     """The registered backend called ``name``; :class:`BackendError` lists the known ones."""
-    _ensure_builtins()
+    _ensure_plugins()
     try:
         return _registry[name]
     except KeyError:
@@ -161,7 +162,7 @@ def get_backend(name: str) -> Backend:
 
 def backends() -> list[BackendInfo]:
     """Every registered backend, with whether it is available here and, if not, why."""
-    _ensure_builtins()
+    _ensure_plugins()
     rows = []
     for b in list(_by_priority):
         reason = _why_unavailable(b)
@@ -210,7 +211,7 @@ def use_backend(name: str) -> Iterator[Backend]:
 
 def select_backend(call: AttentionCall) -> Backend:
     """The backend that serves ``call`` (see the module docstring for the rules)."""
-    _ensure_builtins()
+    _ensure_plugins()
     forced = current_backend_override()
     if forced is not None:
         backend = get_backend(forced)

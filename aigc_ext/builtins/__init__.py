@@ -1,28 +1,30 @@
-"""Built-in attention backends.
+"""Built-in plugin: the ``cpu`` and ``reference`` attention backends.
 
-They register through the same :func:`aigc_ext.dispatch.register_backend` call a third-party
-backend uses; the dispatcher and the benchmark only ever see the registry.
+It implements the same :func:`~aigc_ext.hookspecs.aigc_register_attention_backends` hook a
+third-party plugin does, and :mod:`aigc_ext.plugins` loads it before the installed plugins; the
+dispatcher and the benchmark only ever see the registry.
 """
 
 from __future__ import annotations
 
-from aigc_ext.dispatch import register_backend
+from aigc_ext.hookspecs import hookimpl
 
-__all__ = ["register_builtin_backends"]
+__all__ = ["aigc_register_attention_backends"]
 
 
-def register_builtin_backends() -> None:
+@hookimpl
+def aigc_register_attention_backends(register):
     """Registers ``cpu`` (the fused C++ kernel) and ``reference`` (pure PyTorch)."""
     from aigc_ext.builtins import cpu, reference
 
-    register_backend(
+    register(
         "reference",
         reference.sdpa,
         devices=("cpu", "cuda", "mps", "xpu", "meta"),
         priority=-100,
         description="pure-PyTorch math in fp32/fp64 (test oracle and fallback)",
     )
-    register_backend(
+    register(
         "cpu",
         cpu.sdpa,
         devices=("cpu",),

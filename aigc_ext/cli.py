@@ -1,0 +1,60 @@
+"""The ``aigc-ext`` command.
+
+``aigc-ext plugins [--json] [--all] [--strict]`` lists the installed plugins, the hooks each
+implements and what each registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from aigc_ext import plugins
+
+    try:
+        infos = plugins.get_plugins(include_builtins=args.all)
+        failed = plugins.failures()
+    except plugins.PluginError as exc:  # AIGC_EXT_STRICT_PLUGINS=1
+        print(f"aigc-ext: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        doc = {
+            "plugins": [i.as_dict() for i in infos],
+            "failures": [f.__dict__ for f in failed],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        if not infos:
+            print("no plugins installed" + ("" if args.all else " (--all lists the built-ins)"))
+        for i in infos:
+            version = f" {i.version}" if i.version else ""
+            origin = "built-in" if i.builtin else f"entry point {i.name!r}"
+            print(f"{i.distribution or i.name}{version} ({origin})")
+            print(f"  hooks: {', '.join(i.hooks) or 'none'}")
+            for family, names in sorted(i.registered.items()):
+                print(f"  {family}: {', '.join(names)}")
+        for f in failed:
+            dist = f" ({f.distribution})" if f.distribution else ""
+            print(f"failed: {f.name}{dist}: {f.error}", file=sys.stderr)
+    return 1 if args.strict and failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aigc-ext", description="aigc_ext command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--all", action="store_true", help="include the built-in plugins")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a plugin failed to load")
+    p.set_defaults(func=_plugins)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Hook specifications: the functions a plugin may implement.
+
+A plugin is a module (or any object) with functions decorated by :data:`hookimpl`::
+
+    from aigc_ext import hookimpl
+
+    @hookimpl
+    def aigc_register_augmentations(register):
+        register("flip", flip)
+
+Registration hooks receive a ``register`` callable and are called once per plugin when the
+plugins are loaded (on first use of :func:`aigc_ext.backends`, a registry or the CLI). Lifecycle
+hooks (``aigc_on_*``) are called by a training run through :func:`aigc_ext.lifecycle.notify`.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+__all__ = ["hookimpl", "hookspec"]
+
+hookspec = pluggy.HookspecMarker("aigc_ext")
+hookimpl = pluggy.HookimplMarker("aigc_ext")
+
+# --- registration hooks -----------------------------------------------------------------------
+
+
+@hookspec
+def aigc_register_attention_backends(register):
+    """Registers attention backends.
+
+    ``register(name, fn, devices=("cpu",), *, priority=0, description="", unavailable_reason=None,
+    unsupported_reason=None)`` has the signature of :func:`aigc_ext.register_backend` (the source
+    is filled in with the plugin's name). ``fn`` has the signature of
+    ``torch.nn.functional.scaled_dot_product_attention``.
+    """
+
+
+@hookspec
+def aigc_register_objectives(register):
+    """Registers training objectives: ``register(name, objective, *, description="")``.
+
+    An objective is a callable ``(model, batch) -> loss`` returning a scalar tensor.
+    """
+
+
+@hookspec
+def aigc_register_finetuners(register):
+    """Registers fine-tuning methods: ``register(name, finetuner, *, description="")``.
+
+    A finetuner is a callable ``(model, **options) -> model`` that prepares a pretrained model for
+    fine-tuning (freezes parameters, adds adapters, ...) and returns the model to train.
+    """
+
+
+@hookspec
+def aigc_register_augmentations(register):
+    """Registers data augmentations: ``register(name, augmentation, *, description="")``.
+
+    An augmentation is a callable ``(batch, *, generator=None) -> batch``; ``generator`` is a
+    ``torch.Generator`` to draw its randomness from.
+    """
+
+
+@hookspec
+def aigc_register_transfer_strategies(register):
+    """Registers transfer-learning strategies: ``register(name, strategy, *, description="")``.
+
+    A transfer strategy is a callable ``(source, target) -> target`` that carries what the
+    pretrained ``source`` model learnt into the ``target`` model and returns ``target``.
+    """
+
+
+# --- lifecycle hooks of a training run ----------------------------------------------------------
+# ``state`` is a :class:`aigc_ext.lifecycle.RunState`; set ``state.should_stop`` or
+# ``state.should_save`` to ask the run to stop or to save a checkpoint.
+
+
+@hookspec
+def aigc_on_train_begin(state):
+    """Called once before the first step."""
+
+
+@hookspec
+def aigc_on_step_end(state):
+    """Called after every optimisation step (``state.step`` is the number of steps done)."""
+
+
+@hookspec
+def aigc_on_evaluate(state, metrics):
+    """Called after an evaluation with its ``metrics`` (a ``dict[str, float]``)."""
+
+
+@hookspec
+def aigc_on_save(state, path):
+    """Called after a checkpoint was written to ``path``."""
+
+
+@hookspec
+def aigc_on_train_end(state):
+    """Called once after the last step (also when a hook asked the run to stop)."""

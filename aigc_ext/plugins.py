@@ -1,0 +1,291 @@
+"""The plugin manager: built-in plugins plus every installed ``aigc_ext`` entry point.
+
+Plugins are loaded once, on first use (:func:`aigc_ext.backends`, :func:`get_registry`, the
+``aigc-ext`` command), never at ``import aigc_ext``. Environment variables:
+
+* ``AIGC_EXT_PLUGINS=a,b``: load only these third-party plugins (entry-point names);
+* ``AIGC_EXT_NO_PLUGINS=1``: load no third-party plugin (the built-ins still load);
+* ``AIGC_EXT_STRICT_PLUGINS=1``: a plugin that fails to load raises :class:`PluginError`
+  instead of being reported with a :class:`PluginWarning` and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import pluggy
+
+from aigc_ext import hookspecs
+from aigc_ext.registries import FAMILIES, Registry
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginError",
+    "PluginFailure",
+    "PluginInfo",
+    "PluginWarning",
+    "add_plugin",
+    "failures",
+    "get_plugins",
+    "get_registry",
+    "load",
+    "pm",
+    "remove_plugin",
+]
+
+ENTRY_POINT_GROUP = "aigc_ext"
+BUILTIN_PLUGINS = ("aigc_ext.builtins",)
+BACKENDS = "attention_backends"
+_BACKEND_HOOK = "aigc_register_attention_backends"
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load (strict mode), or was misused."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load and was skipped."""
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin: where it comes from, the hooks it implements, what it registered."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    hooks: list[str] = field(default_factory=list)
+    registered: dict[str, list[str]] = field(default_factory=dict)  # family -> names
+
+    @property
+    def source(self) -> str:
+        """How registrations name this plugin (in errors and ``BackendInfo.source``)."""
+        return self.distribution or self.name
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    name: str
+    distribution: str | None
+    error: str
+
+
+pm = pluggy.PluginManager("aigc_ext")
+pm.add_hookspecs(hookspecs)
+
+_registries = {family: Registry(family) for family in FAMILIES}
+_infos: dict[str, PluginInfo] = {}
+_failures: list[PluginFailure] = []
+_lock = threading.RLock()
+_loaded = False
+_loading = False
+
+
+def _flag(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def load() -> None:
+    """Loads the plugins unless already done (thread-safe; re-entrant calls return at once)."""
+    global _loaded, _loading
+    if _loaded:
+        return
+    with _lock:
+        if _loaded or _loading:
+            return
+        _loading = True
+        try:
+            _load()
+            _loaded = True
+        except BaseException:
+            _reset_locked()
+            raise
+        finally:
+            _loading = False
+
+
+def _load() -> None:
+    from aigc_ext import __version__
+
+    strict = _flag("AIGC_EXT_STRICT_PLUGINS")
+    for module_name in BUILTIN_PLUGINS:
+        module = importlib.import_module(module_name)
+        # A broken built-in is a bug in aigc_ext itself: always raise.
+        add_plugin(module, module_name, distribution="aigc_ext", version=__version__, builtin=True)
+    if _flag("AIGC_EXT_NO_PLUGINS"):
+        return
+    wanted = os.environ.get("AIGC_EXT_PLUGINS", "").strip()
+    only = {n.strip() for n in wanted.split(",") if n.strip()} if wanted else None
+    found = set()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if only is not None and ep.name not in only:
+            continue
+        found.add(ep.name)
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        version = dist.version if dist is not None else None
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            _fault(
+                ep.name, dist_name, f"failed to import: {type(exc).__name__}: {exc}", strict, exc
+            )
+            continue
+        add_plugin(plugin, ep.name, distribution=dist_name, version=version, strict=strict)
+    for name in sorted((only or set()) - found):
+        _fault(name, None, "is named in AIGC_EXT_PLUGINS but not installed", strict)
+
+
+def add_plugin(
+    plugin: object,
+    name: str | None = None,
+    *,
+    distribution: str | None = None,
+    version: str | None = None,
+    builtin: bool = False,
+    strict: bool = True,
+) -> PluginInfo | None:
+    """Registers ``plugin`` with :data:`pm` and runs its registration hooks.
+
+    On a fault (invalid hook, unknown hook, an exception in a registration hook, a duplicate
+    name) everything the plugin registered is removed and the plugin is unregistered; then
+    :class:`PluginError` is raised if ``strict``, else a :class:`PluginWarning` is shown and
+    ``None`` returned. (An unknown hook only warns when not ``strict``: the plugin stays.)
+    """
+    with _lock:
+        try:
+            name = pm.register(plugin, name=name)
+        except Exception as exc:
+            _fault(name or repr(plugin), distribution, f"cannot be registered: {exc}", strict, exc)
+            return None
+        info = PluginInfo(name, distribution, version, builtin)
+        callers = pm.get_hookcallers(plugin) or []
+        info.hooks = sorted(c.name for c in callers)
+        try:
+            unknown = [c.name for c in callers if not c.has_spec() and _own_impls(c, plugin)]
+            if unknown:
+                message = (
+                    f"implements unknown hook(s) {', '.join(unknown)} "
+                    "(misspelt? see aigc_ext.hookspecs)"
+                )
+                if strict:
+                    raise PluginError(message)
+                _fault(name, distribution, message, strict=False)
+            for family, hookname in ((BACKENDS, _BACKEND_HOOK), *FAMILIES.items()):
+                register = _register_callable(info, family)
+                for impl in _own_impls(getattr(pm.hook, hookname), plugin):
+                    impl.function(*[{"register": register}[a] for a in impl.argnames])
+        except Exception as exc:
+            _rollback(info)
+            pm.unregister(name=name)
+            _fault(name, distribution, f"failed: {type(exc).__name__}: {exc}", strict, exc)
+            return None
+        _infos[name] = info
+        return info
+
+
+def _own_impls(caller: pluggy.HookCaller, plugin: object) -> list[pluggy.HookImpl]:
+    return [
+        i
+        for i in caller.get_hookimpls()
+        if i.plugin is plugin and not i.optionalhook and not (i.wrapper or i.hookwrapper)
+    ]
+
+
+def _register_callable(info: PluginInfo, family: str):
+    if family == BACKENDS:
+        from aigc_ext.dispatch import register_backend
+
+        def register(name, fn, devices=("cpu",), **kwargs):
+            kwargs["source"] = info.source
+            backend = register_backend(name, fn, devices, **kwargs)
+            info.registered.setdefault(family, []).append(name)
+            return backend
+
+    else:
+        registry = _registries[family]
+
+        def register(name, obj, *, description=""):
+            entry = registry.register(name, obj, description=description, source=info.source)
+            info.registered.setdefault(family, []).append(name)
+            return entry
+
+    register.__name__ = f"register_{family}"
+    return register
+
+
+def _rollback(info: PluginInfo) -> None:
+    from aigc_ext.dispatch import _unregister_backend
+
+    for family, names in info.registered.items():
+        for n in names:
+            _unregister_backend(n) if family == BACKENDS else _registries[family].unregister(n)
+    info.registered.clear()
+
+
+def remove_plugin(name: str) -> None:
+    """Unregisters plugin ``name`` and everything it registered."""
+    with _lock:
+        info = _infos.pop(name, None)
+        if info is not None:
+            _rollback(info)
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+
+
+def _fault(name, distribution, message, strict, exc=None) -> None:
+    where = f"plugin {name!r}" + (f" (distribution {distribution})" if distribution else "")
+    _failures.append(PluginFailure(name, distribution, message))
+    text = f"aigc_ext: {where} {message}"
+    if strict:
+        raise PluginError(text) from exc
+    warnings.warn((text + "; skipped") if exc is not None else text, PluginWarning, stacklevel=4)
+
+
+def _reset_locked() -> None:
+    global _loaded
+    for name in list(_infos):
+        remove_plugin(name)
+    for _, plugin in list(pm.list_name_plugin()):
+        pm.unregister(plugin)
+    for registry in _registries.values():
+        for n in registry.names():
+            registry.unregister(n)
+    _failures.clear()
+    _loaded = False
+
+
+def _reset() -> None:
+    """Forgets every plugin and registration; the next use loads them again (for tests)."""
+    with _lock:
+        _reset_locked()
+
+
+def get_plugins(include_builtins: bool = False) -> list[PluginInfo]:
+    """The loaded plugins (third-party only unless ``include_builtins``)."""
+    load()
+    return [i for i in _infos.values() if include_builtins or not i.builtin]
+
+
+def failures() -> list[PluginFailure]:
+    """Plugins that failed to load (or implement unknown hooks), in the order they were found."""
+    load()
+    return list(_failures)
+
+
+def get_registry(family: str) -> Registry:
+    """The registry of ``family``: one of objectives, finetuners, augmentations,
+    transfer_strategies (attention backends: :func:`aigc_ext.backends`)."""
+    if family not in _registries:
+        raise KeyError(f"unknown plugin family {family!r}; known: {', '.join(_registries)}")
+    load()
+    return _registries[family]
