@@ -2,12 +2,17 @@
 
 ``aigc-ext plugins [--json] [--all] [--strict]`` lists the installed plugins, the hooks each
 implements and what each registered.
+
+``aigc-ext info [--json]`` describes this machine as aigc_ext sees it: versions, CPU model and
+instruction sets, GPUs, the CPU kernel configuration, and every attention backend with whether
+it is available here and, if not, why.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 
 __all__ = ["main"]
@@ -44,6 +49,77 @@ def _plugins(args: argparse.Namespace) -> int:
     return 1 if args.strict and failed else 0
 
 
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def _cpu_description() -> tuple[str, list[str]]:
+    """CPU model name and the instruction-set flags that matter to the kernels (Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, [f for f in _ISA_FLAGS if f in flags]
+
+
+def _info_doc() -> dict:
+    import torch
+
+    import aigc_ext
+
+    model, isa = _cpu_description()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "aigc_ext": aigc_ext.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": {"model": model, "isa": isa, "threads": torch.get_num_threads()},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": {"available": torch.cuda.is_available(), "devices": gpus},
+        "cpu_kernel": aigc_ext.ops.cpu_kernel_config(),
+        "backends": [
+            {
+                "name": b.name,
+                "available": b.available,
+                "reason": b.reason,
+                "devices": list(b.devices),
+                "priority": b.priority,
+                "source": b.source,
+            }
+            for b in aigc_ext.backends()
+        ],
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    doc = _info_doc()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"aigc_ext {doc['aigc_ext']}  torch {doc['torch']}  python {doc['python']}")
+    print(f"platform: {doc['platform']}")
+    cpu = doc["cpu"]
+    print(f"cpu: {cpu['model']} ({', '.join(cpu['isa']) or 'no AVX'}), {cpu['threads']} threads")
+    print(f"torch cpu capability: {doc['torch_cpu_capability']}")
+    cuda = doc["cuda"]
+    print(
+        f"gpu: {', '.join(cuda['devices']) if cuda['available'] else 'none (CUDA not available)'}"
+    )
+    print(f"cpu kernel: {doc['cpu_kernel']}")
+    print("backends:")
+    for b in doc["backends"]:
+        state = "available" if b["available"] else f"unavailable: {b['reason']}"
+        print(f"  {b['name']:<16} {'/'.join(b['devices']):<28} {state}  [{b['source']}]")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aigc-ext", description="aigc_ext command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="include the built-in plugins")
     p.add_argument("--strict", action="store_true", help="exit 1 if a plugin failed to load")
     p.set_defaults(func=_plugins)
+    p = sub.add_parser("info", help="versions, CPU/GPU, kernel configuration, backends")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     return args.func(args)
 
