@@ -7,11 +7,9 @@ import math
 import torch
 
 from aigc_ext.layout import to_op_layout
-from aigc_ext.validation import AttentionCall
+from aigc_ext.validation import SUPPORTED_DTYPES, AttentionCall
 
 __all__ = ["sdpa", "unavailable_reason", "unsupported_reason"]
-
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def unavailable_reason() -> str | None:
@@ -23,7 +21,7 @@ def unavailable_reason() -> str | None:
 
 
 def unsupported_reason(call: AttentionCall) -> str | None:
-    if call.dtype not in _DTYPES:
+    if call.dtype not in SUPPORTED_DTYPES:
         return f"dtype {call.dtype} is not supported"
     if call.dropout_p > 0.0:
         return "dropout_p > 0 is not implemented in the fused kernel"

@@ -69,7 +69,7 @@ constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-constexpr int64_t kPackN = 64;  // brgemm's packed B is handled in column panels of this width
+constexpr int64_t kPackN = 64;  // GEMM outputs (C) are padded to a multiple of this many columns
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -187,7 +187,7 @@ struct PackedB {
 };
 
 // All GEMMs of the kernels go through this class. C always has fp32 (fp64) elements and must
-// have room for round_up(N, 64) columns: the brgemm path writes whole 64-column panels.
+// have room for round_up(N, 64) columns: the brgemm path writes N rounded up to 16.
 template <typename T>
 class Gemm {
  public:
