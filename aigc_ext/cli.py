@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="versions, CPU/GPU, kernel configuration, backends")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
+    from aigc_ext.bench import cli as bench_cli
+    from aigc_ext.training import cli as train_cli
+
+    bench_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

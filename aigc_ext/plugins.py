@@ -121,18 +121,25 @@ def _load() -> None:
         module = importlib.import_module(module_name)
         # A broken built-in is a bug in aigc_ext itself: always raise.
         add_plugin(module, module_name, distribution="aigc_ext", version=__version__, builtin=True)
+    entry_points = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        version = dist.version if dist is not None else None
+        if _is_own_distribution(dist_name):
+            # aigc_ext's own entry points (the built-in strategies) are built-ins: always loaded.
+            add_plugin(ep.load(), ep.name, distribution="aigc_ext", version=version, builtin=True)
+        else:
+            entry_points.append((ep, dist_name, version))
     if _flag("AIGC_EXT_NO_PLUGINS"):
         return
     wanted = os.environ.get("AIGC_EXT_PLUGINS", "").strip()
     only = {n.strip() for n in wanted.split(",") if n.strip()} if wanted else None
     found = set()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep, dist_name, version in entry_points:
         if only is not None and ep.name not in only:
             continue
         found.add(ep.name)
-        dist = getattr(ep, "dist", None)
-        dist_name = dist.metadata["Name"] if dist is not None else None
-        version = dist.version if dist is not None else None
         try:
             plugin = ep.load()
         except Exception as exc:
@@ -143,6 +150,10 @@ def _load() -> None:
         add_plugin(plugin, ep.name, distribution=dist_name, version=version, strict=strict)
     for name in sorted((only or set()) - found):
         _fault(name, None, "is named in AIGC_EXT_PLUGINS but not installed", strict)
+
+
+def _is_own_distribution(name: str | None) -> bool:
+    return name is not None and name.replace("-", "_").lower() == "aigc_ext"
 
 
 def add_plugin(

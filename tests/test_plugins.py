@@ -105,11 +105,33 @@ def test_import_does_not_load_plugins():
 
 
 def test_builtins_register_through_the_hook():
-    builtins = [i for i in plugins.get_plugins(include_builtins=True) if i.builtin]
-    assert [i.name for i in builtins] == ["aigc_ext.builtins"]
-    assert builtins[0].hooks == ["aigc_register_attention_backends"]
-    assert {"cpu", "reference"} <= set(builtins[0].registered["attention_backends"])
+    builtins = {i.name: i for i in plugins.get_plugins(include_builtins=True) if i.builtin}
+    assert set(builtins) == {"aigc_ext.builtins", "strategies"}
+    assert builtins["aigc_ext.builtins"].hooks == ["aigc_register_attention_backends"]
+    assert {"cpu", "reference"} <= set(
+        builtins["aigc_ext.builtins"].registered["attention_backends"]
+    )
     assert all(not i.builtin for i in plugins.get_plugins())
+
+
+def test_builtin_strategies_load_through_the_entry_point_group(monkeypatch):
+    # The strategies are an entry point of aigc_ext's own distribution: built-in, and loaded
+    # even when third-party plugins are switched off.
+    (ep,) = [
+        e
+        for e in plugins.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
+        if e.name == "strategies"
+    ]
+    assert ep.value == "aigc_ext_strategies"
+    monkeypatch.setenv("AIGC_EXT_NO_PLUGINS", "1")
+    plugins._reset()
+    try:
+        names = {i.name for i in plugins.get_plugins(include_builtins=True)}
+        assert "strategies" in names
+        assert "example" not in names
+    finally:
+        monkeypatch.delenv("AIGC_EXT_NO_PLUGINS")
+        plugins._reset()
 
 
 # --- registration -----------------------------------------------------------------------------
