@@ -19,6 +19,7 @@ import contextlib
 import os
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendInfo",
+    "backend_usage",
     "backends",
     "current_backend_override",
     "get_backend",
@@ -209,8 +211,30 @@ def use_backend(name: str) -> Iterator[Backend]:
         stack.pop()
 
 
+_usage: Counter[str] = Counter()
+_usage_lock = threading.Lock()
+
+
+def backend_usage(reset: bool = False) -> dict[str, int]:
+    """How many attention calls each backend was chosen for in this process (since the last
+    ``reset``), e.g. ``{"cpu": 120}``: lets a training run or a benchmark report which backend
+    actually served it. Under ``torch.compile`` a call is counted when it is traced."""
+    with _usage_lock:
+        counts = dict(_usage)
+        if reset:
+            _usage.clear()
+    return counts
+
+
 def select_backend(call: AttentionCall) -> Backend:
     """The backend that serves ``call`` (see the module docstring for the rules)."""
+    backend = _select_backend(call)
+    with _usage_lock:
+        _usage[backend.name] += 1
+    return backend
+
+
+def _select_backend(call: AttentionCall) -> Backend:
     _ensure_plugins()
     forced = current_backend_override()
     if forced is not None:

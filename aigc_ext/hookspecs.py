@@ -40,7 +40,13 @@ def aigc_register_attention_backends(register):
 def aigc_register_objectives(register):
     """Registers training objectives: ``register(name, objective, *, description="")``.
 
-    An objective is a callable ``(model, batch) -> loss`` returning a scalar tensor.
+    A strategy of any family is registered either as a class, instantiated with the options of
+    a run's configuration (``MaskedLM(mlm_probability=0.15)``), or as a function, called with
+    them as keyword arguments. An objective instance has ``prepare(batch, *, generator) ->
+    batch``, which turns a batch of raw examples (a dict of tensors, e.g. ``input_ids`` and
+    ``attention_mask``) into model inputs and ``labels`` (masking, span corruption, shifting),
+    and ``__call__(model, batch) -> loss``, a scalar tensor. It may also have
+    ``eval_metrics(model, batch) -> {name: (sum, count)}`` for evaluation (e.g. accuracy).
     """
 
 
@@ -48,8 +54,9 @@ def aigc_register_objectives(register):
 def aigc_register_finetuners(register):
     """Registers fine-tuning methods: ``register(name, finetuner, *, description="")``.
 
-    A finetuner is a callable ``(model, **options) -> model`` that prepares a pretrained model for
-    fine-tuning (freezes parameters, adds adapters, ...) and returns the model to train.
+    A finetuner is a callable ``(model) -> model`` (after instantiation with its options, see
+    :func:`aigc_register_objectives`) that prepares a pretrained model for fine-tuning (makes
+    all parameters trainable, adds LoRA adapters, ...) and returns the model to train.
     """
 
 
@@ -58,7 +65,10 @@ def aigc_register_augmentations(register):
     """Registers data augmentations: ``register(name, augmentation, *, description="")``.
 
     An augmentation is a callable ``(batch, *, generator=None) -> batch``; ``generator`` is a
-    ``torch.Generator`` to draw its randomness from.
+    ``torch.Generator`` to draw its randomness from, so that a seeded run is reproducible. A
+    training run passes the batch as a dict of tensors (``input_ids``/``attention_mask`` for
+    text, ``pixel_values``/``labels`` for images); the built-in augmentations also accept the
+    bare tensor.
     """
 
 
@@ -66,8 +76,10 @@ def aigc_register_augmentations(register):
 def aigc_register_transfer_strategies(register):
     """Registers transfer-learning strategies: ``register(name, strategy, *, description="")``.
 
-    A transfer strategy is a callable ``(source, target) -> target`` that carries what the
-    pretrained ``source`` model learnt into the ``target`` model and returns ``target``.
+    A transfer strategy (after instantiation with its options) has ``setup(model) -> model``
+    (freezes layers, replaces the head for a new number of labels), ``param_groups(model, lr)
+    -> list[dict]`` (the optimizer's parameter groups, e.g. a learning rate per layer group)
+    and ``on_epoch_start(model, epoch)`` (e.g. unfreezes one more layer group).
     """
 
 
