@@ -337,3 +337,15 @@ def test_unregister_backend_cleans_up():
     assert "temporary" not in {r.name for r in aigc_ext.backends()}
     with pytest.raises(aigc_ext.BackendError, match="unknown"):
         dispatch.get_backend("temporary")
+
+
+def test_backend_usage_counts_the_backend_that_served(backend):
+    q, k, v = (t.to(DEVICE) for t in make_qkv(1, 2, 2, 5, 7, 16))
+    dispatch.backend_usage(reset=True)
+    with aigc_ext.use_backend(backend):
+        aigc_ext.scaled_dot_product_attention(q, k, v)
+        aigc_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with aigc_ext.use_backend("reference"):
+        aigc_ext.scaled_dot_product_attention(q, k, v)
+    assert dispatch.backend_usage(reset=True) == {backend: 2, "reference": 1}
+    assert dispatch.backend_usage() == {}
