@@ -265,4 +265,4 @@ def _select_backend(call: AttentionCall) -> Backend:
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=5)

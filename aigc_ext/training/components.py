@@ -7,6 +7,7 @@ declarative and a new model or dataset only needs a decorated factory.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,19 @@ def get_recipe(name: str) -> Recipe:
     return _lookup(RECIPES, "recipe", name)
 
 
+BUILTIN_MODULES = ("data", "models", "recipes")
+
+
 def _load_builtins() -> None:
-    """Imports the modules that register the built-in models, datasets and recipes."""
-    from aigc_ext.training import data, models, recipes  # noqa: F401
+    """Imports the modules that register the built-in models, datasets and recipes.
+
+    A module that does not exist is skipped (its names are then simply not available); an
+    error inside an existing module is raised.
+    """
+    for name in BUILTIN_MODULES:
+        module = f"aigc_ext.training.{name}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise

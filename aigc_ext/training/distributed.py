@@ -1,0 +1,118 @@
+"""The few collective operations a training run needs, as no-ops in a single process.
+
+A run is distributed when it is launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment).
+Then :func:`setup` joins the process group (NCCL for CUDA, Gloo on the CPU) unless the caller
+already did, and :meth:`DistContext.close` leaves it again (only if it joined it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "env_world", "setup"]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def env_world() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from the environment torchrun sets (1, 0, 0 without)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"inconsistent WORLD_SIZE={world} and RANK={rank} in the environment")
+    return world, rank, local
+
+
+@dataclass
+class DistContext:
+    """This process's place in the run and the device collectives use."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            if self.comm_device.type == "cuda":
+                dist.barrier(device_ids=[self.comm_device.index or 0])
+            else:
+                dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over all processes (float64 on the CPU on return)."""
+        values = values.detach().to(torch.float64)
+        if self.enabled:
+            values = values.to(self.comm_device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.cpu()
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag: is it set on any process? (So that all processes act alike.)"""
+        if not self.enabled:
+            return tuple(bool(f) for f in flags)
+        summed = self.all_reduce_sum(torch.tensor([float(bool(f)) for f in flags]))
+        return tuple(bool(v > 0) for v in summed.tolist())
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's ``tensor`` (same shape and dtype everywhere), on the CPU, by rank."""
+        if not self.enabled:
+            return [tensor.detach().cpu()]
+        wide = tensor.detach().to(torch.int64 if not tensor.is_floating_point() else tensor.dtype)
+        wide = wide.to(self.comm_device)
+        out = [torch.empty_like(wide) for _ in range(self.world_size)]
+        dist.all_gather(out, wide)
+        return [t.to(tensor.dtype).cpu() for t in out]
+
+    def close(self) -> None:
+        """Leaves the process group if :func:`setup` joined it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def setup(device: torch.device) -> DistContext:
+    """Joins the process group when launched with ``WORLD_SIZE`` > 1; returns the context.
+
+    ``device`` is the device this process trains on: CUDA selects NCCL (and that device for
+    the collectives), anything else Gloo.
+    """
+    world, rank, local = env_world()
+    if world == 1:
+        return DistContext()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+        owns = True
+    elif dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(
+            f"the process group (world size {dist.get_world_size()}, rank {dist.get_rank()}) "
+            f"does not match WORLD_SIZE={world}, RANK={rank}"
+        )
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return DistContext(world, rank, local, comm, owns)

@@ -1,0 +1,1005 @@
+"""The training loop behind ``aigc-ext train`` and :func:`aigc_ext.training.train`.
+
+One run: build the data, the model (with an optional finetuner and transfer strategy), the
+objective and the augmentations from the configuration; train with AdamW, linear warm-up and
+cosine decay, gradient accumulation, gradient clipping and optional mixed precision; evaluate,
+log to ``metrics.jsonl``, checkpoint, and write the final weights.
+
+Reproducibility without saving generator states: the order of the training examples in epoch
+``e`` is a permutation drawn from a generator seeded by ``(seed, e)``; augmentations and
+``objective.prepare`` draw from a generator seeded by ``(seed, step, micro-step, rank)``. Only
+the global torch RNG (dropout) carries state from step to step, and checkpoints store it, so a
+resumed run continues with exactly the batches, masks and losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aigc_ext import lifecycle
+from aigc_ext.training import checkpoint as ckpt
+from aigc_ext.training import distributed
+from aigc_ext.training.config import ConfigError, TrainConfig, config_diff, load_config
+
+__all__ = [
+    "DataOrder",
+    "RunResult",
+    "WarmupCosine",
+    "derive_seed",
+    "describe_attention",
+    "lr_multiplier",
+    "resolve_device",
+    "train",
+]
+
+logger = logging.getLogger("aigc_ext.training")
+metrics_logger = logging.getLogger("aigc_ext.training.metrics")
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+MODEL_INFO_FILE = "model.json"
+LOG_FILE = "train.log"
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports.
+
+    ``metrics`` holds the last training metrics (``loss``, ``lr``, ``grad_norm``) and the last
+    evaluation's (``eval/...``); ``attention`` how many attention calls each aigc_ext backend
+    served during the run; ``model`` the trained model (not wrapped for DDP).
+    """
+
+    output_dir: Path
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+    wall_time: float
+    attention: dict[str, int]
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+    stopped_early: bool = False
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+
+
+# --- schedule, seeds, data order ----------------------------------------------------------------
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The factor on the base learning rate for optimiser step ``step`` (0-based).
+
+    Linear warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (so the
+    first step already learns); then cosine decay from 1 to ``min_lr_ratio``, reached at
+    ``step == max_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max_steps - warmup_steps
+    if span <= 0:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """:func:`lr_multiplier` as the ``lr_lambda`` of a ``LambdaLR`` (one for every group, so
+    per-group learning rates keep their ratios)."""
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(
+            step,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (e.g. ``(seed, "step", step, micro, rank)``): distinct
+    parts give unrelated seeds, the same parts the same seed, in every process."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class DataOrder:
+    """Which examples each micro-batch of each process holds.
+
+    Epoch ``e`` shuffles the ``n`` examples with a generator seeded by ``(seed, e)``, keeps
+    the first ``steps_per_epoch * batch_size * grad_accum * world_size`` (an incomplete last
+    step is dropped), and gives process ``rank`` every ``world_size``-th of them (as
+    ``DistributedSampler`` does). Micro-batch ``m`` of the epoch is then the ``m``-th run of
+    ``batch_size`` examples of that share. Any position can be computed directly, so a resumed
+    run jumps to its batch without replaying the ones before.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int
+    ):
+        self.n, self.batch_size, self.grad_accum = n, batch_size, grad_accum
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.steps_per_epoch = n // (batch_size * grad_accum * world_size)
+        self._epoch: int | None = None
+        self._share: torch.Tensor | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=_generator(self.seed, "epoch", epoch))
+
+    def micro_batch(self, epoch: int, index: int) -> list[int]:
+        """The example indices of micro-batch ``index`` (0-based within the epoch)."""
+        if not 0 <= index < self.steps_per_epoch * self.grad_accum:
+            raise IndexError(f"micro-batch {index} outside the epoch")
+        if self._epoch != epoch:
+            used = self.steps_per_epoch * self.batch_size * self.grad_accum * self.world_size
+            self._share = self.permutation(epoch)[:used][self.rank :: self.world_size]
+            self._epoch = epoch
+        assert self._share is not None
+        return self._share[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+
+
+def describe_attention(usage: Mapping[str, int]) -> str:
+    """``{"cpu": 1234}`` -> ``"cpu (1234 calls)"``."""
+    if not usage:
+        return "none (the model made no aigc_ext attention calls)"
+    return ", ".join(f"{name} ({count} calls)" for name, count in sorted(usage.items()))
+
+
+def resolve_device(
+    spec: str, precision: str, local_rank: int = 0, world_size: int = 1
+) -> torch.device:
+    """The torch device for ``run.device`` and a check that ``run.precision`` works there.
+
+    ``auto`` is CUDA when available, else the CPU. Under torchrun with several processes each
+    one uses ``cuda:<LOCAL_RANK>``. On the CPU, ``fp16`` is refused (mixed precision there is
+    ``bf16`` autocast; ``fp16`` needs a GradScaler on CUDA).
+    """
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"run.device is {spec!r} but CUDA is not available here; use 'cpu' or 'auto'"
+            )
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"run.device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"run.precision 'bf16' is not supported by {device}; use fp16/fp32")
+    elif precision == "fp16":
+        raise ConfigError(
+            "run.precision 'fp16' needs a CUDA device (it trains with a GradScaler); "
+            "on the CPU use 'fp32' or 'bf16' (autocast)"
+        )
+    return device
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _config_errors(where: str) -> Iterator[None]:
+    """ValueErrors raised while building a component are configuration errors."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{where} {exc}") from exc
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _python_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_random_state(state: list) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _numpy_random_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "kind": kind,
+        "keys": keys.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_random_state(state: dict) -> None:
+    import numpy as np
+
+    np.random.set_state(
+        (
+            state["kind"],
+            np.asarray(state["keys"], dtype=np.uint32),
+            state["pos"],
+            state["has_gauss"],
+            state["cached_gaussian"],
+        )
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _plain_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a dataset's ``info`` that are plain data (not the tokenizer)."""
+    out = {}
+    for key, value in info.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for key in ("input_ids", "pixel_values"):
+        if torch.is_tensor(batch.get(key)):
+            return int(batch[key].shape[0])
+    for value in batch.values():
+        if torch.is_tensor(value) and value.ndim > 0:
+            return int(value.shape[0])
+    return 0
+
+
+def _token_count(batch: Mapping[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask):
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if torch.is_tensor(ids) else 0
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops records past ``step`` (written after the checkpoint a run resumes from) and a
+    partial last line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            keep.append(line)
+    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+class _MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl``, flushed at once."""
+
+    def __init__(self, path: Path, append: bool):
+        self.path = path
+        self._file = open(path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _split_weight_decay(groups: Sequence[Mapping[str, Any]], weight_decay: float) -> list[dict]:
+    """Each group split in two with the same learning rate: weight decay for matrices,
+    none for biases and norm weights (1-D tensors). A group that sets weight_decay keeps it."""
+    out: list[dict] = []
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise TypeError(f"parameter group {i} must be a dict with 'params', got {group!r}")
+        params = list(group["params"])
+        base = {k: v for k, v in group.items() if k != "params"}
+        name = str(base.pop("name", f"group{i}"))
+        if "weight_decay" in base:
+            out.append({**base, "params": params, "name": name})
+            continue
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        if decay:
+            out.append({**base, "params": decay, "weight_decay": weight_decay, "name": name})
+        if no_decay:
+            out.append(
+                {**base, "params": no_decay, "weight_decay": 0.0, "name": f"{name}/no_decay"}
+            )
+    return out
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any] | str | os.PathLike,
+    *,
+    resume: bool = False,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Trains as ``config`` (a TOML file, a dict or a :class:`TrainConfig`) says.
+
+    ``overrides`` (``["run.lr=1e-3"]`` or ``{"run.lr": 1e-3}``) update the configuration.
+    ``resume`` continues from the newest usable checkpoint in ``<output_dir>/checkpoints``
+    (a corrupt newest one is skipped with a warning); with no checkpoint at all it starts from
+    scratch with a warning. Without ``resume``, an output directory that already holds
+    checkpoints is refused. Raises :class:`~aigc_ext.training.ConfigError` for configuration
+    mistakes (before any training) and :class:`~aigc_ext.training.CheckpointError` when no
+    checkpoint can be resumed from.
+    """
+    cfg = load_config(config, overrides=overrides)
+    return _Run(cfg, resume).execute()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.cfg = cfg
+        self.rc = cfg.run
+        self.resume = resume
+        self.output_dir = Path(self.rc.output_dir)
+        self.ckpt_root = self.output_dir / ckpt.CHECKPOINTS
+        self.metrics_writer: _MetricsWriter | None = None
+        self.log_handler: logging.Handler | None = None
+        self.progress = None
+        self.last_eval: int | None = None
+        self.last_save: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.eval_metrics: dict[str, float] = {}
+        self.train_metrics: dict[str, float] = {}
+        self.elapsed_before = 0.0
+        self.warned_nonfinite = False
+        self.saved_level: int | None = None
+
+    # -- setup --
+
+    def execute(self) -> RunResult:
+        self.t_start = time.perf_counter()
+        world, _, local = distributed.env_world()
+        self.device = resolve_device(self.rc.device, self.rc.precision, local, world)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dist = distributed.setup(self.device)
+        try:
+            return self._execute()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+            if self.metrics_writer is not None:
+                self.metrics_writer.close()
+            if self.log_handler is not None:
+                logger.removeHandler(self.log_handler)
+                self.log_handler.close()
+            if self.saved_level is not None:
+                logger.setLevel(self.saved_level)
+            self.dist.close()
+
+    def _build_data(self):
+        from aigc_ext.training import components, strategies
+
+        spec = self.cfg.data
+        with _config_errors("[data]"):
+            factory = components.get_dataset(spec.name)
+            if "seed" in spec.options:
+                raise ValueError("option 'seed' is not allowed: the dataset gets run.seed")
+            kwargs = strategies.call_options(
+                factory, spec.options, what=f"dataset {spec.name!r}", exclude=("seed",)
+            )
+            bundle = factory(seed=self.rc.seed, **kwargs)
+        for attr in ("train", "eval", "collate", "info"):
+            if not hasattr(bundle, attr):
+                raise TypeError(
+                    f"dataset {spec.name!r} must return a DataBundle (train, eval, collate, info), "
+                    f"got {type(bundle).__name__}"
+                )
+        return bundle
+
+    def _build_model(self, info: Mapping[str, Any]) -> torch.nn.Module:
+        from aigc_ext.training import components, strategies
+
+        spec = self.cfg.model
+        with _config_errors("[model]"):
+            factory = components.get_model(spec.name)
+            kwargs = strategies.call_options(
+                factory, spec.options, what=f"model {spec.name!r}", skip=1
+            )
+            model = factory(dict(info), **kwargs)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model {spec.name!r} must return a torch.nn.Module, got {model!r}")
+        if self.cfg.finetune is not None:
+            with _config_errors("[finetune]"):  # e.g. LoRA target modules the model lacks
+                finetuner = strategies.build(
+                    "finetuners", self.cfg.finetune.name, self.cfg.finetune.options, info
+                )
+                model = finetuner(model)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"finetuner {self.cfg.finetune.name!r} must return a module")
+        self.transfer = None
+        if self.cfg.transfer is not None:
+            with _config_errors("[transfer]"):
+                self.transfer = strategies.build(
+                    "transfer_strategies", self.cfg.transfer.name, self.cfg.transfer.options, info
+                )
+                model = self.transfer.setup(model)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(
+                    f"transfer strategy {self.cfg.transfer.name!r}.setup must return a module"
+                )
+        return model
+
+    def _build_optimizer(self) -> None:
+        rc = self.rc
+        if self.transfer is not None:
+            groups = self.transfer.param_groups(self.model, rc.lr)
+        else:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if not trainable:
+                raise RuntimeError("the model has no trainable parameters")
+            groups = [{"params": trainable, "name": "all"}]
+        groups = _split_weight_decay(groups, rc.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=rc.lr, weight_decay=rc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(rc.warmup_steps, self.total_steps, rc.min_lr_ratio)
+        )
+        fp16 = rc.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    def _autocast(self):
+        if self.rc.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.rc.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _trainable_signature(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in self.model.parameters())
+
+    def _wrap(self) -> None:
+        """The module the loss is computed with: the model, or its DDP wrapper."""
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=True
+            )
+        self.trainable = self._trainable_signature()
+
+    def _epoch_start(self, epoch: int) -> None:
+        if self.transfer is None:
+            return
+        self.transfer.on_epoch_start(self.model, epoch)
+        if self.dist.enabled and self._trainable_signature() != self.trainable:
+            self._wrap()  # DDP only synchronises parameters that were trainable when wrapped
+
+    def _execute(self) -> RunResult:
+        from aigc_ext import dispatch
+        from aigc_ext.training import strategies
+
+        cfg, rc, dist = self.cfg, self.rc, self.dist
+        if dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.log_handler = logging.FileHandler(self.output_dir / LOG_FILE, encoding="utf-8")
+            self.log_handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+            )
+            logger.addHandler(self.log_handler)
+            if logger.getEffectiveLevel() > logging.INFO:  # train.log gets the INFO lines
+                self.saved_level = logger.level
+                logger.setLevel(logging.INFO)
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if existing and not self.resume:
+            raise ConfigError(
+                f"{self.output_dir} already holds checkpoints ({existing[-1][1].name}); pass "
+                "--resume (resume=True) to continue that run, or choose another output directory"
+            )
+
+        _seed_everything(rc.seed)
+        self.bundle = self._build_data()
+        info = self.bundle.info
+        self.model = self._build_model(info)
+        with _config_errors("[objective]"):
+            self.objective = strategies.build(
+                "objectives", cfg.objective.name, cfg.objective.options, info
+            )
+        self.augmentations = []
+        for i, spec in enumerate(cfg.augmentations):
+            with _config_errors(f"[augmentations.{i}]"):
+                self.augmentations.append(
+                    strategies.build("augmentations", spec.name, spec.options, info)
+                )
+        self.prepare: Callable | None = getattr(self.objective, "prepare", None)
+        self.model.to(self.device)
+
+        n_train = len(self.bundle.train)
+        self.order = DataOrder(
+            n_train, rc.batch_size, rc.grad_accum, dist.world_size, dist.rank, rc.seed
+        )
+        spe = self.order.steps_per_epoch
+        if spe == 0:
+            raise ConfigError(
+                f"the training set has {n_train} examples, fewer than one optimizer step takes "
+                f"(batch_size {rc.batch_size} x grad_accum {rc.grad_accum} x "
+                f"{dist.world_size} process(es))"
+            )
+        self.total_steps = rc.max_steps or rc.epochs * spe
+        self._build_optimizer()
+
+        start_step, resumed_from = self._restore()
+        self._wrap()
+
+        if dist.is_main:
+            _atomic_write_text(self.output_dir / CONFIG_FILE, cfg.to_json() + "\n")
+            metrics_path = self.output_dir / METRICS_FILE
+            if resumed_from is not None:
+                _truncate_metrics(metrics_path, start_step)
+            self.metrics_writer = _MetricsWriter(metrics_path, append=resumed_from is not None)
+        logger.info(
+            "training %s on %s with %s: %d steps (%d per epoch, %d examples), batch %d x %d "
+            "accumulation x %d process(es), device %s, precision %s, output %s",
+            cfg.model.name,
+            cfg.data.name,
+            cfg.objective.name,
+            self.total_steps,
+            spe,
+            n_train,
+            rc.batch_size,
+            rc.grad_accum,
+            dist.world_size,
+            self.device,
+            rc.precision,
+            self.output_dir,
+        )
+        if resumed_from is not None:
+            logger.info("resumed from %s at step %d", resumed_from, start_step)
+
+        dispatch.backend_usage(reset=True)
+        state = lifecycle.RunState(step=start_step, epoch=min(start_step, self.total_steps) // spe)
+        lifecycle.notify("train_begin", state)
+        self._make_progress(start_step)
+        step = start_step
+        stopped = dist.any(state.should_stop)[0] and step < self.total_steps
+        first_record = True
+        while step < self.total_steps and not stopped:
+            epoch, position = divmod(step, spe)
+            if position == 0:
+                self._epoch_start(epoch)
+            record = self._train_step(step, epoch, position)
+            step += 1
+            state.step, state.epoch = step, epoch
+            self.train_metrics = {k: record[k] for k in ("loss", "lr", "grad_norm")}
+            state.metrics.update(self.train_metrics)
+            if step % rc.log_every == 0 or step in (1, self.total_steps):
+                if first_record:  # which backends served the model (this session's first record)
+                    record["attention"] = dispatch.backend_usage()
+                    first_record = False
+                self._log(record)
+            lifecycle.notify("step_end", state)
+            if rc.eval_every and step % rc.eval_every == 0 and step < self.total_steps:
+                self._evaluate_and_notify(state)
+            save, stop = dist.any(state.should_save, state.should_stop)
+            periodic = bool(rc.save_every) and step % rc.save_every == 0
+            if (periodic or save) and step < self.total_steps and not stop:
+                self._save(state)
+            stopped = dist.any(state.should_stop)[0]
+
+        if step > start_step or resumed_from is None:
+            if self.last_eval != step:
+                self._evaluate_and_notify(state)
+            if self.last_save != step:
+                self._save(state)
+        if dist.is_main:
+            self._write_final_model(step)
+        dist.barrier()
+        usage = dispatch.backend_usage(reset=True)
+        lifecycle.notify("train_end", state)
+        wall = time.perf_counter() - self.t_start
+        if stopped and step < self.total_steps:
+            logger.info("stopped at step %d by a lifecycle hook", step)
+        logger.info("attention: %s", describe_attention(usage))
+        logger.info("finished at step %d in %.1f s; output in %s", step, wall, self.output_dir)
+        return RunResult(
+            output_dir=self.output_dir,
+            step=step,
+            epoch=state.epoch,
+            metrics={**self.train_metrics, **self.eval_metrics},
+            wall_time=wall,
+            attention=usage,
+            checkpoint=self.last_checkpoint,
+            resumed_from=resumed_from,
+            stopped_early=stopped and step < self.total_steps,
+            model=self.model,
+        )
+
+    def _restore(self) -> tuple[int, Path | None]:
+        """Loads the checkpoint to resume from (if any); seeds dropout for a fresh run."""
+        dist, rc = self.dist, self.rc
+        found = None
+        if self.resume:
+            found = ckpt.find_resume_checkpoint(self.ckpt_root, warn=dist.is_main)
+            if found is None and dist.is_main:
+                warnings.warn(
+                    f"resume: no checkpoint in {self.ckpt_root}; starting from scratch",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        if found is None:
+            torch.manual_seed(derive_seed(rc.seed, "torch", dist.rank))
+            return 0, None
+        path, _ = found
+        newest = ckpt.list_checkpoints(self.ckpt_root)[-1][1]
+        if path != newest and dist.is_main:
+            logger.warning("resuming from %s: the newer %s is unusable", path.name, newest.name)
+        loaded = ckpt.load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, device=self.device
+        )
+        state = loaded.state
+        sched = dict(state["scheduler"])
+        sched["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)
+        self.scheduler.load_state_dict(sched)
+        if self.scaler.is_enabled() and state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.last_save = self.last_eval = step
+        self.last_checkpoint = path
+        if dist.is_main:
+            changed = config_diff(state.get("config", {}), _jsonable(self.cfg.to_dict()))
+            changed = [key for key in changed if key != "run.output_dir"]  # a moved run is fine
+            if state["config_hash"] != self.cfg.hash() and changed:
+                warnings.warn(
+                    f"resume: the configuration changed since {path.name}: {', '.join(changed)}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            if (
+                state.get("world_size", 1) != dist.world_size
+                or state.get("steps_per_epoch") != self.order.steps_per_epoch
+            ):
+                warnings.warn(
+                    f"resume: {path.name} was written by {state.get('world_size')} process(es) "
+                    f"with {state.get('steps_per_epoch')} steps per epoch, this run has "
+                    f"{dist.world_size} and {self.order.steps_per_epoch}: the data order differs "
+                    "from an uninterrupted run",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        if self.transfer is not None:  # replay the epoch starts that set up trainable layers
+            epoch, position = divmod(step, self.order.steps_per_epoch)
+            for e in range(epoch + (1 if position else 0)):
+                self.transfer.on_epoch_start(self.model, e)
+        _set_python_random_state(state["python_random"])
+        _set_numpy_random_state(state["numpy_random"])
+        cpu = loaded.rng.get(f"cpu.{dist.rank}")
+        if cpu is None:
+            warnings.warn(
+                f"resume: {path.name} has no RNG state for rank {dist.rank}; dropout is reseeded",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            torch.manual_seed(derive_seed(rc.seed, "torch", dist.rank, step))
+        else:
+            torch.set_rng_state(cpu)
+        cuda = loaded.rng.get(f"cuda.{dist.rank}")
+        if cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, self.device)
+        return step, path
+
+    def _make_progress(self, start_step: int) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            return
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=True if not self.dist.is_main else None,  # None: only on a terminal
+        )
+
+    # -- steps --
+
+    def _micro_batch(self, indices: list[int], dataset) -> dict[str, Any]:
+        return self.bundle.collate([dataset[i] for i in indices])
+
+    def _train_step(self, step: int, epoch: int, position: int) -> dict[str, Any]:
+        rc, dist = self.rc, self.dist
+        self.model.train()
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        samples = tokens = 0
+        for micro in range(rc.grad_accum):
+            indices = self.order.micro_batch(epoch, position * rc.grad_accum + micro)
+            batch = self._micro_batch(indices, self.bundle.train)
+            generator = _generator(rc.seed, "step", step, micro, dist.rank)
+            for augmentation in self.augmentations:
+                batch = augmentation(batch, generator=generator)
+            if self.prepare is not None:
+                batch = self.prepare(batch, generator=generator)
+            samples += _batch_size(batch)
+            tokens += _token_count(batch)
+            batch = _to_device(batch, self.device)
+            last = micro == rc.grad_accum - 1
+            sync = (
+                self.train_model.no_sync()
+                if dist.enabled and not last
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self._autocast():
+                    loss = self.objective(self.train_model, batch)
+                if not torch.is_tensor(loss) or loss.ndim != 0:
+                    raise TypeError(
+                        f"objective {self.cfg.objective.name!r} must return a scalar tensor, "
+                        f"got {type(loss).__name__} {getattr(loss, 'shape', '')}"
+                    )
+                scaled = loss / rc.grad_accum
+                if self.scaler.is_enabled():
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            total = total + loss.detach().float()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        params = [
+            p
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not params:
+            raise RuntimeError(
+                f"no trainable parameter received a gradient from objective "
+                f"{self.cfg.objective.name!r}"
+            )
+        if rc.clip_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.clip_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        # loss sum, samples, tokens: summed over processes (exact in float64)
+        counts = torch.tensor([float(samples), float(tokens)], dtype=torch.float64)
+        stats = dist.all_reduce_sum(torch.cat([total.detach().cpu().double().reshape(1), counts]))
+        dt = time.perf_counter() - t0
+        loss_value = float(stats[0]) / (rc.grad_accum * dist.world_size)
+        if not math.isfinite(loss_value) and not self.warned_nonfinite:
+            logger.warning("non-finite loss %s at step %d", loss_value, step + 1)
+            self.warned_nonfinite = True
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "epoch": epoch,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": float(stats[1]) / dt if dt > 0 else 0.0,
+        }
+        if stats[2] > 0:
+            record["tokens_per_s"] = float(stats[2]) / dt if dt > 0 else 0.0
+        record["time"] = self._elapsed()
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.progress.update(1)
+        return record
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.t_start)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        assert self.metrics_writer is not None
+        self.metrics_writer.write(record)
+        metrics_logger.info(
+            "step %d/%d  epoch %d  loss %.4f  lr %.3g  grad_norm %.3g",
+            record["step"],
+            self.total_steps,
+            record["epoch"],
+            record["loss"],
+            record["lr"],
+            record["grad_norm"],
+        )
+
+    # -- evaluation --
+
+    def _evaluate(self) -> dict[str, float]:
+        dataset = self.bundle.eval
+        if dataset is None or len(dataset) == 0:
+            return {}
+        rc, dist = self.rc, self.dist
+        n = len(dataset)
+        shard = (
+            list(range(dist.rank, n, dist.world_size)) if n >= dist.world_size else list(range(n))
+        )
+        size = rc.eval_batch_size or rc.batch_size
+        sums: dict[str, list[float]] = {}
+        eval_fn = getattr(self.objective, "eval_metrics", None)
+        cuda = [self.device.index] if self.device.type == "cuda" else []
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                for b, start in enumerate(range(0, len(shard), size)):
+                    batch = self._micro_batch(shard[start : start + size], dataset)
+                    if self.prepare is not None:
+                        batch = self.prepare(
+                            batch, generator=_generator(rc.seed, "eval", b, dist.rank)
+                        )
+                    count = _batch_size(batch)
+                    batch = _to_device(batch, self.device)
+                    with self._autocast():
+                        if eval_fn is not None:
+                            result = eval_fn(self.model, batch)
+                        else:
+                            result = {
+                                "loss": (float(self.objective(self.model, batch)) * count, count)
+                            }
+                    for name, (total, number) in result.items():
+                        acc = sums.setdefault(name, [0.0, 0.0])
+                        acc[0] += float(total)
+                        acc[1] += float(number)
+        finally:
+            self.model.train()
+        names = sorted(sums)
+        flat = torch.tensor([v for name in names for v in sums[name]], dtype=torch.float64)
+        flat = dist.all_reduce_sum(flat).tolist()
+        return {
+            f"eval/{name}": flat[2 * i] / flat[2 * i + 1]
+            for i, name in enumerate(names)
+            if flat[2 * i + 1] > 0
+        }
+
+    def _evaluate_and_notify(self, state: lifecycle.RunState) -> None:
+        metrics = self._evaluate()
+        self.last_eval = state.step
+        if not metrics:
+            return
+        self.eval_metrics = metrics
+        if self.dist.is_main:
+            assert self.metrics_writer is not None
+            self.metrics_writer.write(
+                {"step": state.step, "epoch": state.epoch, **metrics, "time": self._elapsed()}
+            )
+            logger.info(
+                "eval at step %d: %s",
+                state.step,
+                "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items()),
+            )
+        lifecycle.notify("evaluate", state, metrics=dict(metrics))
+
+    # -- saving --
+
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        """Every process's torch RNG states (a collective call under DDP)."""
+        rng = {f"cpu.{r}": t for r, t in enumerate(self.dist.all_gather(torch.get_rng_state()))}
+        if self.device.type == "cuda":
+            states = self.dist.all_gather(torch.cuda.get_rng_state(self.device))
+            rng.update({f"cuda.{r}": t for r, t in enumerate(states)})
+        return rng
+
+    def _trainer_state(self, state: lifecycle.RunState) -> dict[str, Any]:
+        spe = self.order.steps_per_epoch
+        scheduler = self.scheduler.state_dict()
+        scheduler.pop("lr_lambdas", None)
+        return {
+            "epoch": state.step // spe,
+            "batch_in_epoch": state.step % spe,
+            "steps_per_epoch": spe,
+            "world_size": self.dist.world_size,
+            "scheduler": _jsonable(scheduler),
+            "python_random": _python_random_state(),
+            "numpy_random": _numpy_random_state(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "config_hash": self.cfg.hash(),
+            "config": _jsonable(self.cfg.to_dict()),
+            "elapsed": self._elapsed(),
+            "metrics": {**self.train_metrics, **self.eval_metrics},
+        }
+
+    def _save(self, state: lifecycle.RunState) -> None:
+        self.dist.barrier()
+        rng = self._rng_tensors()
+        path = self.ckpt_root / ckpt.checkpoint_name(state.step)
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                state.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                trainer_state=self._trainer_state(state),
+                rng=rng,
+                keep=self.rc.keep_checkpoints,
+            )
+            logger.info("saved checkpoint %s", path)
+        self.dist.barrier()
+        self.last_save = state.step
+        self.last_checkpoint = path
+        state.should_save = False
+        lifecycle.notify("save", state, path=path)
+
+    def _write_final_model(self, step: int) -> None:
+        from safetensors.torch import save_model
+
+        target = self.output_dir / MODEL_FILE
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        save_model(self.model, str(tmp), metadata={"format": "pt", "step": str(step)})
+        ckpt.set_default_mode(tmp)
+        ckpt._fsync_file(tmp)
+        os.replace(tmp, target)
+        cfg = self.cfg
+        info = {
+            "step": step,
+            "model": cfg.model.to_dict(),
+            "data": cfg.data.to_dict(),
+            "objective": cfg.objective.to_dict(),
+            "finetune": cfg.finetune.to_dict() if cfg.finetune else None,
+            "transfer": cfg.transfer.to_dict() if cfg.transfer else None,
+            "data_info": _plain_info(self.bundle.info),
+            "metrics": {**self.train_metrics, **self.eval_metrics},
+        }
+        _atomic_write_text(
+            self.output_dir / MODEL_INFO_FILE, json.dumps(_jsonable(info), indent=2) + "\n"
+        )
