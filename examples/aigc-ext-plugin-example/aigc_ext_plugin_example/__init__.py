@@ -64,7 +64,13 @@ def unsupported_reason(call) -> str | None:
 
 
 def gaussian_noise(batch, *, generator=None, std=0.01):
-    """Adds N(0, std^2) noise to a floating tensor batch."""
+    """Adds N(0, std^2) noise to a floating tensor, or to ``pixel_values`` of a dict batch (as
+    a training run passes it); other entries are returned unchanged."""
+    if isinstance(batch, dict):
+        return {
+            **batch,
+            "pixel_values": gaussian_noise(batch["pixel_values"], generator=generator, std=std),
+        }
     noise = torch.randn(batch.shape, generator=generator, dtype=batch.dtype, device=batch.device)
     return batch + std * noise
 
