@@ -4,8 +4,9 @@
 implements and what each registered.
 
 ``aigc-ext info [--json]`` describes this machine as aigc_ext sees it: versions, CPU model and
-instruction sets, GPUs, the CPU kernel configuration, and every attention backend with whether
-it is available here and, if not, why.
+instruction sets, GPUs, the CPU kernel configuration, what the build contains (CPU kernel
+instruction sets, CUDA kernels), and every attention backend with whether it is available here
+and, if not, why.
 """
 
 from __future__ import annotations
@@ -68,6 +69,30 @@ def _cpu_description() -> tuple[str, list[str]]:
     return model, [f for f in _ISA_FLAGS if f in flags]
 
 
+def _compiled_in() -> dict:
+    """What the installed build contains: CPU kernel instruction sets, CUDA kernels, Triton."""
+    import importlib.metadata
+
+    import torch
+
+    import aigc_ext
+
+    config = aigc_ext.ops.cpu_kernel_config()
+    fields = dict(part.split("=", 1) for part in config.split() if "=" in part)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {
+        "cpu_kernels": has("aigc_ext::attention_forward", "CPU"),
+        "cpu_isas": [i for i in fields.get("compiled", "").split(",") if i],
+        "cuda_kernels": has("aigc_ext::attention_forward", "CUDA"),
+        "torch_cuda": torch.version.cuda,
+        "triton": triton,
+    }
+
+
 def _info_doc() -> dict:
     import torch
 
@@ -84,6 +109,7 @@ def _info_doc() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": {"available": torch.cuda.is_available(), "devices": gpus},
         "cpu_kernel": aigc_ext.ops.cpu_kernel_config(),
+        "compiled": _compiled_in(),
         "backends": [
             {
                 "name": b.name,
@@ -113,6 +139,20 @@ def _info(args: argparse.Namespace) -> int:
         f"gpu: {', '.join(cuda['devices']) if cuda['available'] else 'none (CUDA not available)'}"
     )
     print(f"cpu kernel: {doc['cpu_kernel']}")
+    built = doc["compiled"]
+    cpu_kernels = (
+        f"yes ({', '.join(built['cpu_isas']) or 'ISAs not reported'})"
+        if built["cpu_kernels"]
+        else "no"
+    )
+    cuda_kernels = "yes" if built["cuda_kernels"] else "no"
+    torch_cuda = (
+        f"torch CUDA {built['torch_cuda']}" if built["torch_cuda"] else "torch built without CUDA"
+    )
+    print(
+        f"compiled in: CPU kernels {cpu_kernels}; CUDA kernels {cuda_kernels} ({torch_cuda}); "
+        f"triton {built['triton'] or 'not installed'}"
+    )
     print("backends:")
     for b in doc["backends"]:
         state = "available" if b["available"] else f"unavailable: {b['reason']}"

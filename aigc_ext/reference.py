@@ -101,7 +101,9 @@ def sdpa_reference(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
-        key, value = _expand_kv_heads(key, value, query.shape[-3])
+        # Cast before expanding, so that the backward sums a head group's gradients in the
+        # compute dtype rather than in the (possibly bf16/fp16) input dtype.
+        key, value = _expand_kv_heads(key.to(cd), value.to(cd), query.shape[-3])
     s = _scores(query, key, attn_mask, is_causal, scale, cd)
     p = _softmax_rows(s)
     if dropout_p > 0.0:
