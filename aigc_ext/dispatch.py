@@ -23,6 +23,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from aigc_ext.validation import AttentionCall
 
 __all__ = [
@@ -218,7 +220,7 @@ _usage_lock = threading.Lock()
 def backend_usage(reset: bool = False) -> dict[str, int]:
     """How many attention calls each backend was chosen for in this process (since the last
     ``reset``), e.g. ``{"cpu": 120}``: lets a training run or a benchmark report which backend
-    actually served it. Under ``torch.compile`` a call is counted when it is traced."""
+    actually served it. Calls inside ``torch.compile``-d code are not counted."""
     with _usage_lock:
         counts = dict(_usage)
         if reset:
@@ -229,8 +231,9 @@ def backend_usage(reset: bool = False) -> dict[str, int]:
 def select_backend(call: AttentionCall) -> Backend:
     """The backend that serves ``call`` (see the module docstring for the rules)."""
     backend = _select_backend(call)
-    with _usage_lock:
-        _usage[backend.name] += 1
+    if not torch.compiler.is_compiling():  # dynamo cannot trace the lock
+        with _usage_lock:
+            _usage[backend.name] += 1
     return backend
 
 

@@ -3,17 +3,48 @@
 Tests of the attention contract are parametrised by backend: ``backend`` takes the name of every
 available fused backend that runs on the device under test (``AIGC_EXT_TEST_DEVICE``, default
 ``cpu``), so a new backend (triton, cuda) runs the same tests by registering itself.
+
+Without a CUDA device the triton backend is exercised on CPU tensors through Triton's
+interpreter (turned on here, before anything imports Triton); it then runs its own small-shape
+suite (``tests/test_triton.py``) rather than this whole contract suite.
 """
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from sdpa_testing import DEVICE, fused_backends
 
-from aigc_ext import dispatch
 
-FUSED_BACKENDS = fused_backends(DEVICE)
+def _turn_on_triton_interpreter() -> None:
+    """Tests the triton backend on CPU tensors through Triton's interpreter when there is no GPU.
+
+    Triton reads ``TRITON_INTERPRET`` when its kernels are decorated and the backend registry
+    reads it when the plugins load, so it is set here, before either happens. An explicit
+    setting (``TRITON_INTERPRET=0`` or ``=1``) is left alone; with a CUDA device the interpreter
+    is never turned on.
+    """
+    if "TRITON_INTERPRET" in os.environ or os.environ.get("AIGC_EXT_TEST_DEVICE", "cpu") != "cpu":
+        return
+    if torch.cuda.is_available():
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+_turn_on_triton_interpreter()
+
+import pytest  # noqa: E402
+from sdpa_testing import DEVICE, fused_backends  # noqa: E402
+
+from aigc_ext import dispatch  # noqa: E402
+
+# Backends that run on the device under test only through an interpreter: far too slow for the
+# whole contract suite, they run their own tests on small shapes (tests/test_triton.py) unless
+# AIGC_EXT_TEST_INTERPRETED=1 asks for the contract suite too.
+INTERPRETED_BACKENDS = (
+    {"triton"} if DEVICE == "cpu" and os.environ.get("AIGC_EXT_TEST_INTERPRETED") != "1" else set()
+)
+FUSED_BACKENDS = [b for b in fused_backends(DEVICE) if b not in INTERPRETED_BACKENDS]
 
 
 def pytest_report_header(config):

@@ -20,11 +20,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import aigc_ext
 from aigc_ext.reference import sdpa_reference
+from aigc_ext.validation import validate_sdpa_args
 
 # The device the fused backends are tested on ("cpu" unless set, e.g. "cuda").
 DEVICE = os.environ.get("AIGC_EXT_TEST_DEVICE", "cpu")
@@ -173,8 +175,38 @@ def _run(fn, inputs, grad_out, kwargs) -> Result:
     return Result(out.detach(), tuple(grads))
 
 
+def skip_if_declined(backend: str, q, k, v, **kwargs) -> None:
+    """Skips the test when ``backend`` declares the call unsupported (its ``unsupported_reason``).
+
+    Backends cover different feature sets (the triton backend declines float64 and head dims
+    above 256, for example); a declined call is the dispatcher's fallback, not a failure of the
+    backend. Invalid arguments are left for the call itself to reject.
+    """
+    try:
+        call = validate_sdpa_args(
+            q,
+            k,
+            v,
+            kwargs.get("attn_mask"),
+            kwargs.get("dropout_p", 0.0),
+            kwargs.get("is_causal", False),
+            kwargs.get("scale"),
+            kwargs.get("enable_gqa", False),
+        )
+    except (TypeError, ValueError):
+        return
+    with aigc_ext.use_backend(backend) as chosen:  # asked as the forced backend it will be
+        reason = chosen.why_unsupported(call)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} declines this call: {reason}")
+
+
 def run_ours(backend: str, q, k, v, *, grad_out=None, **kwargs) -> Result:
-    """Our public API under ``use_backend(backend)``; grads w.r.t. q, k, v when ``grad_out``."""
+    """Our public API under ``use_backend(backend)``; grads w.r.t. q, k, v when ``grad_out``.
+
+    Skips the test when the backend declines the call (see :func:`skip_if_declined`).
+    """
+    skip_if_declined(backend, q, k, v, **kwargs)
     leaves = [t.detach().requires_grad_(grad_out is not None) for t in (q, k, v)]
     with aigc_ext.use_backend(backend):
         return _run(aigc_ext.scaled_dot_product_attention, leaves, grad_out, kwargs)

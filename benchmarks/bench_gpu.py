@@ -1,0 +1,391 @@
+#!/usr/bin/env python
+"""GPU attention benchmark: the triton backend against torch's SDPA backends and FlexAttention.
+
+Providers: ``ours`` (the Triton operators of ``aigc_ext.triton``), torch's
+``scaled_dot_product_attention`` restricted to one backend each (``flash``, ``efficient``,
+``cudnn``; one that cannot serve a shape is reported as such) and ``flex``
+(``torch.compile``'d ``flex_attention``; causal through a block mask). Defaults: bfloat16,
+head dims 128 and 64, H = 16, L = S in {1k, 2k, 4k, 8k, 16k} with B * L = 16k tokens, causal
+and not, forward and forward+backward.
+
+Timing: ``triton.testing.do_bench`` (median; it flushes the L2 cache before every run).
+FLOPs: forward ``4 * B * H * L * S * E`` (halved when causal); forward+backward 3.5x that.
+Every measurement is appended to ``<out>/bench_gpu.jsonl`` at once, so a run cut short by a
+timeout keeps what it measured; ``--time-budget`` stops cleanly before that. The summary
+(``bench_gpu.json`` and a table of TFLOP/s with ours / fastest torch SDPA backend and
+ours / flex) is written at the end, or rebuilt from JSON-lines files with ``--report``.
+
+    python benchmarks/bench_gpu.py --out results/
+    python benchmarks/bench_gpu.py --report results/bench_gpu.jsonl
+    python benchmarks/bench_gpu.py --dry-run        # tiny shapes on the CPU (interpreter)
+
+``--dry-run`` runs every code path on tiny CPU shapes through the Triton interpreter (timed with
+``time.perf_counter``); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+TORCH_SDPA = ("flash", "efficient", "cudnn")
+PROVIDERS = ("ours", *TORCH_SDPA, "flex")
+MODES = ("fwd", "fwdbwd")
+DTYPES = ("bf16", "fp16")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes, interpreter")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="results directory ($OUT)")
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--tokens", type=int, default=16384, help="B * L")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--warmup", type=int, default=10, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=int, default=40, help="do_bench repetitions, ms")
+    p.add_argument(
+        "--time-budget", type=float, default=0.0, help="stop after this many s (0: none)"
+    )
+    p.add_argument("--no-flex-compile", action="store_true", help="run flex_attention eagerly")
+    p.add_argument(
+        "--report", nargs="+", metavar="JSONL", help="only print the table of these files"
+    )
+    a = p.parse_args(argv)
+    if a.dry_run:
+        a.head_dims, a.seqs, a.tokens, a.heads = [16], [64], 64, 2
+        a.no_flex_compile = True
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# problems and providers
+# ---------------------------------------------------------------------------------------------
+
+
+def flops(b: int, h: int, lq: int, lkv: int, e: int, causal: bool, mode: str) -> float:
+    """Matmul FLOPs: forward 4 B H L S E (half when causal); forward+backward 3.5x."""
+    f = 4.0 * b * h * lq * lkv * e
+    if causal:
+        f /= 2
+    return f * (3.5 if mode == "fwdbwd" else 1.0)
+
+
+def _ours(torch):
+    from aigc_ext.triton import ops
+
+    def fn(q, k, v, causal, scale):
+        return ops.attention(q, k, v, None, causal, scale)
+
+    return fn
+
+
+def _torch_sdpa(torch, name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[name]
+    F = torch.nn.functional
+
+    def fn(q, k, v, causal, scale):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+    return fn
+
+
+def _flex(torch, compile_it: bool):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    attend = torch.compile(flex_attention, dynamic=False) if compile_it else flex_attention
+    masks: dict = {}
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def fn(q, k, v, causal, scale):
+        block_mask = None
+        if causal:
+            key = (q.shape[-2], k.shape[-2], q.device)
+            if key not in masks:
+                masks[key] = create_block_mask(
+                    causal_mod, None, None, q.shape[-2], k.shape[-2], device=q.device
+                )
+            block_mask = masks[key]
+        return attend(q, k, v, block_mask=block_mask, scale=scale)
+
+    return fn
+
+
+def make_provider(torch, name: str, flex_compile: bool) -> Callable:
+    if name == "ours":
+        return _ours(torch)
+    if name == "flex":
+        return _flex(torch, flex_compile)
+    return _torch_sdpa(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+
+def _timer(torch, on_gpu: bool, warmup: int, rep: int):
+    if on_gpu:
+        import triton.testing
+
+        def time_ms(fn, grad_to_none):
+            return triton.testing.do_bench(
+                fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"
+            )
+
+        return time_ms
+
+    def time_ms_cpu(fn, grad_to_none):
+        fn()  # warm-up (compiles, autotunes)
+        times = []
+        for _ in range(3):
+            for t in grad_to_none or ():
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return time_ms_cpu
+
+
+def measure(torch, provider_fn, q, k, v, dout, causal, mode, time_ms) -> float:
+    """Milliseconds of one forward (``fwd``) or forward+backward (``fwdbwd``) call."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if mode == "fwd":
+        with torch.no_grad():
+            return time_ms(lambda: provider_fn(q, k, v, causal, scale), None)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        out = provider_fn(*leaves, causal, scale)
+        out.backward(dout)
+
+    return time_ms(step, leaves)
+
+
+def _max_diff(torch, a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+def _cases(a):
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[a.causal]
+    for e in a.head_dims:
+        for lq in a.seqs:
+            b = max(1, a.tokens // lq)
+            for c in causal:
+                yield e, b, lq, c
+
+
+def run(a) -> list[dict]:
+    if a.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not a.dry_run
+    device = "cuda" if on_gpu else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    if not on_gpu:
+        dtype = torch.float16  # the interpreter's bfloat16 dot is not exact
+    time_ms = _timer(torch, on_gpu, a.warmup, a.rep)
+    out_dir = Path(a.out) if a.out else None
+    jsonl = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jsonl = out_dir / "bench_gpu.jsonl"
+    providers = {p: make_provider(torch, p, not a.no_flex_compile) for p in a.providers}
+    if "flex" in providers:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    start = time.monotonic()
+    rows: list[dict] = []
+    print(
+        f"device {torch.cuda.get_device_name() if on_gpu else 'cpu (dry run)'}, torch "
+        f"{torch.__version__}, dtype {dtype}, providers {', '.join(providers)}",
+        flush=True,
+    )
+    for e, b, lq, causal in _cases(a):
+        gen = torch.Generator(device="cpu").manual_seed(lq + e)
+        q, k, v, dout = (
+            torch.randn((b, a.heads, lq, e), generator=gen).to(device=device, dtype=dtype)
+            for _ in range(4)
+        )
+        reference, reference_name = None, None
+        for mode in a.modes:
+            for name, fn in providers.items():
+                if a.time_budget and time.monotonic() - start > a.time_budget:
+                    print(f"time budget of {a.time_budget:.0f} s spent: stopping", flush=True)
+                    return rows
+                row = {
+                    "provider": name,
+                    "mode": mode,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "B": b,
+                    "H": a.heads,
+                    "L": lq,
+                    "S": lq,
+                    "E": e,
+                    "causal": causal,
+                    "device": device,
+                }
+                try:
+                    if mode == "fwd":  # correctness against the first provider that served
+                        with torch.no_grad():
+                            got = fn(q, k, v, causal, 1.0 / math.sqrt(e))
+                        if reference is None:
+                            reference, reference_name = got, name
+                        row["max_abs_diff"] = _max_diff(torch, got, reference)
+                        row["diff_against"] = reference_name
+                    ms = measure(torch, fn, q, k, v, dout, causal, mode, time_ms)
+                    row["ms"] = ms
+                    row["tflops"] = flops(b, a.heads, lq, lq, e, causal, mode) / (ms * 1e-3) / 1e12
+                except Exception as exc:  # a backend that cannot serve this shape
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                rows.append(row)
+                if jsonl is not None:
+                    with jsonl.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                shown = f"{row['tflops']:8.1f} TFLOP/s" if "tflops" in row else row["error"][:90]
+                print(
+                    f"E={e:<3} B={b:<3} L={lq:<6} causal={causal!s:5} {mode:6} {name:9} {shown}",
+                    flush=True,
+                )
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (E, L, causal, mode): TFLOP/s per provider and ours' ratios."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["E"], r["L"], r["causal"], r["mode"])
+        g = groups.setdefault(
+            key,
+            {"E": r["E"], "L": r["L"], "B": r["B"], "causal": r["causal"], "mode": r["mode"]},
+        )
+        g.setdefault("tflops", {})[r["provider"]] = r.get("tflops")
+        if r.get("diff_against") == "ours" and r["provider"] != "ours":
+            g.setdefault("max_abs_diff_vs_ours", {})[r["provider"]] = r["max_abs_diff"]
+    out = []
+    for key in sorted(groups):
+        g = groups[key]
+        t = g["tflops"]
+        torch_best = max(
+            ((p, t[p]) for p in TORCH_SDPA if t.get(p)), key=lambda x: x[1], default=(None, None)
+        )
+        g["fastest_torch_sdpa"] = torch_best[0]
+        ours = t.get("ours")
+        g["ours_vs_fastest_torch_sdpa"] = ours / torch_best[1] if ours and torch_best[1] else None
+        g["ours_vs_flex"] = ours / t["flex"] if ours and t.get("flex") else None
+        out.append(g)
+    return out
+
+
+def _diff_cell(g: dict) -> str:
+    """Forward rows: the largest max|ours - other provider| over the providers that served."""
+    diffs = [d for d in g.get("max_abs_diff_vs_ours", {}).values() if d is not None]
+    return f"{max(diffs):.1e}" if diffs else "-"
+
+
+def table(summary: list[dict]) -> str:
+    head = (
+        f"{'E':>3} {'L':>6} {'B':>3} {'causal':6} {'mode':6} "
+        + " ".join(f"{p:>9}" for p in PROVIDERS)
+        + f" {'ours/sdpa':>9} {'best sdpa':>9} {'ours/flex':>9} {'max|diff|':>9}"
+    )
+    lines = [
+        "TFLOP/s (- = not served or not measured); max|diff|: forward output, ours against the "
+        "other providers",
+        head,
+        "-" * len(head),
+    ]
+    for g in summary:
+        cells = []
+        for p in PROVIDERS:
+            v = g["tflops"].get(p)
+            cells.append(f"{v:9.1f}" if v else f"{'-':>9}")
+        r1, r2 = g["ours_vs_fastest_torch_sdpa"], g["ours_vs_flex"]
+        lines.append(
+            f"{g['E']:>3} {g['L']:>6} {g['B']:>3} {g['causal']!s:6} {g['mode']:6} "
+            + " ".join(cells)
+            + f" {(f'{r1:.2f}x' if r1 else '-'):>9} {g['fastest_torch_sdpa'] or '-':>9}"
+            + f" {(f'{r2:.2f}x' if r2 else '-'):>9}"
+            + f" {_diff_cell(g):>9}"
+        )
+    return "\n".join(lines)
+
+
+def _read_jsonl(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            print(f"(no results file {p})")
+            continue
+        for line in p.read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    if a.report:
+        rows = _read_jsonl(a.report)
+    elif a.dry_run:
+        with warnings.catch_warnings():  # flex_attention warns when run eagerly
+            warnings.simplefilter("ignore")
+            rows = run(a)
+    else:
+        rows = run(a)
+    summary = summarize(rows)
+    print(table(summary))
+    if a.out and not a.report:
+        Path(a.out, "bench_gpu.json").write_text(
+            json.dumps({"rows": rows, "summary": summary}, indent=1)
+        )
+    elif a.out and a.report:
+        Path(a.out, "bench_gpu_summary.json").write_text(
+            json.dumps({"rows": rows, "summary": summary}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
