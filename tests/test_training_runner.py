@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -674,4 +675,4 @@ def test_cli_exit_codes(registered, tmp_path, capsys, monkeypatch):
     recipe = components.Recipe("test-recipe", "a tiny test run", {})
     monkeypatch.setitem(components.RECIPES, "test-recipe", recipe)
     assert main(["train", "--list-recipes"]) == 0
-    assert "test-recipe  a tiny test run" in capsys.readouterr().out
+    assert re.search(r"^test-recipe +a tiny test run$", capsys.readouterr().out, re.M)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,6 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 MODEL_INFO_FILE = "model.json"
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (safetensors), see finetuning.save_adapter
 LOG_FILE = "train.log"
 
 
@@ -980,6 +982,21 @@ class _Run:
         state.should_save = False
         lifecycle.notify("save", state, path=path)
 
+    def _write_adapter(self) -> None:
+        """Saves a PEFT model's adapter alone to ``<output_dir>/adapter`` (safetensors), built
+        under a temporary name and renamed into place so a crash never leaves half of one."""
+        from aigc_ext_strategies.finetuning import save_adapter
+
+        target = self.output_dir / ADAPTER_DIR
+        tmp = self.output_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.model, tmp)
+        old = self.output_dir / f".{ADAPTER_DIR}.old-{os.getpid()}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
     def _write_final_model(self, step: int) -> None:
         from safetensors.torch import save_model
 
@@ -989,6 +1006,8 @@ class _Run:
         ckpt.set_default_mode(tmp)
         ckpt._fsync_file(tmp)
         os.replace(tmp, target)
+        if getattr(self.model, "peft_config", None):
+            self._write_adapter()
         cfg = self.cfg
         info = {
             "step": step,
