@@ -628,7 +628,7 @@ class _Run:
             self.train_metrics = {k: record[k] for k in ("loss", "lr", "grad_norm")}
             state.metrics.update(self.train_metrics)
             if step % rc.log_every == 0 or step in (1, self.total_steps):
-                if first_record:  # which backends served the model (this session's first record)
+                if first_record:  # which backends served the model (first record of this run)
                     record["attention"] = dispatch.backend_usage()
                     first_record = False
                 self._log(record)
