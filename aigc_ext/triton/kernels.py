@@ -218,6 +218,57 @@ def _apply_mask_tile(s, m_ptrs, tile_ok, MASK_BOOL: tl.constexpr, CHECK: tl.cons
     return s
 
 
+@triton.jit
+def _scores_tile(
+    q,
+    k,
+    m_base,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    stride_ml,
+    stride_ms,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    PRECISE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Scores of a (query rows x key cols) tile in log2 units, with the user mask (key vector
+    or tile) added and, for ``MASKED`` blocks, out-of-range and causally hidden keys at -inf.
+    Shared by the forward and the dQ kernels, so both see exactly the same probabilities."""
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISE, UPCAST)
+    s = s * qk_scale
+    if MASK_MODE == 1:
+        if MASKED:
+            x = tl.load(m_base + cols * stride_ms, mask=col_ok, other=0)
+        else:
+            x = tl.load(m_base + cols * stride_ms)
+        if MASK_BOOL:
+            s = tl.where((x != 0)[None, :], s, float("-inf"))
+        else:
+            s = s + (x.to(tl.float32) * 1.4426950408889634)[None, :]
+    elif MASK_MODE == 2:
+        s = _apply_mask_tile(
+            s,
+            m_base + rows[:, None] * stride_ml + cols[None, :] * stride_ms,
+            row_ok[:, None] & col_ok[None, :],
+            MASK_BOOL,
+            True,
+        )
+    if MASKED:
+        keep = col_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -276,30 +327,26 @@ def _fwd_kv_loop(
             MASKED,
             not EVEN_D,
         )
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISE, UPCAST)
-        s = s * qk_scale
-        if MASK_MODE == 1:
-            if MASKED:
-                x = tl.load(m_base + cols * stride_ms, mask=col_ok, other=0)
-            else:
-                x = tl.load(m_base + cols * stride_ms)
-            if MASK_BOOL:
-                s = tl.where((x != 0)[None, :], s, float("-inf"))
-            else:
-                s = s + (x.to(tl.float32) * 1.4426950408889634)[None, :]
-        elif MASK_MODE == 2:
-            s = _apply_mask_tile(
-                s,
-                m_base + rows[:, None] * stride_ml + cols[None, :] * stride_ms,
-                row_ok[:, None] & col_ok[None, :],
-                MASK_BOOL,
-                True,
-            )
-        if MASKED:
-            keep = col_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+        s = _scores_tile(
+            q,
+            k,
+            m_base,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            stride_ml,
+            stride_ms,
+            qk_scale,
+            BLOCK_M,
+            BLOCK_N,
+            MASKED,
+            IS_CAUSAL,
+            MASK_MODE,
+            MASK_BOOL,
+            PRECISE,
+            UPCAST,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or MASK_MODE != 0:  # a row may have seen no key yet: keep exp2 finite
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -833,30 +880,26 @@ def _dq_kv_loop(
             MASKED,
             not EVEN_DV,
         )
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISE, UPCAST)
-        s = s * qk_scale
-        if MASK_MODE == 1:
-            if MASKED:
-                x = tl.load(m_base + cols * stride_ms, mask=col_ok, other=0)
-            else:
-                x = tl.load(m_base + cols * stride_ms)
-            if MASK_BOOL:
-                s = tl.where((x != 0)[None, :], s, float("-inf"))
-            else:
-                s = s + (x.to(tl.float32) * 1.4426950408889634)[None, :]
-        elif MASK_MODE == 2:
-            s = _apply_mask_tile(
-                s,
-                m_base + rows[:, None] * stride_ml + cols[None, :] * stride_ms,
-                row_ok[:, None] & col_ok[None, :],
-                MASK_BOOL,
-                True,
-            )
-        if MASKED:
-            keep = col_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+        s = _scores_tile(
+            q,
+            k,
+            m_base,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            stride_ml,
+            stride_ms,
+            qk_scale,
+            BLOCK_M,
+            BLOCK_N,
+            MASKED,
+            IS_CAUSAL,
+            MASK_MODE,
+            MASK_BOOL,
+            PRECISE,
+            UPCAST,
+        )
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISE, UPCAST)
         ds = p * (dp - delta[:, None])
