@@ -7,9 +7,12 @@ that broadcast are expanded as views (stride 0), never copied.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["OpLayout", "to_op_layout"]
+__all__ = ["OpLayout", "run_attention_op", "to_op_layout"]
 
 
 class OpLayout:
@@ -76,3 +79,23 @@ def to_op_layout(
         mask4 = m
     out_shape = (*lead_q, query.shape[-2], value.shape[-1])
     return OpLayout(q4, k4, v4, mask4, out_shape)
+
+
+def run_attention_op(
+    attention: Callable[..., torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """Serves a validated ``scaled_dot_product_attention`` call with a fused operator wrapper
+    ``attention(q, k, v, mask, is_causal, scale)`` taking the 4-D operator layout: brings the
+    arguments to that layout, applies the default scale, and gives the output the caller's
+    shape. Every op-backed backend (``cpu``, ``triton``) goes through here."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    lay = to_op_layout(query, key, value, attn_mask)
+    out = attention(lay.query, lay.key, lay.value, lay.mask, bool(is_causal), float(scale))
+    return lay.restore(out)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from aigc_ext.layout import to_op_layout
+from aigc_ext.layout import run_attention_op
 from aigc_ext.validation import SUPPORTED_DTYPES, AttentionCall
 
 __all__ = ["sdpa", "unavailable_reason", "unsupported_reason"]
@@ -42,8 +40,4 @@ def sdpa(
 ) -> torch.Tensor:
     from aigc_ext import ops
 
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    lay = to_op_layout(query, key, value, attn_mask)
-    out = ops.attention(lay.query, lay.key, lay.value, lay.mask, bool(is_causal), float(scale))
-    return lay.restore(out)
+    return run_attention_op(ops.attention, query, key, value, attn_mask, is_causal, scale)

@@ -14,13 +14,12 @@ costs nothing where Triton is missing; the kernels load on the first call.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 import torch
 
-from aigc_ext.layout import to_op_layout
+from aigc_ext.layout import run_attention_op
 from aigc_ext.validation import AttentionCall
 
 __all__ = [
@@ -111,8 +110,4 @@ def sdpa(
     """``scaled_dot_product_attention`` through the Triton operators (validated arguments)."""
     from aigc_ext.triton import ops
 
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    lay = to_op_layout(query, key, value, attn_mask)
-    out = ops.attention(lay.query, lay.key, lay.value, lay.mask, bool(is_causal), float(scale))
-    return lay.restore(out)
+    return run_attention_op(ops.attention, query, key, value, attn_mask, is_causal, scale)
