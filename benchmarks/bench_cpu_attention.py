@@ -56,6 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aigc_ext
 import aigc_ext.ops
+from aigc_ext.bench.measure import reset_peak_rss, status_kib
 
 DTYPES = {
     "fp32": torch.float32,
@@ -554,25 +555,9 @@ def run_grid(args) -> tuple[list[Row], list[dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(*keys: str) -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in keys:
-                values[name] = int(rest.split()[0])
-    return values
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    s = _proc_status_kib("VmHWM", "VmRSS")
-    return s.get("VmHWM", -1) - s.get("VmRSS", 0) < 1024
+# /proc/self/status readings and the VmHWM reset are shared with `aigc-ext bench`.
+_proc_status_kib = status_kib
+_reset_peak_rss = reset_peak_rss
 
 
 def _trim_heap() -> None:

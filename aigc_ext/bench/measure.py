@@ -25,6 +25,8 @@ __all__ = [
     "matmul_peak_gflops",
     "peak_memory_mib",
     "percentile",
+    "reset_peak_rss",
+    "status_kib",
 ]
 
 
@@ -131,7 +133,8 @@ def matmul_peak_gflops(
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kib(*keys: str) -> dict[str, int]:
+def status_kib(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status, in KiB (Linux)."""
     values = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -141,12 +144,12 @@ def _status_kib(*keys: str) -> dict[str, int]:
     return values
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Resets the kernel's peak-RSS mark (VmHWM) to the current RSS; False where impossible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        s = _status_kib("VmHWM", "VmRSS")
+        s = status_kib("VmHWM", "VmRSS")
     except (OSError, ValueError):
         return False
     return s.get("VmHWM", -1) - s.get("VmRSS", 0) < 1024
@@ -180,10 +183,10 @@ def peak_memory_mib(step: Callable[[], object], device: torch.device | str) -> f
         del result
         return (peak - base) / 2**20
     _trim_heap()
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         return None
-    base = _status_kib("VmRSS")["VmRSS"]
+    base = status_kib("VmRSS")["VmRSS"]
     result = step()
-    peak = _status_kib("VmHWM")["VmHWM"]
+    peak = status_kib("VmHWM")["VmHWM"]
     del result
     return max(0, peak - base) / 1024
