@@ -213,10 +213,33 @@ def _token_metrics(logits: Tensor, labels: Tensor) -> dict[str, tuple[float, int
     return {"loss": (float(loss_sum.item()), n), "accuracy": (float(correct.item()), n)}
 
 
+class _TokenObjective:
+    """Shared by the token-level objectives: a subclass supplies ``_logits_and_labels(model,
+    batch)`` (logits aligned with their labels, ``IGNORE_INDEX`` where no loss applies) and
+    ``label_smoothing``; the loss and the evaluation metrics are computed the same way for all."""
+
+    label_smoothing: float
+
+    def _logits_and_labels(self, model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
+        """Mean cross-entropy over the labelled tokens (0 if no token is labelled)."""
+        logits, labels = self._logits_and_labels(model, batch)
+        return _mean_token_loss(logits, labels, self.label_smoothing)
+
+    @torch.no_grad()
+    def eval_metrics(self, model: Any, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, int]]:
+        """``loss``: (summed token cross-entropy, labelled tokens); ``accuracy``: (correctly
+        predicted labelled tokens, labelled tokens)."""
+        logits, labels = self._logits_and_labels(model, batch)
+        return _token_metrics(logits, labels)
+
+
 # --- causal LM -----------------------------------------------------------------------------------
 
 
-class CausalLM:
+class CausalLM(_TokenObjective):
     """Next-token prediction (GPT-style): the logits at position t predict the token at t + 1.
 
     :meth:`prepare` builds ``labels`` from ``input_ids`` (or takes ``batch["labels"]`` when the
@@ -264,23 +287,11 @@ class CausalLM:
             )
         return logits[:, :-1], batch["labels"][:, 1:]
 
-    def __call__(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
-        """Mean next-token cross-entropy (0 if no token is labelled)."""
-        logits, labels = self._logits_and_labels(model, batch)
-        return _mean_token_loss(logits, labels, self.label_smoothing)
-
-    @torch.no_grad()
-    def eval_metrics(self, model: Any, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, int]]:
-        """``loss``: (summed token cross-entropy, predicted tokens); ``accuracy``: (correct next
-        tokens, predicted tokens)."""
-        logits, labels = self._logits_and_labels(model, batch)
-        return _token_metrics(logits, labels)
-
 
 # --- masked LM -----------------------------------------------------------------------------------
 
 
-class MaskedLM:
+class MaskedLM(_TokenObjective):
     """BERT's masked language modelling.
 
     In each sequence ``round(mlm_probability * n)`` of its ``n`` eligible tokens are chosen
@@ -398,17 +409,6 @@ class MaskedLM:
             raise KeyError("masked-lm: the batch has no 'labels'; call prepare() on it first")
         return _call_model(model, batch, _TEXT_MODEL_KEYS), batch["labels"]
 
-    def __call__(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
-        """Mean cross-entropy over the chosen positions."""
-        logits, labels = self._logits_and_labels(model, batch)
-        return _mean_token_loss(logits, labels, self.label_smoothing)
-
-    @torch.no_grad()
-    def eval_metrics(self, model: Any, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, int]]:
-        """``loss`` and ``accuracy`` over the chosen positions, as (sum, count)."""
-        logits, labels = self._logits_and_labels(model, batch)
-        return _token_metrics(logits, labels)
-
 
 # --- span corruption (T5) ----------------------------------------------------------------------
 
@@ -484,7 +484,7 @@ def _sentinelize(tokens: Tensor, mask: Tensor, sentinel_start_id: int) -> Tensor
     return values[~mask | starts]
 
 
-class SpanCorruption:
+class SpanCorruption(_TokenObjective):
     """T5's span-corruption objective for encoder-decoder models.
 
     Per sequence (over its real tokens, ``attention_mask == 1``; a trailing ``eos_token_id`` is
@@ -614,17 +614,6 @@ class SpanCorruption:
                 "on it first"
             )
         return _call_model(model, batch, _SEQ2SEQ_MODEL_KEYS), batch["labels"]
-
-    def __call__(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
-        """Mean cross-entropy of the decoder over the target tokens."""
-        logits, labels = self._logits_and_labels(model, batch)
-        return _mean_token_loss(logits, labels, self.label_smoothing)
-
-    @torch.no_grad()
-    def eval_metrics(self, model: Any, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, int]]:
-        """``loss`` and ``accuracy`` over the target tokens, as (sum, count)."""
-        logits, labels = self._logits_and_labels(model, batch)
-        return _token_metrics(logits, labels)
 
 
 # --- classification ------------------------------------------------------------------------------
