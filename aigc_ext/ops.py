@@ -10,7 +10,8 @@ Every backend implements the same contract (see ``csrc/ops.cpp``):
   -> (grad_q, grad_k, grad_v)``.
 
 The fake kernels make the operators traceable by ``torch.compile`` and ``torch.export``; the
-autograd registration lets gradients flow through the forward operator.
+autograd registration (:mod:`aigc_ext.contract`) lets gradients flow through the forward
+operator.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from aigc_ext import _C  # noqa: F401  (loads the library: registers torch.ops.aigc_ext.*)
+from aigc_ext.contract import register_attention_autograd
 
 __all__ = ["attention", "cpu_kernel_config", "lse_dtype"]
 
@@ -42,26 +44,7 @@ def _attention_backward_fake(
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, attn_mask, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask)
-    ctx.is_causal = is_causal
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.aigc_ext.attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None
-
-
-torch.library.register_autograd(
-    "aigc_ext::attention_forward", _backward, setup_context=_setup_context
-)
+register_attention_autograd("aigc_ext::attention_forward", "attention_backward")
 
 
 def attention(

@@ -25,6 +25,7 @@ import torch
 import triton
 from torch.library import wrap_triton
 
+from aigc_ext.contract import register_attention_autograd
 from aigc_ext.triton import kernels as K
 from aigc_ext.triton.kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 
@@ -259,24 +260,7 @@ if K.INTERPRET:
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, attn_mask, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask)
-    ctx.is_causal = is_causal
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _autograd_backward(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.aigc_ext.triton_attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None
-
-
-triton_attention_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_attention_autograd(triton_attention_forward, "triton_attention_backward")
 
 
 def attention_with_lse(
