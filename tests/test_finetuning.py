@@ -12,6 +12,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+import tiny_models  # noqa: E402
 from aigc_ext_strategies import finetuning as ft  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -22,31 +23,11 @@ transformers.logging.set_verbosity_error()
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_models.tiny_gpt2(seed).eval()
 
 
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_models.tiny_bert(num_labels, layers=2, seed=seed).eval()
 
 
 def ids(batch: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:

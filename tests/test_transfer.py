@@ -12,52 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 from aigc_ext_strategies import finetuning as ft  # noqa: E402
 from aigc_ext_strategies import transfer as tr  # noqa: E402
+from tiny_models import tiny_bert, tiny_gpt2, tiny_t5  # noqa: E402
 
 import aigc_ext  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-
-
-def tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def tiny_bert(num_labels: int = 3, layers: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-    )
-    return transformers.BertForSequenceClassification(config)
-
-
-def tiny_t5() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=2,
-        num_decoder_layers=3,
-        num_heads=2,
-    )
-    return transformers.T5ForConditionalGeneration(config)
 
 
 class TinyViT(nn.Module):
@@ -215,7 +174,7 @@ def trainable_ids(model: nn.Module) -> set[int]:
 
 
 def test_freeze_backbone_trains_exactly_the_head():
-    model = tiny_bert(num_labels=3)
+    model = tiny_bert(num_labels=3, layers=3)
     strategy = tr.FreezeBackbone(num_labels=4)
     assert strategy.setup(model) is model
     assert model.classifier.out_features == 4
