@@ -59,11 +59,15 @@ def attention(
     return torch.ops.aigc_ext.attention_forward(query, key, value, attn_mask, is_causal, scale)[0]
 
 
-def cpu_kernel_config(isa: str | None = None, use_brgemm: bool | None = None) -> str:
-    """Reads (and optionally sets) the CPU kernel's instruction set and GEMM engine.
+def cpu_kernel_config(
+    isa: str | None = None, use_brgemm: bool | None = None, use_amx: bool | None = None
+) -> str:
+    """Reads (and optionally sets) the CPU kernel's instruction set and GEMM engines.
 
     ``isa`` is one of ``"auto"``, ``"default"``, ``"avx2"``, ``"avx512"``; ``use_brgemm``
-    switches bf16/fp16 GEMMs between torch's brgemm (AMX where present) and fp32 BLAS. Returns a
-    description such as ``"isa=avx512 brgemm=1 ... compiled=default,avx2,avx512 threads=2"``.
+    switches bf16/fp16 GEMMs between torch's brgemm (AMX where present) and fp32 BLAS;
+    ``use_amx`` switches the bf16 forward between the kernel's own AMX tile code (on CPUs with
+    AMX-BF16, AVX-512 build) and the brgemm path. Returns a description such as
+    ``"isa=avx512 brgemm=1 amx=1 ... compiled=default,avx2,avx512 threads=2"``.
     """
-    return torch.ops.aigc_ext._cpu_kernel_config(isa, use_brgemm)
+    return torch.ops.aigc_ext._cpu_kernel_config(isa, use_brgemm, use_amx)

@@ -11,6 +11,7 @@
 // Fake (meta) kernels and autograd are registered from Python (aigc_ext/ops.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -73,6 +74,11 @@ std::atomic<int>& current_isa() {
 }
 
 std::atomic<bool>& use_brgemm() {
+  static std::atomic<bool> flag{true};
+  return flag;
+}
+
+std::atomic<bool>& use_amx() {
   static std::atomic<bool> flag{true};
   return flag;
 }
@@ -198,6 +204,7 @@ cpu::AttentionForwardParams make_params(const Tensor& q, const Tensor& k, const 
 cpu::KernelOptions options() {
   cpu::KernelOptions opt;
   opt.use_brgemm = use_brgemm().load();
+  opt.use_amx = use_amx().load();
   return opt;
 }
 
@@ -293,7 +300,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out
 
 // Reads and optionally changes the CPU kernel configuration; returns a description such as
 // "isa=avx512 brgemm=1 amx=1 compiled=default,avx2,avx512".
-std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool> brgemm) {
+std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool> brgemm,
+                              std::optional<bool> amx) {
   if (isa.has_value()) {
     Isa want = Isa::kDefault;
     if (*isa == "auto") {
@@ -315,12 +323,13 @@ std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool
     current_isa().store(static_cast<int>(want));
   }
   if (brgemm.has_value()) use_brgemm().store(*brgemm);
+  if (amx.has_value()) use_amx().store(*amx);
   std::ostringstream os;
   os << "isa=" << isa_name(static_cast<Isa>(current_isa().load()))
-     << " brgemm=" << (use_brgemm().load() ? 1 : 0)
+     << " brgemm=" << (use_brgemm().load() ? 1 : 0) << " amx=" << (use_amx().load() ? 1 : 0)
      << " brgemm_bf16=" << (at::native::cpublas::could_pack(at::kBFloat16) ? 1 : 0)
      << " brgemm_fp16=" << (at::native::cpublas::could_pack(at::kHalf) ? 1 : 0)
-     << " compiled=default";
+     << " amx_tiles=" << (at::cpu::init_amx() ? 1 : 0) << " compiled=default";
   if (isa_compiled(Isa::kAvx2)) os << ",avx2";
   if (isa_compiled(Isa::kAvx512)) os << ",avx512";
   os << " threads=" << at::get_num_threads();
@@ -337,7 +346,8 @@ TORCH_LIBRARY(aigc_ext, m) {
       "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor lse, Tensor? attn_mask=None, bool is_causal=False, float scale=1.0) -> "
       "(Tensor, Tensor, Tensor)");
-  m.def("_cpu_kernel_config(str? isa=None, bool? use_brgemm=None) -> str", &cpu_kernel_config);
+  m.def("_cpu_kernel_config(str? isa=None, bool? use_brgemm=None, bool? use_amx=None) -> str",
+        &cpu_kernel_config);
 }
 
 TORCH_LIBRARY_IMPL(aigc_ext, CPU, m) {

@@ -341,14 +341,16 @@ def scores64(q, k, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def cpu_kernel(isa: str | None = None, use_brgemm: bool | None = None) -> Iterator[str]:
-    """Sets the CPU kernel configuration for the block; restores auto ISA and brgemm after."""
+def cpu_kernel(
+    isa: str | None = None, use_brgemm: bool | None = None, use_amx: bool | None = None
+) -> Iterator[str]:
+    """Sets the CPU kernel configuration for the block; restores auto ISA, brgemm and AMX after."""
     from aigc_ext import ops
 
     try:
-        yield ops.cpu_kernel_config(isa=isa, use_brgemm=use_brgemm)
+        yield ops.cpu_kernel_config(isa=isa, use_brgemm=use_brgemm, use_amx=use_amx)
     finally:
-        ops.cpu_kernel_config(isa="auto", use_brgemm=True)
+        ops.cpu_kernel_config(isa="auto", use_brgemm=True, use_amx=True)
 
 
 def cpu_isa_supported(isa: str) -> bool:

@@ -575,6 +575,31 @@ def test_cpu_without_brgemm(cpu_backend, isa, dtype):
         _kernel_cases(cpu_backend, dtype)
 
 
+@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "brgemm"])
+@pytest.mark.parametrize(
+    ("block_q", "block_kv"), [(None, None), (16, 96)], ids=["default", "16x96"]
+)
+def test_cpu_bf16_gemm_engines(cpu_backend, monkeypatch, use_amx, block_q, block_kv):
+    """bf16 forward through the kernel's own AMX tiles (where the CPU has AMX-BF16) and through
+    torch's brgemm: ragged query blocks, head dims padded to the tile width, GQA, masks."""
+    if block_q is not None:
+        monkeypatch.setenv("AIGC_EXT_CPU_BLOCK_Q", str(block_q))
+        monkeypatch.setenv("AIGC_EXT_CPU_BLOCK_KV", str(block_kv))
+    with cpu_kernel(use_amx=use_amx) as config:
+        assert f"amx={int(use_amx)}" in config
+        _kernel_cases(cpu_backend, BF16)
+        q, k, v = make_qkv(1, 2, 2, 47, 1000, 256, 200, dtype=BF16, seed=6)
+        check_sdpa(cpu_backend, q, k, v, is_causal=True)
+
+
+def test_cpu_amx_then_brgemm_backward(cpu_backend):
+    """The AMX forward and torch's brgemm (the bf16 backward) configure the same tile registers:
+    alternating them on one thread must keep both correct."""
+    q, k, v = make_qkv(1, 2, 2, 130, 140, 64, dtype=BF16, seed=7)
+    for _ in range(2):
+        check_sdpa(cpu_backend, q, k, v, is_causal=True)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=_ids)
 @pytest.mark.parametrize(("block_q", "block_kv"), [(8, 64), (48, 192)], ids=["8x64", "48x192"])
 def test_cpu_small_tiles(cpu_backend, monkeypatch, dtype, block_q, block_kv):
@@ -588,10 +613,10 @@ def test_cpu_small_tiles(cpu_backend, monkeypatch, dtype, block_q, block_kv):
 def test_cpu_kernel_config_restores(cpu_backend):
     from aigc_ext import ops
 
-    with cpu_kernel(isa="default", use_brgemm=False) as config:
-        assert "isa=default" in config and "brgemm=0" in config
+    with cpu_kernel(isa="default", use_brgemm=False, use_amx=False) as config:
+        assert "isa=default" in config and "brgemm=0" in config and "amx=0" in config
     after = ops.cpu_kernel_config()
-    assert "brgemm=1" in after and "isa=" in after
+    assert "brgemm=1" in after and "amx=1" in after and "isa=" in after
     with pytest.raises(RuntimeError, match="unknown CPU ISA"):
         ops.cpu_kernel_config(isa="sse9")
 

@@ -46,6 +46,7 @@ struct AttentionBackwardParams {
 // Run-time options, settable from Python for tests and benchmarks.
 struct KernelOptions {
   bool use_brgemm = true;  // use torch's brgemm (AMX on capable CPUs) for bf16/fp16 GEMMs
+  bool use_amx = true;     // bf16 forward GEMMs through our own AMX tiles where the CPU has them
 };
 
 #define AIGC_DECLARE_ISA(ns)                                                           \

@@ -33,6 +33,8 @@
 #include "cpu/attention.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
+#include <ATen/cpu/Utils.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -171,6 +173,120 @@ void transpose_into(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ------------------------------------------------------------------------------------------
+// AMX bf16 micro-kernel
+// ------------------------------------------------------------------------------------------
+//
+// The attention GEMMs are small and fixed-shape (a 128 x 64 query tile against 512 keys, then
+// 128 x 512 probabilities against a 512 x 64 value tile), so a general GEMM library spends a
+// large share of their time on per-call dispatch and tile reconfiguration. Here one tile
+// configuration serves both products for a whole forward call: every tile register is
+// 16 rows x 64 bytes, i.e. 16 x 32 bf16 for A, 16 pairs x 16 columns (VNNI) for B and
+// 16 x 16 fp32 for C. A 32 x 32 block of C lives in tiles 0-3 across the whole K loop; tiles
+// 4-5 hold two A row tiles and 6-7 two B column tiles.
+//
+// Operands must be padded by the caller: M and N to multiples of 16 (rows of A and columns of
+// B beyond the real ones are read, their products are discarded), K to a multiple of 32 with
+// zeros (those products are added).
+
+inline bool cpu_has_amx_bf16() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    // The kernel must also be allowed to use the tile state; torch asks the OS for it.
+    return tile && bf16 && at::cpu::init_amx();
+  }();
+  return has;
+}
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile"))) void amx_configure() {
+  AmxTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // Own asm rather than _tile_loadconfig: GCC 12's intrinsic declares a pointer-sized memory
+  // operand, so the stores filling cfg above could be dropped as dead.
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// C[16*MT x 16*NT] (+)= A[16*MT x 32*ksteps] * B, B in VNNI panels of 16 columns
+// ([k/2][16][2] each, the next panel `panel` elements further). Strides in elements.
+template <int MT, int NT>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const c10::BFloat16* a, int64_t lda,
+                                                            const c10::BFloat16* b, int64_t panel,
+                                                            int64_t ksteps, float* c, int64_t ldc,
+                                                            bool add) {
+  const int64_t sa = lda * 2, sb = 64, sc = ldc * 4;
+  if (add) {
+    _tile_loadd(0, c, sc);
+    if constexpr (NT > 1) _tile_loadd(1, c + 16, sc);
+    if constexpr (MT > 1) _tile_loadd(2, c + 16 * ldc, sc);
+    if constexpr (MT > 1 && NT > 1) _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (MT > 1) _tile_zero(2);
+    if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  }
+  for (int64_t ks = 0; ks < ksteps; ++ks) {
+    const c10::BFloat16* ak = a + 32 * ks;
+    const c10::BFloat16* bk = b + 512 * ks;  // 16 pairs x 16 columns x 2
+    _tile_loadd(4, ak, sa);
+    _tile_loadd(6, bk, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT > 1) {
+      _tile_loadd(7, bk + panel, sb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MT > 1) {
+      _tile_loadd(5, ak + 16 * lda, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (NT > 1) _tile_stored(1, c + 16, sc);
+  if constexpr (MT > 1) _tile_stored(2, c + 16 * ldc, sc);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+// C[M x N] (+)= A[M x 32*ksteps] * B for M, N multiples of 16; the tiles must be configured.
+void amx_gemm(int64_t M, int64_t N, int64_t ksteps, const c10::BFloat16* a, int64_t lda,
+              const c10::BFloat16* b, int64_t panel, float* c, int64_t ldc, bool add) {
+  for (int64_t i = 0; i < M; i += 32) {
+    const bool two_m = i + 16 < M;
+    const c10::BFloat16* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    for (int64_t j = 0; j < N; j += 32) {
+      const bool two_n = j + 16 < N;
+      const c10::BFloat16* bj = b + (j / 16) * panel;
+      if (two_m && two_n) {
+        amx_block<2, 2>(ai, lda, bj, panel, ksteps, ci + j, ldc, add);
+      } else if (two_m) {
+        amx_block<2, 1>(ai, lda, bj, panel, ksteps, ci + j, ldc, add);
+      } else if (two_n) {
+        amx_block<1, 2>(ai, lda, bj, panel, ksteps, ci + j, ldc, add);
+      } else {
+        amx_block<1, 1>(ai, lda, bj, panel, ksteps, ci + j, ldc, add);
+      }
+    }
+  }
+}
+#endif
+
 // The B operand of a GEMM, prepared once and reused for several A operands.
 template <typename T>
 struct PackedB {
@@ -193,17 +309,19 @@ class Gemm {
  public:
   using acc_t = acc_type<T>;
   // kBlas: fp32/fp64 BLAS (MKL); kBrgemmF32: fp32 through oneDNN's brgemm (JIT AVX-512);
-  // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS.
-  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert };
+  // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS;
+  // kAmx: bf16 through this file's AMX micro-kernel (run() only, padded operands).
+  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx };
 
   explicit Gemm(bool use_brgemm = false, bool f32_brgemm = false) {
     configure(use_brgemm, f32_brgemm);
   }
   ~Gemm() { release(); }
 
-  void configure(bool use_brgemm, bool f32_brgemm) {
+  void configure(bool use_brgemm, bool f32_brgemm, bool amx = false) {
     if constexpr (kReduced<T>) {
       path_ = use_brgemm ? Path::kBrgemm : Path::kConvert;
+      if (std::is_same_v<T, c10::BFloat16> && amx) path_ = Path::kAmx;
     } else if constexpr (std::is_same_v<T, float>) {
       path_ = f32_brgemm ? Path::kBrgemmF32 : Path::kBlas;
     } else {
@@ -215,10 +333,16 @@ class Gemm {
   void release() {
     if (used_brgemm_) at::native::cpublas::brgemm_release(path_ == Path::kBrgemm);
     used_brgemm_ = false;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (amx_configured_) amx_release();
+#endif
+    amx_configured_ = false;
   }
 
-  // Whether A operands need an even, zero-padded number of columns.
-  bool needs_even_k() const { return path_ == Path::kBrgemm; }
+  // A operands need a zero-padded number of columns that is a multiple of this.
+  int64_t k_align() const { return path_ == Path::kAmx ? 32 : path_ == Path::kBrgemm ? 2 : 1; }
+  // A operands and C need this many readable (and writable) rows: M rounded up to it.
+  int64_t m_align() const { return path_ == Path::kAmx ? 16 : 1; }
 
   // B is logical K x N: element (k, n) is src[k * ld + n], or src[n * ld + k] when trans.
   void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
@@ -255,10 +379,18 @@ class Gemm {
       }
       return;
     }
-    // VNNI layout for brgemm: pairs of consecutive k rows interleaved, [K/2][n_pad][2].
-    pb.k_even = round_up(K, 2);
+    // VNNI layout for brgemm and AMX: pairs of consecutive k rows interleaved, [K/2][n_pad][2];
+    // rows past K are zero. The AMX path cuts it further into panels of 16 columns,
+    // [n_pad/16][K/2][16][2], so that one B tile is 1 KiB of contiguous memory.
+    pb.k_even = round_up(K, k_align());
     pb.n_pad = round_up(N, 16);
     const int64_t np = pb.n_pad;
+    const bool panels = path_ == Path::kAmx;
+    const int64_t panel = pb.k_even * 16;
+    // Offset of the pair (2 kp, 2 kp + 1) of column n; n % 16 == 0 starts 16 contiguous pairs.
+    const auto off = [=](int64_t kp, int64_t n) {
+      return panels ? (n / 16) * panel + kp * 32 + 2 * (n % 16) : kp * 2 * np + 2 * n;
+    };
     pb.vnni.resize(std::max<int64_t>(pb.k_even * np, 1));
     T* dst = pb.vnni.data();
     if (K != pb.k_even || N != np) std::memset(dst, 0, sizeof(T) * pb.k_even * np);
@@ -266,7 +398,6 @@ class Gemm {
       for (int64_t kp = 0; kp < K / 2; ++kp) {
         const T* r0 = src + (2 * kp) * ld;
         const T* r1 = r0 + ld;
-        T* o = dst + kp * 2 * np;
         int64_t n = 0;
 #if defined(CPU_CAPABILITY_AVX512)
         // Interleave 32 elements of each row: permutes pick a[j], b[j] alternately.
@@ -277,19 +408,18 @@ class Gemm {
         for (; n + 32 <= N; n += 32) {
           const __m512i a = _mm512_loadu_si512(r0 + n);
           const __m512i b = _mm512_loadu_si512(r1 + n);
-          _mm512_storeu_si512(o + 2 * n, _mm512_permutex2var_epi16(a, lo, b));
-          _mm512_storeu_si512(o + 2 * n + 32, _mm512_permutex2var_epi16(a, hi, b));
+          _mm512_storeu_si512(dst + off(kp, n), _mm512_permutex2var_epi16(a, lo, b));
+          _mm512_storeu_si512(dst + off(kp, n + 16), _mm512_permutex2var_epi16(a, hi, b));
         }
 #endif
         for (; n < N; ++n) {
-          o[2 * n] = r0[n];
-          o[2 * n + 1] = r1[n];
+          dst[off(kp, n)] = r0[n];
+          dst[off(kp, n) + 1] = r1[n];
         }
       }
       if (K % 2) {
         const T* r0 = src + (K - 1) * ld;
-        T* o = dst + (K / 2) * 2 * np;
-        for (int64_t n = 0; n < N; ++n) o[2 * n] = r0[n];
+        for (int64_t n = 0; n < N; ++n) dst[off(K / 2, n)] = r0[n];
       }
     } else {
       // B(k, n) = src[n * ld + k]: each source row holds the k pairs for one column n.
@@ -303,11 +433,10 @@ class Gemm {
         const T* base = src + n_done * ld;
         for (int64_t kp = 0; kp < K / 2; ++kp) {
           const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(2 * kp)));
-          _mm512_storeu_si512(dst + kp * 2 * np + 2 * n_done, _mm512_i32gather_epi32(idx, base, 2));
+          _mm512_storeu_si512(dst + off(kp, n_done), _mm512_i32gather_epi32(idx, base, 2));
         }
         if (K % 2) {
-          for (int64_t j = 0; j < 16; ++j)
-            dst[(K / 2) * 2 * np + 2 * (n_done + j)] = base[j * ld + K - 1];
+          for (int64_t j = 0; j < 16; ++j) dst[off(K / 2, n_done + j)] = base[j * ld + K - 1];
         }
       }
 #endif
@@ -316,9 +445,9 @@ class Gemm {
         for (int64_t kp = 0; kp < K / 2; ++kp) {
           uint32_t pair;
           std::memcpy(&pair, row + 2 * kp, sizeof(pair));
-          std::memcpy(dst + kp * 2 * np + 2 * n, &pair, sizeof(pair));
+          std::memcpy(dst + off(kp, n), &pair, sizeof(pair));
         }
-        if (K % 2) dst[(K / 2) * 2 * np + 2 * n] = row[K - 1];
+        if (K % 2) dst[off(K / 2, n)] = row[K - 1];
       }
     }
   }
@@ -354,15 +483,31 @@ class Gemm {
           for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
         return;
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (path_ == Path::kAmx) {
+          if (!amx_configured_) {
+            // torch's brgemm may have left its own tile configuration on this thread.
+            at::native::cpublas::brgemm_release(true);
+            amx_configure();
+            amx_configured_ = true;
+          }
+          amx_gemm(round_up(M, 16), std::min(round_up(N, 16), pb.n_pad), ceil_div(K, 32), a, lda,
+                   pb.vnni.data(), pb.k_even * 16, c, ldc, add);
+          return;
+        }
+      }
+#endif
       used_brgemm_ = true;
       at::native::cpublas::brgemm(M, std::min(round_up(N, 16), pb.n_pad), round_up(K, 2), lda,
                                   pb.n_pad, ldc, add, a, pb.vnni.data(), c);
     }
   }
 
-  // C[M x N] (+)= op(A) op(B) for operands used once.
+  // C[M x N] (+)= op(A) op(B) for operands used once. Not on the kAmx path.
   void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
           int64_t ldb, acc_t* c, int64_t ldc, bool add) {
+    TORCH_CHECK(path_ != Path::kAmx, "aigc_ext: internal error: Gemm::mm on the AMX path");
     if (path_ == Path::kBlas) {
       if constexpr (!kReduced<T>) {
         blas_gemm<acc_t>(ta, tb, M, N, K, a, lda, b, ldb, add ? 1 : 0, c, ldc);
@@ -380,7 +525,7 @@ class Gemm {
       }
     }
     pack(scratch_, tb, K, N, b, ldb);
-    const int64_t ke = needs_even_k() ? round_up(K, 2) : K;
+    const int64_t ke = round_up(K, k_align());
     if (path_ != Path::kBrgemmF32 && (ta || ke != K)) {
       if (static_cast<int64_t>(a_copy_.size()) < M * ke) a_copy_.resize(M * ke);
       T* dst = a_copy_.data();
@@ -400,6 +545,7 @@ class Gemm {
  private:
   Path path_;
   bool used_brgemm_ = false;
+  bool amx_configured_ = false;
   std::vector<T> a_copy_;
   std::vector<float> a32_;
   PackedB<T> scratch_;
@@ -463,10 +609,31 @@ inline bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// The fused exp/sum/convert row pass with the hardware fp32 -> bf16 conversion.
+// 2^x for 16 floats: x = n + f with |f| <= 1/2, 2^f by a degree-4 minimax polynomial
+// (relative error 2.7e-6: far below half an ulp of bf16, and it keeps the fp32 row sums, hence
+// the logsumexp output, accurate to a few 1e-6), 2^n applied with vscalefps. Inputs below -127
+// give 0 or a denormal (-inf included); NaN propagates; large inputs give +inf (the caller redoes
+// such rows against a larger maximum).
+inline __m512 exp2_avx512_low(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // NaN in x is returned as is
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00957008265f), f, _mm512_set1_ps(0.0559178442f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121791f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999285f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// The fused row pass for bf16 probabilities: out[i] = exp(s[i] * scale - shift) rounded to
+// bf16 (hardware conversion), the fp32 sum returned, max(s[i] * scale - shift) in *xmax.
+// Computed as 2^(s * scale * log2e - shift * log2e), so the exponential costs one FMA less.
 __attribute__((target("avx512bf16"))) inline float row_exp_sum_bf16_native(
     const float* s, int64_t n, float scale, float shift, c10::BFloat16* out, float* xmax) {
-  const __m512 vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(shift);
+  const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
   __m512 vsum = _mm512_setzero_ps();
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
@@ -474,8 +641,8 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_bf16_native(
     const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vscale, vshift);
     const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vscale, vshift);
     vmax = _mm512_max_ps(vmax, _mm512_max_ps(x0, x1));
-    const __m512 e0 = exp_avx512<4>(x0);
-    const __m512 e1 = exp_avx512<4>(x1);
+    const __m512 e0 = exp2_avx512_low(x0);
+    const __m512 e1 = exp2_avx512_low(x1);
     vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
     _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
   }
@@ -484,11 +651,11 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_bf16_native(
     const __mmask16 k = static_cast<__mmask16>((1u << r) - 1);
     const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vscale, vshift);
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp_avx512<4>(x));
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512_low(x));
     vsum = _mm512_add_ps(vsum, e);
     _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
   }
-  *xmax = _mm512_reduce_max_ps(vmax);
+  *xmax = _mm512_reduce_max_ps(vmax) * kLn2;
   return _mm512_reduce_add_ps(vsum);
 }
 #endif
@@ -668,6 +835,9 @@ void copy_padded(const T* a, int64_t ld, int64_t m, int64_t k, int64_t k_even, T
 // ------------------------------------------------------------------------------------------
 
 constexpr int64_t kFwdBlockQ = 128;
+// With AMX the GEMMs are fast enough that the score tile's trip through the cache matters:
+// 64 rows keep it (64 x 512 fp32) mostly in L2's nearest ways and measured best here.
+constexpr int64_t kFwdBlockQAmx = 64;
 constexpr int64_t kFwdBlockKV = 512;
 constexpr int64_t kFwdMaxChunkRows = 4096;
 constexpr float kLazyMax = 8.f;
@@ -873,10 +1043,19 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   if (L <= kDecodeMaxLen && group * L <= kDecodeMaxRows) return decode_impl<T>(p);
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  const int64_t BQ = env_int("AIGC_EXT_CPU_BLOCK_Q", kFwdBlockQ);
-  const int64_t BK = std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", kFwdBlockKV), round_up(S, kPackN));
+  bool amx = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  amx = std::is_same_v<T, c10::BFloat16> && opt.use_amx && cpu_has_amx_bf16();
+#endif
+  // The AMX path computes whole 16-row tiles: blocks of query rows are multiples of 16.
+  const int64_t BQ =
+      round_up(env_int("AIGC_EXT_CPU_BLOCK_Q", amx ? kFwdBlockQAmx : kFwdBlockQ), amx ? 16 : 1);
+  // Key blocks are multiples of 32 so that padded probability rows (to k_align) stay in a row.
+  const int64_t BK =
+      round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", kFwdBlockKV), round_up(S, kPackN)), 32);
   const int64_t ev_pad = round_up(Ev, kPackN);
-  const int64_t e_even = round_up(E, 2);
+  const int64_t k_align = amx ? 32 : brgemm ? 2 : 1;
+  const int64_t e_even = round_up(E, k_align);
   const size_t mesize = mask_elem_size(p, sizeof(T));
 
   const int64_t nthreads = at::get_num_threads();
@@ -892,14 +1071,15 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pk, pv;
-    gemm.configure(brgemm, use_f32_brgemm());
-    A* sbuf = thread_buffer<A, 0>(BQ * BK);
+    gemm.configure(brgemm, use_f32_brgemm(), amx);
+    // Row strides a little past BK: rows 2^k bytes apart would share a few cache sets.
+    const int64_t lds = BK + 16, ldp = BK + 32;
+    A* sbuf = thread_buffer<A, 0>(BQ * lds);
     A* acc = thread_buffer<A, 1>(chunk_rows * ev_pad);
     A* m = thread_buffer<A, 2>(chunk_rows);
     A* l = thread_buffer<A, 3>(chunk_rows);
-    T* pbuf = thread_buffer<T, 4>(BQ * BK);
-    const bool pad_q = brgemm && e_even != E;
-    T* qpad = thread_buffer<T, 5>(pad_q ? BQ * e_even : 0);
+    T* pbuf = thread_buffer<T, 4>(BQ * ldp);
+    T* qpad = thread_buffer<T, 5>(e_even != E || amx ? BQ * e_even : 0);
     for (int64_t t = next++; t < ntasks; t = next++) {
       // Largest chunks first: with causal masking the last rows carry the most work.
       const int64_t c = chunks - 1 - t % chunks, bh = t / chunks;
@@ -922,19 +1102,25 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
           if (p.is_causal && q1 <= n0) continue;  // every row of this block precedes the keys
           const T* qa = qp + q0 * p.q_stride_l;
           int64_t lda = p.q_stride_l;
-          if (pad_q) {
+          // The AMX tiles read 16 whole rows: a ragged block goes through the padded copy too.
+          const int64_t bq_pad = round_up(bq, amx ? 16 : 1);
+          if (e_even != E || bq_pad != bq) {
             copy_padded(qa, lda, bq, E, e_even, qpad);
+            std::fill(qpad + bq * e_even, qpad + bq_pad * e_even, T(0));
             qa = qpad;
             lda = e_even;
           }
           // With causal masking the keys at or beyond q1 are hidden from the whole block.
           const int64_t bn_q = p.is_causal ? std::min(bn, q1 - n0) : bn;
-          const int64_t bn_q_even = round_up(bn_q, 2);
-          gemm.run(bq, qa, lda, pk, sbuf, BK, /*add=*/false, bn_q);
+          const int64_t bn_q_even = round_up(bn_q, k_align);
+          gemm.run(bq, qa, lda, pk, sbuf, lds, /*add=*/false, bn_q);
+          // Probability rows past bq are read by the AMX tiles: keep them zero.
+          if (bq_pad != bq) std::fill(pbuf + bq * ldp, pbuf + bq_pad * ldp, T(0));
 
-          for (int64_t r = 0; r < bq; ++r) {
+          static const bool dbg_skip = std::getenv("DBG_SKIP") != nullptr;
+          for (int64_t r = 0; r < (dbg_skip ? 0 : bq); ++r) {
             const int64_t i = q0 + r, ri = i - r0;
-            A* s = sbuf + r * BK;
+            A* s = sbuf + r * lds;
             const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn_q) : bn;
             A eff_scale = scale;
             if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
@@ -949,7 +1135,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
               // own maximum in the same pass; only when it exceeds m by more than kLazyMax
               // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
               // redone against the new maximum and the accumulator rescaled.
-              T* pr = pbuf + r * BK;
+              T* pr = pbuf + r * ldp;
               A sum = 0;
               bool visible = valid > 0;
               if (visible && m[ri] == neg_inf<A>()) {
@@ -989,12 +1175,15 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             }
           }
           const T* pa;
+          int64_t ldpa;
           if constexpr (std::is_same_v<T, double>) {
             pa = sbuf;
+            ldpa = lds;
           } else {
             pa = pbuf;
+            ldpa = ldp;
           }
-          gemm.run(bq, pa, BK, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/true, -1, bn_q);
+          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/true, -1, bn_q);
         }
       }
       // Normalise and write out.
