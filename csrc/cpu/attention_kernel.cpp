@@ -578,11 +578,10 @@ inline A row_max(const A* s, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// exp(x) for 16 floats: x = n*ln2 + r with |r| <= ln2/2, e^r by a Taylor polynomial of degree
-// kDegree (6: relative error ~1e-7, for fp32 outputs; 4: ~4e-5, enough for probabilities that
-// are rounded to bf16/fp16 anyway), 2^n applied with vscalefps. Inputs below -126.5 give exactly
-// 0 (-inf included); NaN propagates.
-template <int kDegree>
+// exp(x) for 16 floats: x = n*ln2 + r with |r| <= ln2/2 (ln2 split in two for the reduction),
+// e^r by its Taylor polynomial of degree 6 (relative error ~1e-7), 2^n applied with vscalefps.
+// Inputs below -126.5 give exactly 0 (-inf included); NaN propagates. Used where the
+// exponentials are stored in fp32 outside the forward's fused row pass.
 inline __m512 exp_avx512(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-126.5f), x);  // NaN in x is returned as is
   x = _mm512_min_ps(_mm512_set1_ps(88.5f), x);
@@ -590,14 +589,9 @@ inline __m512 exp_avx512(__m512 x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p;
-  if constexpr (kDegree >= 6) {
-    p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  } else {
-    p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 24), r, _mm512_set1_ps(1.f / 6));
-  }
-  if constexpr (kDegree >= 6) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
@@ -609,30 +603,48 @@ inline bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// 2^x for 16 floats: x = n + f with |f| <= 1/2, 2^f by a degree-4 minimax polynomial
-// (relative error 2.7e-6: far below half an ulp of bf16, and it keeps the fp32 row sums, hence
-// the logsumexp output, accurate to a few 1e-6), 2^n applied with vscalefps. Inputs below -127
-// give 0 or a denormal (-inf included); NaN propagates; large inputs give +inf (the caller redoes
-// such rows against a larger maximum).
-inline __m512 exp2_avx512_low(__m512 x) {
+// 2^x for 16 floats: x = n + f with |f| <= 1/2, 2^f by a minimax polynomial of degree kDegree
+// (4: relative error 2.7e-6, for probabilities rounded to bf16 next, far below half an ulp;
+// 5: 2.3e-7 evaluated in fp32, for fp32 probabilities), 2^n applied with vscalefps. Inputs
+// below -127 give 0 or a denormal (-inf included); NaN propagates; large inputs give +inf (the
+// caller redoes such rows against a larger maximum).
+template <int kDegree>
+inline __m512 exp2_avx512(__m512 x) {
+  static_assert(kDegree == 4 || kDegree == 5);
   x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // NaN in x is returned as is
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00957008265f), f, _mm512_set1_ps(0.0559178442f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121791f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999285f));
+  __m512 p;
+  if constexpr (kDegree == 4) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.00957008265f), f, _mm512_set1_ps(0.0559178442f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121791f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999285f));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.0013276462f), f, _mm512_set1_ps(0.00967554003f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0555071346f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240221202f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146944f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
+  }
   return _mm512_scalef_ps(p, n);
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
-// The fused row pass for bf16 probabilities: out[i] = exp(s[i] * scale - shift) rounded to
-// bf16 (hardware conversion), the fp32 sum returned, max(s[i] * scale - shift) in *xmax.
-// Computed as 2^(s * scale * log2e - shift * log2e), so the exponential costs one FMA less.
-__attribute__((target("avx512bf16"))) inline float row_exp_sum_bf16_native(
-    const float* s, int64_t n, float scale, float shift, c10::BFloat16* out, float* xmax) {
+// The fused row pass of the forward for bf16 (hardware conversion) and fp32 probabilities:
+// out[i] = exp(s[i] * scale - shift) rounded to T, the fp32 sum returned, max(s[i] * scale -
+// shift) in *xmax. Computed as 2^(s * scale * log2e - shift * log2e), which saves the range
+// reduction's multiply. Marked avx512bf16 for the bf16 conversion; the fp32 instantiation
+// contains no bf16 instruction and runs on any AVX-512 CPU.
+template <typename T>
+__attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const float* s, int64_t n,
+                                                                      float scale, float shift,
+                                                                      T* out, float* xmax) {
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  static_assert(kBf16 || std::is_same_v<T, float>);
+  constexpr int kDegree = kBf16 ? 4 : 5;
   const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
   __m512 vsum = _mm512_setzero_ps();
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -641,19 +653,28 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_bf16_native(
     const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vscale, vshift);
     const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vscale, vshift);
     vmax = _mm512_max_ps(vmax, _mm512_max_ps(x0, x1));
-    const __m512 e0 = exp2_avx512_low(x0);
-    const __m512 e1 = exp2_avx512_low(x1);
+    const __m512 e0 = exp2_avx512<kDegree>(x0);
+    const __m512 e1 = exp2_avx512<kDegree>(x1);
     vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
-    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    if constexpr (kBf16) {
+      _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    } else {
+      _mm512_storeu_ps(out + i, e0);
+      _mm512_storeu_ps(out + i + 16, e1);
+    }
   }
   for (; i < n; i += 16) {
     const int64_t r = std::min<int64_t>(16, n - i);
     const __mmask16 k = static_cast<__mmask16>((1u << r) - 1);
     const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vscale, vshift);
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512_low(x));
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<kDegree>(x));
     vsum = _mm512_add_ps(vsum, e);
-    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    if constexpr (kBf16) {
+      _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    } else {
+      _mm512_mask_storeu_ps(out + i, k, e);
+    }
   }
   *xmax = _mm512_reduce_max_ps(vmax) * kLn2;
   return _mm512_reduce_add_ps(vsum);
@@ -664,7 +685,7 @@ template <typename A>
 inline Vectorized<A> vexp(const Vectorized<A>& x) {
   if constexpr (std::is_same_v<A, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    return Vectorized<float>(exp_avx512<6>(x));
+    return Vectorized<float>(exp_avx512(x));
 #else
     return x.exp_u20();
 #endif
@@ -702,8 +723,9 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
                             float* xmax) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (cpu_has_avx512_bf16()) return row_exp_sum_bf16_native(s, n, scale, shift, out, xmax);
+    if (cpu_has_avx512_bf16()) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
   }
+  if constexpr (std::is_same_v<T, float>) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
 #endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;
@@ -839,6 +861,9 @@ constexpr int64_t kFwdBlockQ = 128;
 // 64 rows keep it (64 x 512 fp32) mostly in L2's nearest ways and measured best here.
 constexpr int64_t kFwdBlockQAmx = 64;
 constexpr int64_t kFwdBlockKV = 512;
+// fp32 through the JIT brgemm: the GEMMs run near the FMA peak and the score tile's trips
+// through the cache dominate the rest, so 128 x 128 tiles (64 KiB of scores) measured best.
+constexpr int64_t kFwdBlockKVF32 = 128;
 constexpr int64_t kFwdMaxChunkRows = 4096;
 constexpr float kLazyMax = 8.f;
 
@@ -1043,6 +1068,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   if (L <= kDecodeMaxLen && group * L <= kDecodeMaxRows) return decode_impl<T>(p);
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  const bool f32_brgemm = std::is_same_v<T, float> && use_f32_brgemm();
   bool amx = false;
 #if defined(CPU_CAPABILITY_AVX512)
   amx = std::is_same_v<T, c10::BFloat16> && opt.use_amx && cpu_has_amx_bf16();
@@ -1052,7 +1078,9 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
       round_up(env_int("AIGC_EXT_CPU_BLOCK_Q", amx ? kFwdBlockQAmx : kFwdBlockQ), amx ? 16 : 1);
   // Key blocks are multiples of 32 so that padded probability rows (to k_align) stay in a row.
   const int64_t BK =
-      round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", kFwdBlockKV), round_up(S, kPackN)), 32);
+      round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", f32_brgemm ? kFwdBlockKVF32 : kFwdBlockKV),
+                        round_up(S, kPackN)),
+               32);
   const int64_t ev_pad = round_up(Ev, kPackN);
   const int64_t k_align = amx ? 32 : brgemm ? 2 : 1;
   const int64_t e_even = round_up(E, k_align);
