@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -89,7 +90,17 @@ _by_priority: list[Backend] = []  # _registry's values, highest priority first
 _unavailable: dict[str, str | None] = {}  # cached why_unavailable() per backend
 _lock = threading.Lock()
 _warned: set[str] = set()
-_override = threading.local()
+
+
+class _Override(threading.local):
+    """Per thread: the stack of backend names forced by :func:`use_backend`, innermost last."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_override = _Override()
+_plugins: ModuleType | None = None  # aigc_ext.plugins, imported on first use (see _ensure_plugins)
 
 
 def register_backend(
@@ -147,10 +158,17 @@ def _unregister_backend(name: str) -> None:
 
 
 def _ensure_plugins() -> None:
-    """Loads the plugins (the built-in backends among them) on first use."""
-    from aigc_ext import plugins
+    """Loads the plugins (the built-in backends among them) on first use.
 
-    plugins.load()
+    ``aigc_ext.plugins`` is imported here, not at ``import aigc_ext``; the module is kept so that
+    later calls (one per attention call) skip the import statement.
+    """
+    global _plugins
+    if _plugins is None:
+        from aigc_ext import plugins
+
+        _plugins = plugins
+    _plugins.load()
 
 
 def get_backend(name: str) -> Backend:
@@ -186,7 +204,7 @@ def backends() -> list[BackendInfo]:
 
 def current_backend_override() -> str | None:
     """The backend forced by :func:`use_backend` on this thread, else by ``AIGC_EXT_BACKEND``."""
-    stack = getattr(_override, "stack", None)
+    stack = _override.stack
     if stack:
         return stack[-1]
     return os.environ.get("AIGC_EXT_BACKEND") or None
@@ -203,9 +221,7 @@ def use_backend(name: str) -> Iterator[Backend]:
     reason = _why_unavailable(backend)
     if reason is not None:
         raise BackendError(f"attention backend {name!r} is not available: {reason}")
-    stack = getattr(_override, "stack", None)
-    if stack is None:
-        stack = _override.stack = []
+    stack = _override.stack
     stack.append(name)
     try:
         yield backend

@@ -28,18 +28,22 @@ class OpLayout:
         self.out_shape = out_shape
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
-        return out.reshape(self.out_shape)
+        out_shape = self.out_shape
+        # 4-D calls (the common case) need no reshape: skip making a view of the same shape.
+        return out if out.shape == out_shape else out.reshape(out_shape)
 
 
-def _to_4d(t: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-    """(*lead, N, D) -> (B, H, N, D) with B = prod(lead[:-1]) (1 if none), H = lead[-1]."""
-    if len(lead) == 0:
-        return t.reshape(1, 1, *t.shape[-2:])
-    if len(lead) == 1:
-        return t.unsqueeze(0)
-    if len(lead) == 2:
+def _to_4d(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` of ``shape`` (*lead, N, D) -> (B, H, N, D) with B = prod(lead[:-1]) (1 if none),
+    H = lead[-1]."""
+    rank = len(shape)
+    if rank == 4:
         return t
-    return t.reshape(-1, lead[-1], *t.shape[-2:])
+    if rank == 2:
+        return t.reshape(1, 1, *shape)
+    if rank == 3:
+        return t.unsqueeze(0)
+    return t.reshape(-1, shape[-3], *shape[-2:])
 
 
 def to_op_layout(
@@ -56,17 +60,21 @@ def to_op_layout(
     Key/value batch dims that broadcast to the query's are expanded; their head count stays
     (GQA is served by the operator directly).
     """
-    lead_q = tuple(query.shape[:-2])
-    if query.dim() >= 3 and key.shape[:-3] != query.shape[:-3]:
-        kv_lead = (*lead_q[:-1], key.shape[-3])
-        key = key.expand(*kv_lead, *key.shape[-2:])
+    # Plain tuples: slicing a torch.Size costs several times more.
+    q_shape, k_shape = tuple(query.shape), tuple(key.shape)
+    lead_q = q_shape[:-2]
+    if len(q_shape) >= 3 and k_shape[:-3] != q_shape[:-3]:
+        kv_lead = (*lead_q[:-1], k_shape[-3])
+        key = key.expand(*kv_lead, *k_shape[-2:])
         value = value.expand(*kv_lead, *value.shape[-2:])
-    q4 = _to_4d(query, lead_q)
-    k4 = _to_4d(key, tuple(key.shape[:-2]))
-    v4 = _to_4d(value, tuple(value.shape[:-2]))
+        k_shape = tuple(key.shape)
+    v_shape = tuple(value.shape)
+    q4 = _to_4d(query, q_shape)
+    k4 = _to_4d(key, k_shape)
+    v4 = _to_4d(value, v_shape)
     mask4 = None
     if attn_mask is not None:
-        target = (*lead_q, query.shape[-2], key.shape[-2])
+        target = (*q_shape[:-1], k_shape[-2])
         m = attn_mask
         if m.dim() < len(target):
             m = m.reshape((1,) * (len(target) - m.dim()) + tuple(m.shape))
@@ -77,7 +85,7 @@ def to_op_layout(
         elif len(target) == 2:
             m = m.reshape(1, 1, *m.shape)
         mask4 = m
-    out_shape = (*lead_q, query.shape[-2], value.shape[-1])
+    out_shape = (*q_shape[:-1], v_shape[-1])
     return OpLayout(q4, k4, v4, mask4, out_shape)
 
 

@@ -7,7 +7,7 @@ argument and the shapes involved, before any kernel runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -36,6 +36,37 @@ class AttentionCall:
     is_causal: bool
     scale: float
     enable_gqa: bool
+
+
+_calls: dict[tuple, AttentionCall] = {}  # memo of _describe, keyed by the field values
+_MAX_CALLS = 1024
+_FIELDS = [f.name for f in fields(AttentionCall)]
+_DROPOUT_P, _SCALE = _FIELDS.index("dropout_p"), _FIELDS.index("scale")
+
+
+def _describe(*values: object) -> AttentionCall:
+    """``AttentionCall(values[0].type, *values[1:])``: ``values`` are the fields in order, except
+    that the first is the device itself (reading ``device.type`` costs more than the memo).
+
+    This runs at every attention call, and the ``__init__`` of a frozen dataclass (16
+    ``object.__setattr__`` calls) costs about as much as all the checks together. A model
+    makes the same few calls over and over and the description is immutable, so each distinct
+    one is built once and shared. 0.0 and -0.0 compare equal but are different values, so a
+    ``dropout_p`` or ``scale`` with the sign bit set bypasses the memo; so does
+    ``torch.compile``, which traces the constructor.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or math.copysign(1.0, values[_DROPOUT_P]) < 0.0
+        or math.copysign(1.0, values[_SCALE]) < 0.0
+    ):
+        return AttentionCall(values[0].type, *values[1:])
+    call = _calls.get(values)
+    if call is None:
+        if len(_calls) >= _MAX_CALLS:  # e.g. a new key length at every generation step
+            _calls.clear()
+        call = _calls[values] = AttentionCall(values[0].type, *values[1:])
+    return call
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -69,7 +100,11 @@ def validate_sdpa_args(
     scale: float | None,
     enable_gqa: bool,
 ) -> AttentionCall:
-    """Checks the arguments of ``scaled_dot_product_attention`` and describes the call."""
+    """Checks the arguments of ``scaled_dot_product_attention`` and describes the call.
+
+    This runs on every attention call, so each tensor's shape, dtype and device is read once
+    into a local; the checks (and so which error a bad call gets) keep their order.
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scaled_dot_product_attention: {name} must be a Tensor, got {type(t)}")
@@ -78,41 +113,48 @@ def validate_sdpa_args(
                 f"scaled_dot_product_attention: {name} must have at least 2 dims (..., seq, dim); "
                 f"got shape {_shape(t)}"
             )
-    if not (query.dtype == key.dtype == value.dtype):
+    # Plain tuples: slicing a torch.Size costs several times more.
+    q_shape, k_shape, v_shape = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    dtype = query.dtype
+    if not (dtype == key.dtype == value.dtype):
         raise ValueError(
             "scaled_dot_product_attention: query, key and value must have the same dtype; got "
-            f"{query.dtype}, {key.dtype}, {value.dtype} ({_qkv(query, key, value)})"
+            f"{dtype}, {key.dtype}, {value.dtype} ({_qkv(query, key, value)})"
         )
-    if query.dtype not in SUPPORTED_DTYPES:
+    if dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"scaled_dot_product_attention: query, key and value have unsupported dtype "
-            f"{query.dtype}; expected one of {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
+            f"{dtype}; expected one of {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
             f"({_qkv(query, key, value)})"
         )
-    if not (query.device == key.device == value.device):
+    device = query.device
+    if not (device == key.device == value.device):
         raise ValueError(
             "scaled_dot_product_attention: query, key and value must be on the same device; got "
-            f"{query.device}, {key.device}, {value.device} ({_qkv(query, key, value)})"
+            f"{device}, {key.device}, {value.device} ({_qkv(query, key, value)})"
         )
-    if not (query.dim() == key.dim() == value.dim()):
+    rank = len(q_shape)
+    if not (rank == len(k_shape) == len(v_shape)):
         raise ValueError(
             f"scaled_dot_product_attention: query, key and value must have the same rank; got {_qkv(query, key, value)}"
         )
-    if key.shape[-1] != query.shape[-1]:
+    head_dim = q_shape[-1]
+    if k_shape[-1] != head_dim:
         raise ValueError(
             f"scaled_dot_product_attention: query and key head dims differ (last dim); got {_qkv(query, key, value)}"
         )
-    if query.shape[-1] == 0:
+    if head_dim == 0:
         raise ValueError(
             f"scaled_dot_product_attention: head dim of query and key is 0; got {_qkv(query, key, value)}"
         )
-    if key.shape[:-1] != value.shape[:-1]:
+    # Equal shapes (the common case) agree on every dim: no need to slice them.
+    if k_shape != v_shape and k_shape[:-1] != v_shape[:-1]:
         raise ValueError(
             "scaled_dot_product_attention: key and value must agree on every dim but the last; "
             f"got {_qkv(query, key, value)}"
         )
-    heads_q = query.shape[-3] if query.dim() >= 3 else 1
-    heads_kv = key.shape[-3] if key.dim() >= 3 else 1
+    heads_q = q_shape[-3] if rank >= 3 else 1
+    heads_kv = k_shape[-3] if rank >= 3 else 1
     if heads_q != heads_kv:
         if enable_gqa:
             if heads_kv == 0 or heads_q % heads_kv != 0:
@@ -125,13 +167,15 @@ def validate_sdpa_args(
                 "scaled_dot_product_attention: query and key/value head counts (dim -3) differ; "
                 f"pass enable_gqa=True for grouped-query attention; got {_qkv(query, key, value)}"
             )
-    lead_q, lead_k = tuple(query.shape[:-3]), tuple(key.shape[:-3])
-    if query.dim() >= 3 and _broadcast(lead_q, lead_k) != lead_q:
-        raise ValueError(
-            "scaled_dot_product_attention: batch dims of key/value must match or broadcast to "
-            f"those of query; got {_qkv(query, key, value)}"
-        )
-    if query.dim() == 3 and key.shape[0] not in (1, query.shape[0]):
+    if rank >= 3:
+        lead_q, lead_k = q_shape[:-3], k_shape[:-3]
+        # Equal batch dims (the common case) broadcast trivially.
+        if lead_q != lead_k and _broadcast(lead_q, lead_k) != lead_q:
+            raise ValueError(
+                "scaled_dot_product_attention: batch dims of key/value must match or broadcast to "
+                f"those of query; got {_qkv(query, key, value)}"
+            )
+    if rank == 3 and k_shape[0] not in (1, q_shape[0]):
         raise ValueError(
             f"scaled_dot_product_attention: batch dims of query and key/value differ; got {_qkv(query, key, value)}"
         )
@@ -143,18 +187,20 @@ def validate_sdpa_args(
                 f"scaled_dot_product_attention: attn_mask must be a Tensor or None, got {type(attn_mask)}"
             )
         mask_dtype = attn_mask.dtype
-        if mask_dtype not in (torch.bool, query.dtype, torch.float32):
+        if mask_dtype not in (torch.bool, dtype, torch.float32):
             raise ValueError(
                 "scaled_dot_product_attention: attn_mask must be bool, float32 or the query dtype "
-                f"({query.dtype}); got {mask_dtype} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
+                f"({dtype}); got {mask_dtype} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
             )
-        if attn_mask.device != query.device:
+        if attn_mask.device != device:
             raise ValueError(
                 f"scaled_dot_product_attention: attn_mask is on {attn_mask.device}, query on "
-                f"{query.device} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
+                f"{device} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
             )
-        target = (*query.shape[:-1], key.shape[-2])
-        if _broadcast(tuple(attn_mask.shape), target) != target:
+        target = (*q_shape[:-1], k_shape[-2])
+        mask_shape = attn_mask.shape
+        # A mask of the full score shape broadcasts trivially.
+        if mask_shape != target and _broadcast(mask_shape, target) != target:
             raise ValueError(
                 f"scaled_dot_product_attention: attn_mask of shape {_shape(attn_mask)} does not "
                 f"broadcast to the score shape {target} (query {_shape(query)}, key {_shape(key)})"
@@ -165,26 +211,26 @@ def validate_sdpa_args(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1]; got {dropout_p}"
         )
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
+        scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(
             f"scaled_dot_product_attention: scale must be a finite number; got {scale}"
         )
-    return AttentionCall(
-        device_type=query.device.type,
-        dtype=query.dtype,
-        batch_shape=tuple(query.shape[:-2]),
-        heads_q=heads_q,
-        heads_kv=heads_kv,
-        len_q=query.shape[-2],
-        len_kv=key.shape[-2],
-        head_dim=query.shape[-1],
-        head_dim_v=value.shape[-1],
-        has_mask=attn_mask is not None,
-        mask_dtype=mask_dtype,
-        mask_requires_grad=mask_requires_grad,
-        dropout_p=float(dropout_p),
-        is_causal=bool(is_causal),
-        scale=float(scale),
-        enable_gqa=bool(enable_gqa),
+    return _describe(
+        device,  # its type is the device_type
+        dtype,
+        q_shape[:-2],  # batch_shape
+        heads_q,
+        heads_kv,
+        q_shape[-2],  # len_q
+        k_shape[-2],  # len_kv
+        head_dim,
+        v_shape[-1],  # head_dim_v
+        attn_mask is not None,  # has_mask
+        mask_dtype,
+        mask_requires_grad,
+        float(dropout_p),
+        bool(is_causal),
+        float(scale),
+        bool(enable_gqa),
     )

@@ -8,13 +8,18 @@ Three implementations run in the same process on the same inputs:
   ``SDPBackend.FLASH_ATTENTION``
 * ``torch-math``  the same restricted to ``SDPBackend.MATH`` (only up to ``--math-max-seq``)
 
-Within each repetition the implementations run one after the other (ours, torch-flash,
-torch-math, ours, ...), so machine noise falls on all of them alike; the reported time is the
-median over ``--reps`` repetitions, after ``--warmup`` untimed rounds.
+Within each repetition the implementations run one after the other, in an order that reverses
+from one repetition to the next (ours, torch-flash, torch-math, then torch-math, torch-flash,
+ours, ...), so machine noise and whatever one call leaves behind in the caches fall on all of
+them alike. The reported time is the median over ``--reps`` repetitions, after ``--warmup``
+untimed rounds.
 
 Throughput counts forward FLOPs as 4*B*H*L*S*E (two matmuls), halved with ``is_causal``;
 forward+backward counts 3.5x the forward (the backward does 2.5x the forward's work).
-``ours/flash`` and ``ours/math`` are throughput ratios: above 1 means ours is faster.
+``ours/flash`` and ``ours/math`` are throughput ratios, above 1 when ours is faster: the median
+over repetitions of the ratio of the two times measured in that repetition. Pairing the times
+of one repetition cancels slow drifts of a shared machine's speed (other tenants, clock
+changes) that a ratio of two separate medians would keep.
 
 ``--memory`` measures instead the peak resident memory a call needs beyond its inputs and
 outputs, each configuration in a fresh process.
@@ -106,7 +111,7 @@ DEFAULTS = {
     "head_dims": [64, 128],
     "causal": [False, True],
     "modes": ["fwd", "fwd+bwd"],
-    "reps": 5,
+    "reps": 9,
 }
 
 
@@ -150,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", help="fwd fwdbwd (default: both)")
     p.add_argument("--causal", nargs="+", help="off on (default: both)")
     p.add_argument("--impls", nargs="+", help="subset of: ours flash math (default: all three)")
-    p.add_argument("--reps", type=int, help="timed repetitions per cell (default: 5, quick: 3)")
+    p.add_argument("--reps", type=int, help="timed repetitions per cell (default: 9, quick: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per cell (default: 1)")
     p.add_argument(
         "--math-max-seq",
@@ -410,7 +415,7 @@ def bench_cell(args, dtype, mode, causal, length, head_dim) -> Row:
     results: dict[str, list[torch.Tensor]] = {}
     times: dict[str, list[float]] = {i: [] for i in impls}
     for rnd in range(args.warmup + args.reps):
-        for impl in impls:
+        for impl in impls if rnd % 2 == 0 else impls[::-1]:
             if impl in row.errors:
                 continue
             try:
@@ -430,15 +435,21 @@ def bench_cell(args, dtype, mode, causal, length, head_dim) -> Row:
         row.times_s[impl] = ts
         row.median_s[impl] = statistics.median(ts)
         row.gflops[impl] = row.gflop / row.median_s[impl]
-    if "ours" in row.gflops and "torch-flash" in row.gflops:
-        row.ratio_flash = row.gflops["ours"] / row.gflops["torch-flash"]
-    if "ours" in row.gflops and "torch-math" in row.gflops:
-        row.ratio_math = row.gflops["ours"] / row.gflops["torch-math"]
+    row.ratio_flash = _paired_ratio(row.times_s, "torch-flash")
+    row.ratio_math = _paired_ratio(row.times_s, "torch-math")
     if "ours" in results and "torch-flash" in results:
         row.max_abs_diff = _max_abs_diff(results["ours"], results["torch-flash"])
     spreads = [(max(t) - min(t)) / statistics.median(t) for t in row.times_s.values() if t]
     row.spread = max(spreads) if spreads else None
     return row
+
+
+def _paired_ratio(times: dict[str, list[float]], other: str) -> float | None:
+    """Median over repetitions of time(other) / time(ours), both timed in that repetition."""
+    ours, theirs = times.get("ours"), times.get(other)
+    if not ours or not theirs or len(ours) != len(theirs):
+        return None
+    return statistics.median(t / o for o, t in zip(ours, theirs, strict=True))
 
 
 TABLE = [
@@ -531,7 +542,7 @@ def print_summary(summary: list[dict]) -> None:
 def run_grid(args) -> tuple[list[Row], list[dict]]:
     print(
         f"grid: B={args.batch} H={args.heads}, reps={args.reps} (median), warmup={args.warmup}, "
-        f"torch-math only where L <= {args.math_max_seq}; order per rep: {', '.join(args.impls)}"
+        f"torch-math only where L <= {args.math_max_seq}; order per rep: {', '.join(args.impls)}, reversed every other rep"
     )
     print()
     print_header()

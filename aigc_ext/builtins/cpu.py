@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from aigc_ext.layout import run_attention_op
 from aigc_ext.validation import SUPPORTED_DTYPES, AttentionCall
 
 __all__ = ["sdpa", "unavailable_reason", "unsupported_reason"]
+
+# aigc_ext.ops, imported by the first call rather than here: a broken build only makes the
+# backend unavailable (see unavailable_reason).
+_ops: ModuleType | None = None
 
 
 def unavailable_reason() -> str | None:
@@ -38,6 +44,9 @@ def sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    from aigc_ext import ops
+    global _ops
+    if _ops is None:
+        from aigc_ext import ops
 
-    return run_attention_op(ops.attention, query, key, value, attn_mask, is_causal, scale)
+        _ops = ops
+    return run_attention_op(_ops.attention, query, key, value, attn_mask, is_causal, scale)
