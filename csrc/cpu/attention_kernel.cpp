@@ -557,18 +557,32 @@ class Gemm {
 
 template <typename A>
 inline A row_max(const A* s, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    // Four independent maxima: one chain would wait out vmaxps's latency at every vector.
+    // NaN is not carried here; it still reaches the output through the exponential.
+    const __m512 lowest = _mm512_set1_ps(neg_inf<float>());
+    __m512 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + i));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + i + 16));
+      m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + i + 32));
+      m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + i + 48));
+    }
+    for (; i < n; i += 16) {
+      const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+      m0 = _mm512_mask_max_ps(m0, k, m0, _mm512_maskz_loadu_ps(k, s + i));
+    }
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  }
+#endif
   using Vec = Vectorized<A>;
   A m = neg_inf<A>();
   int64_t i = 0;
   if (n >= Vec::size()) {
     Vec vm(neg_inf<A>());
     for (; i + Vec::size() <= n; i += Vec::size()) {
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<A, float>) {
-        vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + i));  // NaN still reaches the output via exp
-        continue;
-      }
-#endif
       vm = at::vec::maximum(vm, Vec::loadu(s + i));
     }
     m = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
@@ -646,16 +660,19 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
   static_assert(kBf16 || std::is_same_v<T, float>);
   constexpr int kDegree = kBf16 ? 4 : 5;
   const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
-  __m512 vsum = _mm512_setzero_ps();
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // Two sums and two maxima: independent chains for the two halves of each step.
+  __m512 vsum = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vmax1 = vmax;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vscale, vshift);
     const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vscale, vshift);
-    vmax = _mm512_max_ps(vmax, _mm512_max_ps(x0, x1));
+    vmax = _mm512_max_ps(vmax, x0);
+    vmax1 = _mm512_max_ps(vmax1, x1);
     const __m512 e0 = exp2_avx512<kDegree>(x0);
     const __m512 e1 = exp2_avx512<kDegree>(x1);
-    vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
+    vsum = _mm512_add_ps(vsum, e0);
+    vsum1 = _mm512_add_ps(vsum1, e1);
     if constexpr (kBf16) {
       _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     } else {
@@ -676,8 +693,8 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
       _mm512_mask_storeu_ps(out + i, k, e);
     }
   }
-  *xmax = _mm512_reduce_max_ps(vmax) * kLn2;
-  return _mm512_reduce_add_ps(vsum);
+  *xmax = _mm512_reduce_max_ps(_mm512_max_ps(vmax, vmax1)) * kLn2;
+  return _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
 }
 #endif
 
