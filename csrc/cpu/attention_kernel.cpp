@@ -163,6 +163,20 @@ void transpose_into(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
   constexpr int64_t kB = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kB) {
     const int64_t i1 = std::min(rows, i0 + kB);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      // 16 source rows at a time: one gather per destination row segment.
+      if (i1 - i0 == kB && lds * rows < (int64_t(1) << 31)) {
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(static_cast<int>(lds)));
+        const float* base = src + i0 * lds;
+        for (int64_t j = 0; j < cols; ++j)
+          _mm512_storeu_ps(dst + j * ldd + i0, _mm512_i32gather_ps(idx, base + j, 4));
+        continue;
+      }
+    }
+#endif
     for (int64_t j0 = 0; j0 < cols; j0 += kB) {
       const int64_t j1 = std::min(cols, j0 + kB);
       for (int64_t i = i0; i < i1; ++i) {
@@ -359,10 +373,7 @@ class Gemm {
       pb.n_pad = round_up(N, 16);
       pb.f32.resize(std::max<int64_t>(K * pb.n_pad, 1));
       float* dst = pb.f32.data();
-      for (int64_t n = 0; n < N; ++n) {
-        const T* row = src + n * ld;
-        for (int64_t k = 0; k < K; ++k) dst[k * pb.n_pad + n] = row[k];
-      }
+      if constexpr (std::is_same_v<T, float>) transpose_into(src, ld, N, K, dst, pb.n_pad);
       pb.src = reinterpret_cast<const T*>(dst);
       pb.ld = pb.n_pad;
       pb.trans = false;
