@@ -293,6 +293,21 @@ def machine_info(threads: int) -> dict:
     }
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n^3 matmul in ``dtype`` (best of ``reps``): what the GEMM engines torch
+    uses (MKL for fp32, oneDNN with AMX for bf16) reach on this machine right now. On a shared
+    machine it moves with the load, so it is probed in the same run as the attention numbers."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def print_machine_info(info: dict) -> None:
     print(f"cpu:        {info['cpu_model']} ({', '.join(info['cpu_flags']) or 'no flags read'})")
     print(f"threads:    {info['torch_threads']} (os.cpu_count() = {info['cpu_count']})")
@@ -302,6 +317,9 @@ def print_machine_info(info: dict) -> None:
     if "sha256" in ext:
         print(f"extension:  {ext['path']} ({ext['mtime']}, sha256 {ext['sha256']})")
     print(f"date:       {info['date']}")
+    if "matmul_gflops" in info:
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in info["matmul_gflops"].items())
+        print(f"matmul:     2048^3 GFLOP/s now: {peaks}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
+    if not args.memory:
+        info["matmul_gflops"] = {name: matmul_peak(DTYPES[name]) for name in ("fp32", "bf16")}
     print_machine_info(info)
     print()
     report: dict = {

@@ -1116,7 +1116,10 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
 
   const int64_t nthreads = at::get_num_threads();
   const int64_t nqb = ceil_div(L, BQ);
-  int64_t chunks = std::min(nqb, std::max<int64_t>(1, ceil_div(4 * nthreads, B * Hq)));
+  // About 8 tasks per thread: enough that a core slowed down by another tenant (or a causal
+  // chunk that is all diagonal) leaves little idle time at the end; each extra chunk of a head
+  // packs that head's K and V once more.
+  int64_t chunks = std::min(nqb, std::max<int64_t>(1, ceil_div(8 * nthreads, B * Hq)));
   chunks = std::max(chunks, ceil_div(L, kFwdMaxChunkRows));
   const int64_t blocks_per_chunk = ceil_div(nqb, chunks);
   chunks = ceil_div(nqb, blocks_per_chunk);
