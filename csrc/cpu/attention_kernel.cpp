@@ -301,6 +301,41 @@ void amx_gemm(int64_t M, int64_t N, int64_t ksteps, const c10::BFloat16* a, int6
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The transpose of a 16 x 16 block of 32-bit words (pairs of 16-bit elements): word j of
+// source row i (16 rows of T, ld elements apart, starting at src) goes to word i of output
+// row j (16 rows, out_step elements apart). Unpacks and lane shuffles, no memory round trip.
+template <typename T>
+inline void transpose16x16_words(const T* src, int64_t ld, T* out, int64_t out_step) {
+  static_assert(sizeof(T) == 2);
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Now 128-bit lane L of r[4 g + j] holds rows 4g..4g+3 of word column 4 L + j.
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);           // lanes 0 and 2 of groups 0, 1
+    t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // lanes 1 and 3
+    t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // same for groups 2, 3
+    t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm512_storeu_si512(out + j * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_si512(out + (4 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_si512(out + (8 + j) * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));
+    _mm512_storeu_si512(out + (12 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xDD));
+  }
+}
+#endif
+
 // The B operand of a GEMM, prepared once and reused for several A operands.
 template <typename T>
 struct PackedB {
@@ -440,9 +475,17 @@ class Gemm {
       const __m512i rows =
           _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                              _mm512_set1_epi32(static_cast<int>(ld)));
+      // Consecutive output rows (k pairs) of one 16-column group are this many elements apart.
+      const int64_t out_step = off(1, 0) - off(0, 0);
       for (; n_done + 16 <= N && ld * N < (int64_t(1) << 30); n_done += 16) {
         const T* base = src + n_done * ld;
-        for (int64_t kp = 0; kp < K / 2; ++kp) {
+        int64_t kp = 0;
+        // Whole 16 x 16 blocks of pairs: a register transpose of 32-bit words.
+        if constexpr (sizeof(T) == 2) {
+          for (; kp + 16 <= K / 2; kp += 16)
+            transpose16x16_words(base + 2 * kp, ld, dst + off(kp, n_done), out_step);
+        }
+        for (; kp < K / 2; ++kp) {
           const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(2 * kp)));
           _mm512_storeu_si512(dst + off(kp, n_done), _mm512_i32gather_epi32(idx, base, 2));
         }
