@@ -1193,7 +1193,8 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
       const int64_t kv_end = p.is_causal ? std::min(r1, S) : S;
       std::fill(m, m + (r1 - r0), neg_inf<A>());
       std::fill(l, l + (r1 - r0), A(0));
-      std::fill(acc, acc + (r1 - r0) * ev_pad, A(0));
+      // acc needs no clearing: the first key block (n0 = 0, which every query block visits)
+      // writes it instead of adding to it.
 
       for (int64_t n0 = 0; n0 < kv_end; n0 += BK) {
         const int64_t bn = std::min(BK, kv_end - n0);
@@ -1285,7 +1286,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             pa = pbuf;
             ldpa = ldp;
           }
-          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/true, -1, bn_q);
+          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/n0 > 0, -1, bn_q);
         }
       }
       // Normalise and write out.
