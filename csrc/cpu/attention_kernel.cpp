@@ -32,6 +32,15 @@
 
 #include "cpu/attention.h"
 
+// The AMX tile code needs the compiler's AMX intrinsics (GCC 11, clang 12 and later); without
+// them bf16 GEMMs go through torch's brgemm only.
+#if defined(CPU_CAPABILITY_AVX512) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define AIGC_EXT_AMX 1
+#else
+#define AIGC_EXT_AMX 0
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 #include <ATen/cpu/Utils.h>
 #include <cpuid.h>
@@ -187,7 +196,7 @@ void transpose_into(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if AIGC_EXT_AMX
 // ------------------------------------------------------------------------------------------
 // AMX bf16 micro-kernel
 // ------------------------------------------------------------------------------------------
@@ -382,7 +391,7 @@ class Gemm {
   void release() {
     if (used_brgemm_) at::native::cpublas::brgemm_release(path_ == Path::kBrgemm);
     used_brgemm_ = false;
-#if defined(CPU_CAPABILITY_AVX512)
+#if AIGC_EXT_AMX
     if (amx_configured_) amx_release();
 #endif
     amx_configured_ = false;
@@ -537,7 +546,7 @@ class Gemm {
           for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
         return;
       }
-#if defined(CPU_CAPABILITY_AVX512)
+#if AIGC_EXT_AMX
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (path_ == Path::kAmx) {
           if (!amx_configured_) {
@@ -1141,7 +1150,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
   const bool f32_brgemm = std::is_same_v<T, float> && use_f32_brgemm();
   bool amx = false;
-#if defined(CPU_CAPABILITY_AVX512)
+#if AIGC_EXT_AMX
   amx = std::is_same_v<T, c10::BFloat16> && opt.use_amx && cpu_has_amx_bf16();
 #endif
   // The AMX path computes whole 16-row tiles: blocks of query rows are multiples of 16.
