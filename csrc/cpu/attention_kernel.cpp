@@ -399,8 +399,6 @@ class Gemm {
 
   // A operands need a zero-padded number of columns that is a multiple of this.
   int64_t k_align() const { return path_ == Path::kAmx ? 32 : path_ == Path::kBrgemm ? 2 : 1; }
-  // A operands and C need this many readable (and writable) rows: M rounded up to it.
-  int64_t m_align() const { return path_ == Path::kAmx ? 16 : 1; }
 
   // B is logical K x N: element (k, n) is src[k * ld + n], or src[n * ld + k] when trans.
   void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
@@ -938,7 +936,7 @@ void copy_padded(const T* a, int64_t ld, int64_t m, int64_t k, int64_t k_even, T
 
 constexpr int64_t kFwdBlockQ = 128;
 // With AMX the GEMMs are fast enough that the score tile's trip through the cache matters:
-// 64 rows keep it (64 x 512 fp32) mostly in L2's nearest ways and measured best here.
+// 64 rows (a 64 x 512 fp32 score tile) measured best here.
 constexpr int64_t kFwdBlockQAmx = 64;
 constexpr int64_t kFwdBlockKV = 512;
 // fp32 through the JIT brgemm: the GEMMs run near the FMA peak and the score tile's trips
@@ -1182,7 +1180,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pk, pv;
-    gemm.configure(brgemm, use_f32_brgemm(), amx);
+    gemm.configure(brgemm, f32_brgemm, amx);
     // Row strides a little past BK: rows 2^k bytes apart would share a few cache sets.
     const int64_t lds = BK + 16, ldp = BK + 32;
     A* sbuf = thread_buffer<A, 0>(BQ * lds);
@@ -1229,8 +1227,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
           // Probability rows past bq are read by the AMX tiles: keep them zero.
           if (bq_pad != bq) std::fill(pbuf + bq * ldp, pbuf + bq_pad * ldp, T(0));
 
-          static const bool dbg_skip = std::getenv("DBG_SKIP") != nullptr;
-          for (int64_t r = 0; r < (dbg_skip ? 0 : bq); ++r) {
+          for (int64_t r = 0; r < bq; ++r) {
             const int64_t i = q0 + r, ri = i - r0;
             A* s = sbuf + r * lds;
             const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn_q) : bn;
