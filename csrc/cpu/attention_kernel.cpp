@@ -853,6 +853,46 @@ inline void row_scale(A* s, int64_t n, A f) {
   for (; i < n; ++i) s[i] *= f;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((target("avx512bf16"))) inline void scale_to_bf16_avx512(const float* s, int64_t n,
+                                                                       float f,
+                                                                       c10::BFloat16* out) {
+  const __m512 vf = _mm512_set1_ps(f);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_mul_ps(_mm512_loadu_ps(s + i), vf);
+    const __m512 x1 = _mm512_mul_ps(_mm512_loadu_ps(s + i + 16), vf);
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), vf);
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+}
+#endif
+
+// out[i] = s[i] * f rounded to T, for i < n: the forward's final normalisation and down-conversion
+// in one pass (s may be overwritten).
+template <typename A, typename T>
+inline void scale_convert_row(A* s, int64_t n, A f, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    if (cpu_has_avx512_bf16()) return scale_to_bf16_avx512(s, n, f, out);
+  }
+#endif
+  if constexpr (std::is_same_v<A, T>) {
+    using Vec = Vectorized<A>;
+    const Vec vf(f);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(s + i) * vf).store(out + i);
+    for (; i < n; ++i) out[i] = s[i] * f;
+  } else {
+    row_scale(s, n, f);
+    convert_row(s, out, n);
+  }
+}
+
 // Applies scale and the user mask to one row of raw scores: s = s*scale + mask (float masks),
 // or s*scale where the bool mask is true and -inf where it is false.
 template <typename T, typename A>
@@ -1301,8 +1341,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
         A* acc_row = acc + ri * ev_pad;
         T* o = out + ((b * Hq + h) * L + i) * Ev;
         if (l[ri] > A(0)) {
-          row_scale(acc_row, Ev, A(1) / l[ri]);
-          convert_row(acc_row, o, Ev);
+          scale_convert_row(acc_row, Ev, A(1) / l[ri], o);
           lse[(b * Hq + h) * L + i] = m[ri] + std::log(l[ri]);
         } else {
           std::fill(o, o + Ev, T(0));  // no key to attend to: zeros, as torch does
