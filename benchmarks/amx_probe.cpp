@@ -29,17 +29,11 @@
 #include <utility>
 #include <vector>
 
+#include "../csrc/cpu/amx_tiles.h"
+
 namespace {
 
 using bf16 = uint16_t;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 bool has_amx_bf16() {
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -49,15 +43,6 @@ bool has_amx_bf16() {
 
 // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM for XTILEDATA).
 bool request_tile_state() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
-
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  asm volatile("ldtilecfg %0" : : "m"(cfg));
-}
 
 constexpr int kIters = 4096;
 
@@ -147,7 +132,7 @@ int main(int argc, char** argv) {
     std::puts("amx_probe: the kernel refused the AMX tile state (ARCH_REQ_XCOMP_PERM)");
     return 1;
   }
-  configure_tiles();
+  aigc_ext::cpu::amx_load_config(aigc_ext::cpu::amx_full_tiles());
 
   const int M = 64, N = 512, ldc = N + 16;
   std::vector<bf16> small(4096, 0x3f80);  // bf16 1.0

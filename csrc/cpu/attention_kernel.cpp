@@ -30,6 +30,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/attention.h"
 
 // The AMX tile code needs the compiler's AMX intrinsics (GCC 11, clang 12 and later); without
@@ -224,23 +225,9 @@ inline bool cpu_has_amx_bf16() {
   return has;
 }
 
-struct alignas(64) AmxTileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 __attribute__((target("amx-tile"))) void amx_configure() {
-  AmxTileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  // Own asm rather than _tile_loadconfig: GCC 12's intrinsic declares a pointer-sized memory
-  // operand, so the stores filling cfg above could be dropped as dead.
-  asm volatile("ldtilecfg %0" : : "m"(cfg));
+  const AmxTileConfig cfg = amx_full_tiles();
+  amx_load_config(cfg);
 }
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
