@@ -6,10 +6,14 @@
 // program times each on its own, then a 2 x 2 register-blocked kernel of the shape the forward
 // uses (64 query rows x 512 keys x E), with and without its result stores. If loads cost more
 // than multiplies, a kernel that issues one load per multiply (the best 8 tile registers allow
-// with 2 x 2 blocking) is bound by the loads, not by the multiplier.
+// with 2 x 2 blocking) is bound by the loads, not by the multiplier. Last, it puts vector work
+// of three kinds (FMAs on registers, loads, stores) between the GEMM's tile instructions and
+// reports how much of that work's own time the tile code hides: what a kernel can expect from
+// running its softmax between the tile steps of a GEMM.
 //
 // Build and run (x86-64 with AMX-BF16, Linux, GCC 11+ or clang 12+; no torch needed):
-//   g++ -O2 -mamx-tile -mamx-bf16 benchmarks/amx_probe.cpp -o /tmp/amx_probe && /tmp/amx_probe
+//   g++ -O2 -mavx512f -mamx-tile -mamx-bf16 benchmarks/amx_probe.cpp -o /tmp/amx_probe &&
+//   /tmp/amx_probe
 //
 // Times are in TSC ticks (the constant-rate time stamp counter) and nanoseconds: min and median
 // over interleaved rounds, since a shared machine's speed changes while it runs.
@@ -110,6 +114,94 @@ __attribute__((noinline)) void blocked_gemm(int M, int N, int K, const bf16* a, 
   }
 }
 
+// Units of vector work after each tile instruction: about a third of the GEMM's own time in all.
+constexpr int kUnitsPerSlot = 4;
+
+// Vector work of one kind, one unit per call of one(): FMAs on registers only, a 64-byte load, or a
+// 64-byte store, the last two streaming over 16 KiB (L1-resident).
+enum class Work { kNone, kRegisters, kLoads, kStores };
+
+struct VectorWork {
+  __m512 x0 = _mm512_set1_ps(1.0001f), x1 = x0, x2 = x0;
+  float* buf = nullptr;
+  int off = 0;
+
+  template <Work W>
+  inline void unit() {
+    for (int u = 0; u < kUnitsPerSlot; ++u) one<W>();
+  }
+
+  template <Work W>
+  inline void one() {
+    const __m512 c = _mm512_set1_ps(0.999f), d = _mm512_set1_ps(1e-4f);
+    if constexpr (W == Work::kRegisters) {
+      x0 = _mm512_fmadd_ps(x0, c, d);
+      x1 = _mm512_fmadd_ps(x1, c, d);
+      x2 = _mm512_fmadd_ps(x2, c, d);
+    } else if constexpr (W == Work::kLoads) {
+      x0 = _mm512_fmadd_ps(_mm512_loadu_ps(buf + off), c, x0);
+      off = (off + 16) & 4095;
+    } else if constexpr (W == Work::kStores) {
+      _mm512_storeu_ps(buf + off, x0);
+      off = (off + 16) & 4095;
+    }
+  }
+  float sum() const { return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(x0, x1), x2)); }
+};
+
+// blocked_gemm's K loop with kUnitsPerSlot units of vector work after every tile instruction, as
+// a fused kernel would put its softmax between the tile steps of a GEMM.
+template <Work W>
+__attribute__((noinline)) float gemm_with_work(int M, int N, int K, const bf16* a, const bf16* b,
+                                               float* c, int ldc, float* buf) {
+  VectorWork w;
+  w.buf = buf;
+  const int64_t sa = 2 * K, panel = 16 * static_cast<int64_t>(K), sc = 4 * ldc;
+  for (int i = 0; i < M; i += 32) {
+    for (int j = 0; j < N; j += 32) {
+      const bf16* ai = a + static_cast<int64_t>(i) * K;
+      const bf16* bj = b + (j / 16) * panel;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int k = 0; k < K; k += 32) {
+        _tile_loadd(4, ai + k, sa);
+        w.unit<W>();
+        _tile_loadd(6, bj + 16 * k, 64);
+        w.unit<W>();
+        _tile_dpbf16ps(0, 4, 6);
+        w.unit<W>();
+        _tile_loadd(7, bj + panel + 16 * k, 64);
+        w.unit<W>();
+        _tile_dpbf16ps(1, 4, 7);
+        w.unit<W>();
+        _tile_loadd(5, ai + 16 * K + k, sa);
+        w.unit<W>();
+        _tile_dpbf16ps(2, 5, 6);
+        w.unit<W>();
+        _tile_dpbf16ps(3, 5, 7);
+        w.unit<W>();
+      }
+      float* cb = c + static_cast<int64_t>(i) * ldc + j;
+      _tile_stored(0, cb, sc);
+      _tile_stored(1, cb + 16, sc);
+      _tile_stored(2, cb + 16 * ldc, sc);
+      _tile_stored(3, cb + 16 * ldc + 16, sc);
+    }
+  }
+  return w.sum();
+}
+
+// The same vector work as gemm_with_work<W> issues, without the GEMM.
+template <Work W>
+__attribute__((noinline)) float work_alone(int64_t units, float* buf) {
+  VectorWork w;
+  w.buf = buf;
+  for (int64_t u = 0; u < units; ++u) w.one<W>();
+  return w.sum();
+}
+
 struct Probe {
   Probe(std::string n, double o, bool g, std::function<void()> f)
       : name(std::move(n)), ops(o), gflops(g), fn(std::move(f)) {}
@@ -166,8 +258,6 @@ int main(int argc, char** argv) {
       p.ns.push_back(std::chrono::duration<double, std::nano>(t1 - t0).count());
     }
   }
-  _tile_release();
-
   std::printf("%d interleaved rounds; min and median\n\n", rounds);
   std::printf("%-26s %22s %22s\n", "", "TSC ticks / instr", "ns / instr");
   for (auto& p : probes) {
@@ -182,6 +272,79 @@ int main(int argc, char** argv) {
       std::printf("%-26s %10.0f %10.0f  GFLOP/s (max, median), FLOP/tick %.0f\n", p.name.c_str(),
                   p.ops / nmin, p.ops / nmed, p.ops / tmin);
     }
+  }
+
+  // Vector work between tile instructions: how much of it the tile code hides.
+  const int K = 128;
+  const int64_t units = static_cast<int64_t>(M / 32) * (N / 32) * (K / 32) * 8 * kUnitsPerSlot;
+  std::vector<float> buf(4096 + 64, 1.f);
+  volatile float sink = 0;
+  struct Pair {
+    const char* name;
+    std::function<float()> both, alone;
+    std::vector<double> t_both, t_alone;
+  };
+  std::vector<Pair> pairs;
+  pairs.push_back({"none",
+                   [&] {
+                     return gemm_with_work<Work::kNone>(M, N, K, a.data(), b.data(), c.data(), ldc,
+                                                        buf.data());
+                   },
+                   [&] { return 0.f; },
+                   {},
+                   {}});
+  pairs.push_back({"FMAs on registers",
+                   [&] {
+                     return gemm_with_work<Work::kRegisters>(M, N, K, a.data(), b.data(), c.data(),
+                                                             ldc, buf.data());
+                   },
+                   [&] { return work_alone<Work::kRegisters>(units, buf.data()); },
+                   {},
+                   {}});
+  pairs.push_back({"64-byte loads",
+                   [&] {
+                     return gemm_with_work<Work::kLoads>(M, N, K, a.data(), b.data(), c.data(), ldc,
+                                                         buf.data());
+                   },
+                   [&] { return work_alone<Work::kLoads>(units, buf.data()); },
+                   {},
+                   {}});
+  pairs.push_back({"64-byte stores",
+                   [&] {
+                     return gemm_with_work<Work::kStores>(M, N, K, a.data(), b.data(), c.data(),
+                                                          ldc, buf.data());
+                   },
+                   [&] { return work_alone<Work::kStores>(units, buf.data()); },
+                   {},
+                   {}});
+  for (int r = 0; r < rounds; ++r) {
+    for (auto& p : pairs) {
+      auto t0 = std::chrono::steady_clock::now();
+      sink = sink + p.both();
+      auto t1 = std::chrono::steady_clock::now();
+      sink = sink + p.alone();
+      auto t2 = std::chrono::steady_clock::now();
+      p.t_both.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      p.t_alone.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+    }
+  }
+  _tile_release();
+  std::printf(
+      "\nvector work after every tile instruction of the %dx%dx%d GEMM (%lld units; us, min)\n", M,
+      N, K, static_cast<long long>(units));
+  std::printf("%-26s %10s %10s %10s %8s\n", "work", "GEMM+work", "work alone", "GEMM alone",
+              "hidden");
+  const double gemm_alone = *std::min_element(pairs[0].t_both.begin(), pairs[0].t_both.end());
+  for (auto& p : pairs) {
+    const double both = *std::min_element(p.t_both.begin(), p.t_both.end());
+    const double alone = *std::min_element(p.t_alone.begin(), p.t_alone.end());
+    if (&p == &pairs[0]) {
+      std::printf("%-26s %10.1f %10s %10.1f %8s\n", p.name, both, "-", gemm_alone, "-");
+      continue;
+    }
+    // The share of the work's own time that running it inside the GEMM did not add.
+    const double hidden = 100.0 * (gemm_alone + alone - both) / alone;
+    std::printf("%-26s %10.1f %10.1f %10.1f %7.0f%%\n", p.name, both, alone, gemm_alone, hidden);
   }
   return 0;
 }

@@ -27,7 +27,7 @@ def probe_binary(tmp_path_factory) -> Path:
     if compiler is None:
         pytest.skip("no g++ on this machine")
     out = tmp_path_factory.mktemp("amx_probe") / "amx_probe"
-    cmd = [compiler, "-O2", "-mamx-tile", "-mamx-bf16", str(SOURCE), "-o", str(out)]
+    cmd = [compiler, "-O2", "-mavx512f", "-mamx-tile", "-mamx-bf16", str(SOURCE), "-o", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if result.returncode != 0 and "amx" in result.stderr and "unrecognized" in result.stderr:
         pytest.skip(f"this g++ has no AMX support: {result.stderr.strip()[:200]}")
@@ -58,3 +58,14 @@ def test_amx_probe_reports_each_instruction_and_gemm(probe_binary: Path) -> None
         assert 0 < int(median) <= int(best)
         # Leaving the result stores out cannot make the same GEMM much slower.
         assert int(best_ns) > 0.8 * int(best)
+    work = {}
+    for line in text.splitlines():
+        m = re.match(r"^(none|FMAs on registers|64-byte loads|64-byte stores)\s+(.*)$", line)
+        if m:
+            work[m.group(1)] = m.group(2).split()
+    assert list(work) == ["none", "FMAs on registers", "64-byte loads", "64-byte stores"]
+    for name, cells in work.items():
+        both, alone, gemm = cells[0], cells[1], cells[2]
+        assert float(both) > 0 and float(gemm) > 0
+        if name != "none":
+            assert float(alone) > 0 and cells[3].endswith("%")
