@@ -54,6 +54,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -85,6 +86,31 @@ constexpr int64_t kPackN = 64;  // GEMM outputs (C) are padded to a multiple of 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Allocator for the kernel's scratch and packed operands: 64-byte (cache line) alignment. With
+// malloc's 16-byte alignment every 64-byte row of an AMX tile, and every 64-byte vector load or
+// store, would straddle two cache lines; on AMX that makes a tile load several times slower
+// (benchmarks/amx_probe.cpp measures both).
+template <typename T>
+struct CacheAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using AlignedVector = std::vector<T, CacheAligned<T>>;
 
 // Tuning knobs read once from the environment (documented in README.md).
 inline int64_t env_int(const char* name, int64_t fallback) {
@@ -341,10 +367,10 @@ struct PackedB {
   int64_t ld = 0;
   bool trans = false;
   // brgemm path: VNNI layout, K padded to even and N to a multiple of 16.
-  std::vector<T> vnni;
+  AlignedVector<T> vnni;
   int64_t k_even = 0, n_pad = 0;
   // fallback path for bf16/fp16 without brgemm: fp32 copy, row-major K x N.
-  std::vector<float> f32;
+  AlignedVector<float> f32;
 };
 
 // All GEMMs of the kernels go through this class. C always has fp32 (fp64) elements and must
@@ -594,8 +620,8 @@ class Gemm {
   Path path_;
   bool used_brgemm_ = false;
   bool amx_configured_ = false;
-  std::vector<T> a_copy_;
-  std::vector<float> a32_;
+  AlignedVector<T> a_copy_;
+  AlignedVector<float> a32_;
   PackedB<T> scratch_;
 };
 
@@ -934,7 +960,7 @@ inline const char* mask_ptr(const AttentionForwardParams& p, size_t esize, int64
 // element types that coincide (T = float = A), so every use needs its own slot number.
 template <typename X, int kSlot>
 X* thread_buffer(int64_t n) {
-  thread_local std::vector<X> v;
+  thread_local AlignedVector<X> v;
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
 }
