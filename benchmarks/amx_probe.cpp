@@ -28,6 +28,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <utility>
@@ -212,6 +213,30 @@ struct Probe {
   std::vector<double> ticks, ns;
 };
 
+// The probe's buffers inside one page-aligned block, all starting `offset` bytes past a
+// 64-byte boundary. Filled with bf16 1.0 (the bit pattern also reads as a small fp32 number).
+struct Arena {
+  explicit Arena(int off) : offset(off) {
+    constexpr size_t kBytes = 1 << 22;
+    base = static_cast<char*>(std::aligned_alloc(4096, kBytes));
+    for (size_t i = 0; i < kBytes / 2; ++i) reinterpret_cast<bf16*>(base)[i] = 0x3f80;
+    small = reinterpret_cast<bf16*>(base + offset);
+    a = reinterpret_cast<bf16*>(base + (64 << 10) + offset);
+    b = reinterpret_cast<bf16*>(base + (128 << 10) + offset);
+    c = reinterpret_cast<float*>(base + (1 << 20) + offset);
+    out = reinterpret_cast<float*>(base + (2 << 20) + offset);
+    work = reinterpret_cast<float*>(base + (3 << 20) + offset);
+  }
+  ~Arena() { std::free(base); }
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  int offset;
+  char* base;
+  bf16 *small, *a, *b;
+  float *c, *out, *work;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -227,22 +252,31 @@ int main(int argc, char** argv) {
   aigc_ext::cpu::amx_load_config(aigc_ext::cpu::amx_full_tiles());
 
   const int M = 64, N = 512, ldc = N + 16;
-  std::vector<bf16> small(4096, 0x3f80);  // bf16 1.0
-  std::vector<float> out(16 * 1024);
-  std::vector<bf16> a(M * 128, 0x3f80), b(N * 128, 0x3f80);
-  std::vector<float> c(M * ldc);
+  // Every operand twice: at a 64-byte (cache line) boundary, and 16 bytes past one, which is
+  // what malloc and std::vector give. Then each 64-byte row of a tile spans two cache lines.
+  Arena aligned(0), shifted(16);
 
   std::vector<Probe> probes;
-  probes.emplace_back("TILELOADD (L1)", 4.0 * kIters, false, [&] { tile_loads(small.data()); });
-  probes.emplace_back("TDPBF16PS", 4.0 * kIters, false, [&] { tile_multiplies(); });
-  probes.emplace_back("TILESTORED", 4.0 * kIters, false, [&] { tile_stores(out.data()); });
+  for (Arena* m : {&aligned, &shifted}) {
+    const std::string where = m->offset ? ", 16-byte aligned" : ", 64-byte aligned";
+    probes.emplace_back("TILELOADD" + where, 4.0 * kIters, false, [m] { tile_loads(m->small); });
+  }
+  probes.emplace_back("TDPBF16PS", 4.0 * kIters, false, [] { tile_multiplies(); });
+  for (Arena* m : {&aligned, &shifted}) {
+    const std::string where = m->offset ? ", 16-byte aligned" : ", 64-byte aligned";
+    probes.emplace_back("TILESTORED" + where, 4.0 * kIters, false, [m] { tile_stores(m->out); });
+  }
   for (int K : {64, 128}) {
     const double flop = 2.0 * M * N * K;
     const std::string shape = std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K);
-    probes.emplace_back("2x2 GEMM " + shape, flop, true,
-                        [&, K] { blocked_gemm<true>(M, N, K, a.data(), b.data(), c.data(), ldc); });
-    probes.emplace_back("  same, no stores", flop, true, [&, K] {
-      blocked_gemm<false>(M, N, K, a.data(), b.data(), c.data(), ldc);
+    probes.emplace_back("GEMM " + shape + ", 64-byte", flop, true, [&, K] {
+      blocked_gemm<true>(M, N, K, aligned.a, aligned.b, aligned.c, ldc);
+    });
+    probes.emplace_back("  same, no result stores", flop, true, [&, K] {
+      blocked_gemm<false>(M, N, K, aligned.a, aligned.b, aligned.c, ldc);
+    });
+    probes.emplace_back("  same, 16-byte aligned", flop, true, [&, K] {
+      blocked_gemm<true>(M, N, K, shifted.a, shifted.b, shifted.c, ldc);
     });
   }
 
@@ -259,17 +293,17 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("%d interleaved rounds; min and median\n\n", rounds);
-  std::printf("%-26s %22s %22s\n", "", "TSC ticks / instr", "ns / instr");
+  std::printf("%-30s %22s %22s\n", "", "TSC ticks / instr", "ns / instr");
   for (auto& p : probes) {
     std::sort(p.ticks.begin(), p.ticks.end());
     std::sort(p.ns.begin(), p.ns.end());
     const double tmin = p.ticks.front(), tmed = p.ticks[p.ticks.size() / 2];
     const double nmin = p.ns.front(), nmed = p.ns[p.ns.size() / 2];
     if (!p.gflops) {
-      std::printf("%-26s %10.1f %10.1f  %10.2f %10.2f\n", p.name.c_str(), tmin / p.ops,
+      std::printf("%-30s %10.1f %10.1f  %10.2f %10.2f\n", p.name.c_str(), tmin / p.ops,
                   tmed / p.ops, nmin / p.ops, nmed / p.ops);
     } else {
-      std::printf("%-26s %10.0f %10.0f  GFLOP/s (max, median), FLOP/tick %.0f\n", p.name.c_str(),
+      std::printf("%-30s %10.0f %10.0f  GFLOP/s (max, median), FLOP/tick %.0f\n", p.name.c_str(),
                   p.ops / nmin, p.ops / nmed, p.ops / tmin);
     }
   }
@@ -277,7 +311,7 @@ int main(int argc, char** argv) {
   // Vector work between tile instructions: how much of it the tile code hides.
   const int K = 128;
   const int64_t units = static_cast<int64_t>(M / 32) * (N / 32) * (K / 32) * 8 * kUnitsPerSlot;
-  std::vector<float> buf(4096 + 64, 1.f);
+  float* buf = aligned.work;
   volatile float sink = 0;
   struct Pair {
     const char* name;
@@ -287,34 +321,34 @@ int main(int argc, char** argv) {
   std::vector<Pair> pairs;
   pairs.push_back({"none",
                    [&] {
-                     return gemm_with_work<Work::kNone>(M, N, K, a.data(), b.data(), c.data(), ldc,
-                                                        buf.data());
+                     return gemm_with_work<Work::kNone>(M, N, K, aligned.a, aligned.b, aligned.c,
+                                                        ldc, buf);
                    },
                    [&] { return 0.f; },
                    {},
                    {}});
   pairs.push_back({"FMAs on registers",
                    [&] {
-                     return gemm_with_work<Work::kRegisters>(M, N, K, a.data(), b.data(), c.data(),
-                                                             ldc, buf.data());
+                     return gemm_with_work<Work::kRegisters>(M, N, K, aligned.a, aligned.b,
+                                                             aligned.c, ldc, buf);
                    },
-                   [&] { return work_alone<Work::kRegisters>(units, buf.data()); },
+                   [&] { return work_alone<Work::kRegisters>(units, buf); },
                    {},
                    {}});
   pairs.push_back({"64-byte loads",
                    [&] {
-                     return gemm_with_work<Work::kLoads>(M, N, K, a.data(), b.data(), c.data(), ldc,
-                                                         buf.data());
+                     return gemm_with_work<Work::kLoads>(M, N, K, aligned.a, aligned.b, aligned.c,
+                                                         ldc, buf);
                    },
-                   [&] { return work_alone<Work::kLoads>(units, buf.data()); },
+                   [&] { return work_alone<Work::kLoads>(units, buf); },
                    {},
                    {}});
   pairs.push_back({"64-byte stores",
                    [&] {
-                     return gemm_with_work<Work::kStores>(M, N, K, a.data(), b.data(), c.data(),
-                                                          ldc, buf.data());
+                     return gemm_with_work<Work::kStores>(M, N, K, aligned.a, aligned.b, aligned.c,
+                                                          ldc, buf);
                    },
-                   [&] { return work_alone<Work::kStores>(units, buf.data()); },
+                   [&] { return work_alone<Work::kStores>(units, buf); },
                    {},
                    {}});
   for (int r = 0; r < rounds; ++r) {

@@ -45,15 +45,23 @@ def test_amx_probe_reports_each_instruction_and_gemm(probe_binary: Path) -> None
     assert result.returncode == 0, result.stdout + result.stderr
     text = result.stdout
     assert "3 interleaved rounds" in text
-    for name in ("TILELOADD (L1)", "TDPBF16PS", "TILESTORED"):
+    names = [
+        "TILELOADD, 64-byte aligned",
+        "TILELOADD, 16-byte aligned",
+        "TDPBF16PS",
+        "TILESTORED, 64-byte aligned",
+        "TILESTORED, 16-byte aligned",
+    ]
+    for name in names:
         line = next(ln for ln in text.splitlines() if ln.startswith(name))
         ticks_min, ticks_med, ns_min, ns_med = (float(x) for x in line[len(name) :].split())
         assert 0 < ticks_min <= ticks_med, line
         assert 0 < ns_min <= ns_med, line
-    gemms = re.findall(r"^2x2 GEMM 64x512x(\d+)\s+(\d+)\s+(\d+)", text, flags=re.M)
+    gemms = re.findall(r"^GEMM 64x512x(\d+), 64-byte\s+(\d+)\s+(\d+)", text, flags=re.M)
     assert [k for k, _, _ in gemms] == ["64", "128"]
-    no_stores = re.findall(r"^  same, no stores\s+(\d+)\s+(\d+)", text, flags=re.M)
-    assert len(no_stores) == 2
+    no_stores = re.findall(r"^  same, no result stores\s+(\d+)\s+(\d+)", text, flags=re.M)
+    shifted = re.findall(r"^  same, 16-byte aligned\s+(\d+)\s+(\d+)", text, flags=re.M)
+    assert len(no_stores) == 2 and len(shifted) == 2
     for (_, best, median), (best_ns, _) in zip(gemms, no_stores, strict=True):
         assert 0 < int(median) <= int(best)
         # Leaving the result stores out cannot make the same GEMM much slower.
