@@ -80,41 +80,6 @@ __attribute__((noinline)) void tile_stores(float* c) {
   }
 }
 
-// C[M x N] = A[M x K] B with 32 x 32 blocks in tiles 0-3, A rows in 4-5, B panels in 6-7. B is
-// in VNNI panels of 16 columns (K/2 x 16 x 2 each), as the attention kernel packs K^T and V.
-template <bool kStore>
-__attribute__((noinline)) void blocked_gemm(int M, int N, int K, const bf16* a, const bf16* b,
-                                            float* c, int ldc) {
-  const int64_t sa = 2 * K, panel = 16 * static_cast<int64_t>(K), sc = 4 * ldc;
-  for (int i = 0; i < M; i += 32) {
-    for (int j = 0; j < N; j += 32) {
-      const bf16* ai = a + static_cast<int64_t>(i) * K;
-      const bf16* bj = b + (j / 16) * panel;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int k = 0; k < K; k += 32) {
-        _tile_loadd(4, ai + k, sa);
-        _tile_loadd(6, bj + 16 * k, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, bj + panel + 16 * k, 64);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, ai + 16 * K + k, sa);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      if (kStore) {
-        float* cb = c + static_cast<int64_t>(i) * ldc + j;
-        _tile_stored(0, cb, sc);
-        _tile_stored(1, cb + 16, sc);
-        _tile_stored(2, cb + 16 * ldc, sc);
-        _tile_stored(3, cb + 16 * ldc + 16, sc);
-      }
-    }
-  }
-}
-
 // Units of vector work after each tile instruction: about a third of the GEMM's own time in all.
 constexpr int kUnitsPerSlot = 4;
 
@@ -150,11 +115,13 @@ struct VectorWork {
   float sum() const { return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(x0, x1), x2)); }
 };
 
-// blocked_gemm's K loop with kUnitsPerSlot units of vector work after every tile instruction, as
+// C[M x N] = A[M x K] B with 32 x 32 blocks in tiles 0-3, A rows in 4-5, B panels in 6-7. B is
+// in VNNI panels of 16 columns (K/2 x 16 x 2 each), as the attention kernel packs K^T and V.
+// With W other than kNone, kUnitsPerSlot units of vector work follow every tile instruction, as
 // a fused kernel would put its softmax between the tile steps of a GEMM.
-template <Work W>
-__attribute__((noinline)) float gemm_with_work(int M, int N, int K, const bf16* a, const bf16* b,
-                                               float* c, int ldc, float* buf) {
+template <bool kStore, Work W = Work::kNone>
+__attribute__((noinline)) float blocked_gemm(int M, int N, int K, const bf16* a, const bf16* b,
+                                             float* c, int ldc, float* buf = nullptr) {
   VectorWork w;
   w.buf = buf;
   const int64_t sa = 2 * K, panel = 16 * static_cast<int64_t>(K), sc = 4 * ldc;
@@ -184,17 +151,19 @@ __attribute__((noinline)) float gemm_with_work(int M, int N, int K, const bf16* 
         _tile_dpbf16ps(3, 5, 7);
         w.unit<W>();
       }
-      float* cb = c + static_cast<int64_t>(i) * ldc + j;
-      _tile_stored(0, cb, sc);
-      _tile_stored(1, cb + 16, sc);
-      _tile_stored(2, cb + 16 * ldc, sc);
-      _tile_stored(3, cb + 16 * ldc + 16, sc);
+      if (kStore) {
+        float* cb = c + static_cast<int64_t>(i) * ldc + j;
+        _tile_stored(0, cb, sc);
+        _tile_stored(1, cb + 16, sc);
+        _tile_stored(2, cb + 16 * ldc, sc);
+        _tile_stored(3, cb + 16 * ldc + 16, sc);
+      }
     }
   }
   return w.sum();
 }
 
-// The same vector work as gemm_with_work<W> issues, without the GEMM.
+// The same vector work as blocked_gemm<true, W> issues, without the GEMM.
 template <Work W>
 __attribute__((noinline)) float work_alone(int64_t units, float* buf) {
   VectorWork w;
@@ -321,32 +290,32 @@ int main(int argc, char** argv) {
   std::vector<Pair> pairs;
   pairs.push_back({"none",
                    [&] {
-                     return gemm_with_work<Work::kNone>(M, N, K, aligned.a, aligned.b, aligned.c,
-                                                        ldc, buf);
+                     return blocked_gemm<true, Work::kNone>(M, N, K, aligned.a, aligned.b,
+                                                            aligned.c, ldc, buf);
                    },
                    [&] { return 0.f; },
                    {},
                    {}});
   pairs.push_back({"FMAs on registers",
                    [&] {
-                     return gemm_with_work<Work::kRegisters>(M, N, K, aligned.a, aligned.b,
-                                                             aligned.c, ldc, buf);
+                     return blocked_gemm<true, Work::kRegisters>(M, N, K, aligned.a, aligned.b,
+                                                                 aligned.c, ldc, buf);
                    },
                    [&] { return work_alone<Work::kRegisters>(units, buf); },
                    {},
                    {}});
   pairs.push_back({"64-byte loads",
                    [&] {
-                     return gemm_with_work<Work::kLoads>(M, N, K, aligned.a, aligned.b, aligned.c,
-                                                         ldc, buf);
+                     return blocked_gemm<true, Work::kLoads>(M, N, K, aligned.a, aligned.b,
+                                                             aligned.c, ldc, buf);
                    },
                    [&] { return work_alone<Work::kLoads>(units, buf); },
                    {},
                    {}});
   pairs.push_back({"64-byte stores",
                    [&] {
-                     return gemm_with_work<Work::kStores>(M, N, K, aligned.a, aligned.b, aligned.c,
-                                                          ldc, buf);
+                     return blocked_gemm<true, Work::kStores>(M, N, K, aligned.a, aligned.b,
+                                                              aligned.c, ldc, buf);
                    },
                    [&] { return work_alone<Work::kStores>(units, buf); },
                    {},
