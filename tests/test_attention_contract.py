@@ -641,6 +641,10 @@ DECODE_CASES = [
     (1, 4, 1, 1, 5000, 64, 64),  # B * Hkv = 1: keys split across tasks
     (2, 6, 2, 4, 1537, 59, 40),  # odd head dims, Ev != E, L > 1
     (1, 2, 2, 16, 700, 111, 111),  # the longest query still served by this path
+    (1, 8, 8, 1, 4100, 64, 64),  # one row per task, one split per task: output written in place
+    (1, 2, 1, 1, 5000, 64, 48),  # two rows per task (GQA), splits merged, Ev != E
+    (3, 4, 4, 1, 1100, 59, 70),  # one row, odd head dims, Ev past a 64-column chunk
+    (1, 2, 2, 2, 3000, 100, 100),  # two query rows, no GQA
 ]
 
 

@@ -1010,28 +1010,64 @@ constexpr float kLazyMax = 8.f;
 // of the splits are merged at the end through their logsumexps.
 
 #if defined(CPU_CAPABILITY_AVX512)
+// Lane j of the result is the sum of the 16 lanes of v[j]: a transpose-and-add tree, 45
+// shuffles and adds for 16 sums instead of a separate horizontal reduction per vector.
+inline __m512 sum16_avx512(const __m512* v) {
+  __m512 w[8], y[4];
+  for (int k = 0; k < 8; ++k) {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = v[2k], b = v[2k+1].
+    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  }
+  for (int k = 0; k < 4; ++k) {
+    // Per 128-bit lane: that lane's partial sums of v[4k], ..., v[4k+3].
+    y[k] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Add the four 128-bit lanes: first in pairs, then the pairs.
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(y[2], y[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The 16 fp32 lanes whose sum is dot(a, b) for bf16 rows of length n (pairs multiplied and
+// accumulated in fp32 by vdpbf16ps).
+__attribute__((target("avx512bf16"))) inline __m512 dot_bf16(const c10::BFloat16* a,
+                                                             const c10::BFloat16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + c),
+                           (__m512bh)_mm512_loadu_si512(b + c));
+  }
+  if (c < n) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (n - c)) - 1);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + c),
+                           (__m512bh)_mm512_maskz_loadu_epi16(tail, b + c));
+  }
+  return acc;
+}
+
 // s[g * lds + j] = dot(q_g, k_j) for bf16 rows, straight from bf16 with vdpbf16ps (products of
-// bf16 pairs accumulated in fp32): no conversion pass over the keys.
+// bf16 pairs accumulated in fp32): no conversion pass over the keys. Keys go 16 at a time, their
+// 16 dot products summed together by sum16_avx512.
 __attribute__((target("avx512bf16"))) void qk_dot_bf16(const c10::BFloat16* q, int64_t G, int64_t E,
                                                        const c10::BFloat16* k, int64_t ldk,
                                                        int64_t nb, float* s, int64_t lds) {
-  const int64_t full = E / 32, rem = E % 32;
-  const __mmask32 tail = rem ? static_cast<__mmask32>((1ull << rem) - 1) : 0;
-  for (int64_t j = 0; j < nb; ++j) {
-    const c10::BFloat16* kj = k + j * ldk;
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nb; j0 += 16) {
     for (int64_t g = 0; g < G; ++g) {
-      const c10::BFloat16* qg = q + g * E;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < full; ++c) {
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qg + 32 * c),
-                               (__m512bh)_mm512_loadu_si512(kj + 32 * c));
-      }
-      if (rem) {
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, qg + 32 * full),
-                               (__m512bh)_mm512_maskz_loadu_epi16(tail, kj + 32 * full));
-      }
-      s[g * lds + j] = _mm512_reduce_add_ps(acc);
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) acc[u] = dot_bf16(q + g * E, k + (j0 + u) * ldk, E);
+      _mm512_storeu_ps(s + g * lds + j0, sum16_avx512(acc));
     }
+  }
+  for (int64_t j = j0; j < nb; ++j) {
+    for (int64_t g = 0; g < G; ++g)
+      s[g * lds + j] = _mm512_reduce_add_ps(dot_bf16(q + g * E, k + j * ldk, E));
   }
 }
 #endif
@@ -1040,6 +1076,43 @@ constexpr int64_t kDecodeMaxLen = 16;
 constexpr int64_t kDecodeMaxRows = 128;  // group * L
 constexpr int64_t kDecodeBlock = 512;    // keys per block
 constexpr int64_t kDecodeDotRows = 8;    // bf16 scores by dot products up to this many rows
+
+#if defined(CPU_CAPABILITY_AVX512)
+// acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
+// bf16 values, widened to fp32 on the fly: no fp32 copy of V is written and read back, which
+// matters when a decoding step is bound by memory traffic.
+inline void pv_bf16_rows(const float* s, int64_t lds, int64_t G, const c10::BFloat16* v,
+                         int64_t ldv, int64_t nb, float* acc, int64_t Ev) {
+  for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
+    __mmask16 mk[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t left = std::clamp<int64_t>(Ev - c0 - 16 * u, 0, 16);
+      mk[u] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    __m512 a0[4], a1[4];
+    for (int u = 0; u < 4; ++u) {
+      a0[u] = _mm512_maskz_loadu_ps(mk[u], acc + c0 + 16 * u);
+      a1[u] = G > 1 ? _mm512_maskz_loadu_ps(mk[u], acc + Ev + c0 + 16 * u) : _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const c10::BFloat16* vj = v + j * ldv + c0;
+      const __m512 p0 = _mm512_set1_ps(s[j]);
+      const __m512 p1 = _mm512_set1_ps(G > 1 ? s[lds + j] : 0.f);
+      for (int u = 0; u < 4; ++u) {
+        if (!mk[u]) break;
+        const __m256i h = _mm256_maskz_loadu_epi16(mk[u], vj + 16 * u);
+        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        a0[u] = _mm512_fmadd_ps(p0, x, a0[u]);
+        if (G > 1) a1[u] = _mm512_fmadd_ps(p1, x, a1[u]);
+      }
+    }
+    for (int u = 0; u < 4; ++u) {
+      _mm512_mask_storeu_ps(acc + c0 + 16 * u, mk[u], a0[u]);
+      if (G > 1) _mm512_mask_storeu_ps(acc + Ev + c0 + 16 * u, mk[u], a1[u]);
+    }
+  }
+}
+#endif
 
 template <typename T>
 void decode_impl(const AttentionForwardParams& p) {
@@ -1058,6 +1131,44 @@ void decode_impl(const AttentionForwardParams& p) {
   const int64_t ntasks = B * Hkv * splits;
   // Partial states: (B, Hkv, splits, G) rows of m, l and acc (Ev).
   std::vector<A> part_m(ntasks * G), part_l(ntasks * G), part_acc(ntasks * G * Ev);
+  // One or two bf16 rows: P V straight from the bf16 values (pv_bf16_rows).
+  bool fused_pv = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  fused_pv = std::is_same_v<T, c10::BFloat16> && G <= 2;
+#endif
+
+  // Merges the splits of rows [begin, end) of (B, Hkv, G) into the output, row an Ev scratch:
+  // out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
+  const auto merge_rows = [&](int64_t begin, int64_t end, A* row) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bhk = r / G, g = r % G;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
+      A mx = neg_inf<A>();
+      for (int64_t sp = 0; sp < splits; ++sp)
+        mx = std::max(mx, part_m[(bhk * splits + sp) * G + g]);
+      T* o = out + ((b * Hq + h) * L + i) * Ev;
+      A* lse_out = lse + (b * Hq + h) * L + i;
+      if (mx == neg_inf<A>()) {
+        std::fill(o, o + Ev, T(0));
+        *lse_out = neg_inf<A>();
+        continue;
+      }
+      std::fill(row, row + Ev, A(0));
+      A total = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t t = bhk * splits + sp;
+        const A ms = part_m[t * G + g];
+        if (ms == neg_inf<A>()) continue;
+        const A w = std::exp(ms - mx);
+        total += w * part_l[t * G + g];
+        const A* a = part_acc.data() + (t * G + g) * Ev;
+        for (int64_t e = 0; e < Ev; ++e) row[e] += w * a[e];
+      }
+      row_scale(row, Ev, A(1) / total);
+      convert_row(row, o, Ev);
+      *lse_out = mx + std::log(total);
+    }
+  };
 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     A* qf = thread_buffer<A, 20>(G * E);
@@ -1105,7 +1216,7 @@ void decode_impl(const AttentionForwardParams& p) {
         if constexpr (kReduced<T>) {
           for (int64_t j = 0; j < nb; ++j) {
             if (!scores_done) convert_row(kp + (n0 + j) * p.k_stride_l, kf + j * E, E);
-            convert_row(vp + (n0 + j) * p.v_stride_l, vf + j * Ev, Ev);
+            if (!fused_pv) convert_row(vp + (n0 + j) * p.v_stride_l, vf + j * Ev, Ev);
           }
           kb = kf;
           vb = vf;
@@ -1144,43 +1255,27 @@ void decode_impl(const AttentionForwardParams& p) {
           l[g] = l[g] * alpha + sum;
           m[g] = m_new;
         }
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (fused_pv) {
+            pv_bf16_rows(sbuf, kDecodeBlock, G, vp + n0 * p.v_stride_l, p.v_stride_l, nb, acc, Ev);
+            continue;
+          }
+        }
+#endif
         blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeBlock, vb, ldv, A(1), acc, Ev);
       }
+      // A single split needs no merging pass: finish its rows here.
+      if (splits == 1) merge_rows(bhk * G, bhk * G + G, thread_buffer<A, 25>(Ev));
     }
   });
 
-  // Merge the splits: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
-  at::parallel_for(0, B * Hkv * G, 16, [&](int64_t begin, int64_t end) {
-    std::vector<A> row(Ev);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t bhk = r / G, g = r % G;
-      const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
-      A mx = neg_inf<A>();
-      for (int64_t sp = 0; sp < splits; ++sp)
-        mx = std::max(mx, part_m[(bhk * splits + sp) * G + g]);
-      T* o = out + ((b * Hq + h) * L + i) * Ev;
-      A* lse_out = lse + (b * Hq + h) * L + i;
-      if (mx == neg_inf<A>()) {
-        std::fill(o, o + Ev, T(0));
-        *lse_out = neg_inf<A>();
-        continue;
-      }
-      std::fill(row.begin(), row.end(), A(0));
-      A total = 0;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const int64_t t = bhk * splits + sp;
-        const A ms = part_m[t * G + g];
-        if (ms == neg_inf<A>()) continue;
-        const A w = std::exp(ms - mx);
-        total += w * part_l[t * G + g];
-        const A* a = part_acc.data() + (t * G + g) * Ev;
-        for (int64_t e = 0; e < Ev; ++e) row[e] += w * a[e];
-      }
-      row_scale(row.data(), Ev, A(1) / total);
-      convert_row(row.data(), o, Ev);
-      *lse_out = mx + std::log(total);
-    }
-  });
+  if (splits > 1) {
+    at::parallel_for(0, B * Hkv * G, 16, [&](int64_t begin, int64_t end) {
+      std::vector<A> row(Ev);
+      merge_rows(begin, end, row.data());
+    });
+  }
 }
 
 template <typename T>
