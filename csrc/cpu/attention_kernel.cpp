@@ -1078,11 +1078,20 @@ constexpr int64_t kDecodeBlock = 512;    // keys per block
 constexpr int64_t kDecodeDotRows = 8;    // bf16 scores by dot products up to this many rows
 
 #if defined(CPU_CAPABILITY_AVX512)
+// 16 values of a row of V as fp32 (lanes past the mask read as 0): bf16 widened exactly.
+inline __m512 load16_f32(const float* v, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, v); }
+inline __m512 load16_f32(const c10::BFloat16* v, __mmask16 mk) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mk, v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
-// bf16 values, widened to fp32 on the fly: no fp32 copy of V is written and read back, which
-// matters when a decoding step is bound by memory traffic.
-inline void pv_bf16_rows(const float* s, int64_t lds, int64_t G, const c10::BFloat16* v,
-                         int64_t ldv, int64_t nb, float* acc, int64_t Ev) {
+// fp32 or bf16 values (widened on the fly). Each 64-column chunk of the rows' accumulators stays
+// in registers across all keys, and bf16 values need no fp32 copy written and read back: a
+// decoding step is bound by memory traffic.
+template <typename T>
+void pv_rows(const float* s, int64_t lds, int64_t G, const T* v, int64_t ldv, int64_t nb,
+             float* acc, int64_t Ev) {
   for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
     __mmask16 mk[4];
     for (int u = 0; u < 4; ++u) {
@@ -1095,13 +1104,12 @@ inline void pv_bf16_rows(const float* s, int64_t lds, int64_t G, const c10::BFlo
       a1[u] = G > 1 ? _mm512_maskz_loadu_ps(mk[u], acc + Ev + c0 + 16 * u) : _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < nb; ++j) {
-      const c10::BFloat16* vj = v + j * ldv + c0;
+      const T* vj = v + j * ldv + c0;
       const __m512 p0 = _mm512_set1_ps(s[j]);
       const __m512 p1 = _mm512_set1_ps(G > 1 ? s[lds + j] : 0.f);
       for (int u = 0; u < 4; ++u) {
         if (!mk[u]) break;
-        const __m256i h = _mm256_maskz_loadu_epi16(mk[u], vj + 16 * u);
-        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        const __m512 x = load16_f32(vj + 16 * u, mk[u]);
         a0[u] = _mm512_fmadd_ps(p0, x, a0[u]);
         if (G > 1) a1[u] = _mm512_fmadd_ps(p1, x, a1[u]);
       }
@@ -1110,6 +1118,32 @@ inline void pv_bf16_rows(const float* s, int64_t lds, int64_t G, const c10::BFlo
       _mm512_mask_storeu_ps(acc + c0 + 16 * u, mk[u], a0[u]);
       if (G > 1) _mm512_mask_storeu_ps(acc + Ev + c0 + 16 * u, mk[u], a1[u]);
     }
+  }
+}
+
+// s[g * lds + j] = dot(q_g, k_j) for fp32 rows, 16 keys at a time (see qk_dot_bf16).
+inline void qk_dot_f32(const float* q, int64_t G, int64_t E, const float* k, int64_t ldk,
+                       int64_t nb, float* s, int64_t lds) {
+  const auto dot = [E](const float* a, const float* b) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < E; c += 16) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, E - c)) - 1);
+      acc =
+          _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + c), _mm512_maskz_loadu_ps(mk, b + c), acc);
+    }
+    return acc;
+  };
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nb; j0 += 16) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) acc[u] = dot(q + g * E, k + (j0 + u) * ldk);
+      _mm512_storeu_ps(s + g * lds + j0, sum16_avx512(acc));
+    }
+  }
+  for (int64_t j = j0; j < nb; ++j) {
+    for (int64_t g = 0; g < G; ++g)
+      s[g * lds + j] = _mm512_reduce_add_ps(dot(q + g * E, k + j * ldk));
   }
 }
 #endif
@@ -1131,10 +1165,10 @@ void decode_impl(const AttentionForwardParams& p) {
   const int64_t ntasks = B * Hkv * splits;
   // Partial states: (B, Hkv, splits, G) rows of m, l and acc (Ev).
   std::vector<A> part_m(ntasks * G), part_l(ntasks * G), part_acc(ntasks * G * Ev);
-  // One or two bf16 rows: P V straight from the bf16 values (pv_bf16_rows).
+  // One or two fp32 or bf16 rows: P V straight from the values (pv_rows).
   bool fused_pv = false;
 #if defined(CPU_CAPABILITY_AVX512)
-  fused_pv = std::is_same_v<T, c10::BFloat16> && G <= 2;
+  fused_pv = (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) && G <= 2;
 #endif
 
   // Merges the splits of rows [begin, end) of (B, Hkv, G) into the output, row an Ev scratch:
@@ -1212,6 +1246,12 @@ void decode_impl(const AttentionForwardParams& p) {
             scores_done = true;
           }
         }
+        if constexpr (std::is_same_v<T, float>) {
+          if (fused_pv) {
+            qk_dot_f32(qf, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            scores_done = true;
+          }
+        }
 #endif
         if constexpr (kReduced<T>) {
           for (int64_t j = 0; j < nb; ++j) {
@@ -1256,9 +1296,9 @@ void decode_impl(const AttentionForwardParams& p) {
           m[g] = m_new;
         }
 #if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
           if (fused_pv) {
-            pv_bf16_rows(sbuf, kDecodeBlock, G, vp + n0 * p.v_stride_l, p.v_stride_l, nb, acc, Ev);
+            pv_rows(sbuf, kDecodeBlock, G, vp + n0 * p.v_stride_l, p.v_stride_l, nb, acc, Ev);
             continue;
           }
         }
