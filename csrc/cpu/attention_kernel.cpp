@@ -165,6 +165,19 @@ void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const A* a, in
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 elements as fp32, lanes past the mask read as 0. Widening is exact: bf16 is the top half of
+// an fp32; fp16 has a hardware conversion.
+inline __m512 load16_f32(const float* v, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, v); }
+inline __m512 load16_f32(const c10::BFloat16* v, __mmask16 mk) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mk, v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_f32(const c10::Half* v, __mmask16 mk) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, v));
+}
+#endif
+
 template <typename S, typename D>
 inline void convert_row(const S* src, D* dst, int64_t n) {
   if constexpr (std::is_same_v<S, D>) {
@@ -172,19 +185,10 @@ inline void convert_row(const S* src, D* dst, int64_t n) {
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<D, float> && kReduced<S>) {
-      // Widening is exact: bf16 is the top half of an fp32; fp16 has a hardware conversion.
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-        __m512 f;
-        if constexpr (std::is_same_v<S, c10::BFloat16>) {
-          f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        } else {
-          f = _mm512_cvtph_ps(h);
-        }
-        _mm512_storeu_ps(dst + i, f);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+        _mm512_mask_storeu_ps(dst + i, mk, load16_f32(src + i, mk));
       }
-      for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
       return;
     }
 #endif
@@ -1033,10 +1037,18 @@ inline __m512 sum16_avx512(const __m512* v) {
                        _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// The 16 fp32 lanes whose sum is dot(a, b) for bf16 rows of length n (pairs multiplied and
-// accumulated in fp32 by vdpbf16ps).
-__attribute__((target("avx512bf16"))) inline __m512 dot_bf16(const c10::BFloat16* a,
-                                                             const c10::BFloat16* b, int64_t n) {
+// The 16 fp32 lanes whose sum is dot(a, b) for rows of length n: fp32 by FMAs, bf16 by
+// vdpbf16ps (pairs multiplied and accumulated in fp32).
+inline __m512 dot_row(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - c)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + c), _mm512_maskz_loadu_ps(mk, b + c), acc);
+  }
+  return acc;
+}
+__attribute__((target("avx512bf16"))) inline __m512 dot_row(const c10::BFloat16* a,
+                                                            const c10::BFloat16* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
@@ -1051,23 +1063,24 @@ __attribute__((target("avx512bf16"))) inline __m512 dot_bf16(const c10::BFloat16
   return acc;
 }
 
-// s[g * lds + j] = dot(q_g, k_j) for bf16 rows, straight from bf16 with vdpbf16ps (products of
-// bf16 pairs accumulated in fp32): no conversion pass over the keys. Keys go 16 at a time, their
-// 16 dot products summed together by sum16_avx512.
-__attribute__((target("avx512bf16"))) void qk_dot_bf16(const c10::BFloat16* q, int64_t G, int64_t E,
-                                                       const c10::BFloat16* k, int64_t ldk,
-                                                       int64_t nb, float* s, int64_t lds) {
+// s[g * lds + j] = dot(q_g, k_j) for fp32 rows, or bf16 rows straight from bf16 (no conversion
+// pass over the keys). Keys go 16 at a time, their 16 dot products summed together by
+// sum16_avx512. Marked avx512bf16 for the bf16 dot product; the fp32 instantiation contains no
+// bf16 instruction.
+template <typename T>
+__attribute__((target("avx512bf16"))) void qk_dot(const T* q, int64_t G, int64_t E, const T* k,
+                                                  int64_t ldk, int64_t nb, float* s, int64_t lds) {
   int64_t j0 = 0;
   for (; j0 + 16 <= nb; j0 += 16) {
     for (int64_t g = 0; g < G; ++g) {
       __m512 acc[16];
-      for (int u = 0; u < 16; ++u) acc[u] = dot_bf16(q + g * E, k + (j0 + u) * ldk, E);
+      for (int u = 0; u < 16; ++u) acc[u] = dot_row(q + g * E, k + (j0 + u) * ldk, E);
       _mm512_storeu_ps(s + g * lds + j0, sum16_avx512(acc));
     }
   }
   for (int64_t j = j0; j < nb; ++j) {
     for (int64_t g = 0; g < G; ++g)
-      s[g * lds + j] = _mm512_reduce_add_ps(dot_bf16(q + g * E, k + j * ldk, E));
+      s[g * lds + j] = _mm512_reduce_add_ps(dot_row(q + g * E, k + j * ldk, E));
   }
 }
 #endif
@@ -1078,13 +1091,6 @@ constexpr int64_t kDecodeBlock = 512;    // keys per block
 constexpr int64_t kDecodeDotRows = 8;    // bf16 scores by dot products up to this many rows
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 16 values of a row of V as fp32 (lanes past the mask read as 0): bf16 widened exactly.
-inline __m512 load16_f32(const float* v, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, v); }
-inline __m512 load16_f32(const c10::BFloat16* v, __mmask16 mk) {
-  const __m256i h = _mm256_maskz_loadu_epi16(mk, v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
 // fp32 or bf16 values (widened on the fly). Each 64-column chunk of the rows' accumulators stays
 // in registers across all keys, and bf16 values need no fp32 copy written and read back: a
@@ -1121,31 +1127,6 @@ void pv_rows(const float* s, int64_t lds, int64_t G, const T* v, int64_t ldv, in
   }
 }
 
-// s[g * lds + j] = dot(q_g, k_j) for fp32 rows, 16 keys at a time (see qk_dot_bf16).
-inline void qk_dot_f32(const float* q, int64_t G, int64_t E, const float* k, int64_t ldk,
-                       int64_t nb, float* s, int64_t lds) {
-  const auto dot = [E](const float* a, const float* b) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < E; c += 16) {
-      const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, E - c)) - 1);
-      acc =
-          _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + c), _mm512_maskz_loadu_ps(mk, b + c), acc);
-    }
-    return acc;
-  };
-  int64_t j0 = 0;
-  for (; j0 + 16 <= nb; j0 += 16) {
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc[16];
-      for (int u = 0; u < 16; ++u) acc[u] = dot(q + g * E, k + (j0 + u) * ldk);
-      _mm512_storeu_ps(s + g * lds + j0, sum16_avx512(acc));
-    }
-  }
-  for (int64_t j = j0; j < nb; ++j) {
-    for (int64_t g = 0; g < G; ++g)
-      s[g * lds + j] = _mm512_reduce_add_ps(dot(q + g * E, k + j * ldk));
-  }
-}
 #endif
 
 template <typename T>
@@ -1171,9 +1152,10 @@ void decode_impl(const AttentionForwardParams& p) {
   fused_pv = (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) && G <= 2;
 #endif
 
-  // Merges the splits of rows [begin, end) of (B, Hkv, G) into the output, row an Ev scratch:
+  // Merges the splits of rows [begin, end) of (B, Hkv, G) into the output:
   // out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
-  const auto merge_rows = [&](int64_t begin, int64_t end, A* row) {
+  const auto merge_rows = [&](int64_t begin, int64_t end) {
+    A* row = thread_buffer<A, 25>(Ev);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bhk = r / G, g = r % G;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
@@ -1209,7 +1191,7 @@ void decode_impl(const AttentionForwardParams& p) {
     A* sbuf = thread_buffer<A, 21>(G * kDecodeBlock);
     A* kf = thread_buffer<A, 22>(kReduced<T> ? kDecodeBlock * E : 0);
     T* qb = thread_buffer<T, 24>(G * E);
-    A* vf = thread_buffer<A, 23>(kReduced<T> ? kDecodeBlock * Ev : 0);
+    A* vf = thread_buffer<A, 23>(kReduced<T> && !fused_pv ? kDecodeBlock * Ev : 0);
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t sp = t % splits, bhk = t / splits;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
@@ -1242,13 +1224,13 @@ void decode_impl(const AttentionForwardParams& p) {
           // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
           // amortise converting the keys for a GEMM.
           if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
-            qk_dot_bf16(qb, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            qk_dot(qb, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
             scores_done = true;
           }
         }
         if constexpr (std::is_same_v<T, float>) {
           if (fused_pv) {
-            qk_dot_f32(qf, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            qk_dot(qf, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
             scores_done = true;
           }
         }
@@ -1306,15 +1288,12 @@ void decode_impl(const AttentionForwardParams& p) {
         blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeBlock, vb, ldv, A(1), acc, Ev);
       }
       // A single split needs no merging pass: finish its rows here.
-      if (splits == 1) merge_rows(bhk * G, bhk * G + G, thread_buffer<A, 25>(Ev));
+      if (splits == 1) merge_rows(bhk * G, bhk * G + G);
     }
   });
 
   if (splits > 1) {
-    at::parallel_for(0, B * Hkv * G, 16, [&](int64_t begin, int64_t end) {
-      std::vector<A> row(Ev);
-      merge_rows(begin, end, row.data());
-    });
+    at::parallel_for(0, B * Hkv * G, 16, merge_rows);
   }
 }
 
