@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -226,14 +227,15 @@ int main(int argc, char** argv) {
   Arena aligned(0), shifted(16);
 
   std::vector<Probe> probes;
+  const auto where = [](const Arena* m) {
+    return std::string(m->offset ? ", 16-byte aligned" : ", 64-byte aligned");
+  };
   for (Arena* m : {&aligned, &shifted}) {
-    const std::string where = m->offset ? ", 16-byte aligned" : ", 64-byte aligned";
-    probes.emplace_back("TILELOADD" + where, 4.0 * kIters, false, [m] { tile_loads(m->small); });
+    probes.emplace_back("TILELOADD" + where(m), 4.0 * kIters, false, [m] { tile_loads(m->small); });
   }
   probes.emplace_back("TDPBF16PS", 4.0 * kIters, false, [] { tile_multiplies(); });
   for (Arena* m : {&aligned, &shifted}) {
-    const std::string where = m->offset ? ", 16-byte aligned" : ", 64-byte aligned";
-    probes.emplace_back("TILESTORED" + where, 4.0 * kIters, false, [m] { tile_stores(m->out); });
+    probes.emplace_back("TILESTORED" + where(m), 4.0 * kIters, false, [m] { tile_stores(m->out); });
   }
   for (int K : {64, 128}) {
     const double flop = 2.0 * M * N * K;
@@ -288,38 +290,20 @@ int main(int argc, char** argv) {
     std::vector<double> t_both, t_alone;
   };
   std::vector<Pair> pairs;
-  pairs.push_back({"none",
-                   [&] {
-                     return blocked_gemm<true, Work::kNone>(M, N, K, aligned.a, aligned.b,
-                                                            aligned.c, ldc, buf);
-                   },
-                   [&] { return 0.f; },
-                   {},
-                   {}});
-  pairs.push_back({"FMAs on registers",
-                   [&] {
-                     return blocked_gemm<true, Work::kRegisters>(M, N, K, aligned.a, aligned.b,
-                                                                 aligned.c, ldc, buf);
-                   },
-                   [&] { return work_alone<Work::kRegisters>(units, buf); },
-                   {},
-                   {}});
-  pairs.push_back({"64-byte loads",
-                   [&] {
-                     return blocked_gemm<true, Work::kLoads>(M, N, K, aligned.a, aligned.b,
-                                                             aligned.c, ldc, buf);
-                   },
-                   [&] { return work_alone<Work::kLoads>(units, buf); },
-                   {},
-                   {}});
-  pairs.push_back({"64-byte stores",
-                   [&] {
-                     return blocked_gemm<true, Work::kStores>(M, N, K, aligned.a, aligned.b,
-                                                              aligned.c, ldc, buf);
-                   },
-                   [&] { return work_alone<Work::kStores>(units, buf); },
-                   {},
-                   {}});
+  // The GEMM with work W between its tile instructions, and the same work on its own.
+  const auto add_pair = [&](const char* name, auto work) {
+    constexpr Work W = decltype(work)::value;
+    pairs.push_back(
+        {name,
+         [&] { return blocked_gemm<true, W>(M, N, K, aligned.a, aligned.b, aligned.c, ldc, buf); },
+         [&] { return W == Work::kNone ? 0.f : work_alone<W>(units, buf); },
+         {},
+         {}});
+  };
+  add_pair("none", std::integral_constant<Work, Work::kNone>{});
+  add_pair("FMAs on registers", std::integral_constant<Work, Work::kRegisters>{});
+  add_pair("64-byte loads", std::integral_constant<Work, Work::kLoads>{});
+  add_pair("64-byte stores", std::integral_constant<Work, Work::kStores>{});
   for (int r = 0; r < rounds; ++r) {
     for (auto& p : pairs) {
       auto t0 = std::chrono::steady_clock::now();

@@ -61,7 +61,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aigc_ext
 import aigc_ext.ops
-from aigc_ext.bench.measure import reset_peak_rss, status_kib
+from aigc_ext.bench.measure import matmul_peak_gflops, reset_peak_rss, status_kib
 
 DTYPES = {
     "fp32": torch.float32,
@@ -291,21 +291,6 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n^3 matmul in ``dtype`` (best of ``reps``): what the GEMM engines torch
-    uses (MKL for fp32, oneDNN with AMX for bf16) reach on this machine right now. On a shared
-    machine it moves with the load, so it is probed in the same run as the attention numbers."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def print_machine_info(info: dict) -> None:
@@ -769,7 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
     if not args.memory:
-        info["matmul_gflops"] = {name: matmul_peak(DTYPES[name]) for name in ("fp32", "bf16")}
+        info["matmul_gflops"] = {
+            name: matmul_peak_gflops(DTYPES[name], reps=5) for name in ("fp32", "bf16")
+        }
     print_machine_info(info)
     print()
     report: dict = {
