@@ -15,6 +15,10 @@ import argparse
 import json
 import platform
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aigc_ext.plugins import PluginInfo
 
 __all__ = ["main"]
 
@@ -39,8 +43,7 @@ def _plugins(args: argparse.Namespace) -> int:
             print("no plugins installed" + ("" if args.all else " (--all lists the built-ins)"))
         for i in infos:
             version = f" {i.version}" if i.version else ""
-            origin = "built-in" if i.builtin else f"entry point {i.name!r}"
-            print(f"{i.distribution or i.name}{version} ({origin})")
+            print(f"{i.distribution or i.name}{version} ({_origin(i)})")
             print(f"  hooks: {', '.join(i.hooks) or 'none'}")
             for family, names in sorted(i.registered.items()):
                 print(f"  {family}: {', '.join(names)}")
@@ -48,6 +51,13 @@ def _plugins(args: argparse.Namespace) -> int:
             dist = f" ({f.distribution})" if f.distribution else ""
             print(f"failed: {f.name}{dist}: {f.error}", file=sys.stderr)
     return 1 if args.strict and failed else 0
+
+
+def _origin(info: PluginInfo) -> str:
+    """How a plugin is named besides its distribution: the entry point (what
+    ``AIGC_EXT_PLUGINS`` takes, as well as the distribution name), else the plugin's name."""
+    where = f"entry point {info.entry_point!r}" if info.entry_point else f"plugin {info.name!r}"
+    return f"built-in, {where}" if info.builtin else where
 
 
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")

@@ -11,6 +11,14 @@ Choice per call:
   that backend serves the call or a :class:`BackendError` says why it cannot;
 * otherwise the available backend with the highest priority that supports the call; if only the
   reference can, it serves the call with a one-time warning naming the reason.
+
+A plugin's backend cannot break calls it does not serve, nor the listing of backends: an
+``unavailable_reason`` that raises makes it unavailable (the reason says what was raised), an
+``unsupported_reason`` that raises skips it for the call (one warning), and its result is checked
+(a Tensor of the call's shape, dtype and device) on its first :data:`CHECKED_CALLS` calls and on
+every call that forces it: a wrong result disables it with a warning and the call runs on the
+next backend, or, when forced, raises :class:`BackendError`. The built-in backends are
+registered the same way but trusted: their functions are called as they are, unchecked.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from types import ModuleType
 
 import torch
 
-from aigc_ext.validation import AttentionCall
+from aigc_ext.validation import AttentionCall, validate_sdpa_args
 
 __all__ = [
+    "CHECKED_CALLS",
     "Backend",
     "BackendError",
     "BackendInfo",
@@ -46,6 +55,7 @@ Availability = Callable[[], "str | None"]  # None when available, else the reaso
 Support = Callable[[AttentionCall], "str | None"]  # None when the call is served, else the reason
 
 REFERENCE = "reference"
+CHECKED_CALLS = 8  # a plugin backend's first calls whose result is checked (every forced one is)
 
 
 class BackendError(RuntimeError):
@@ -54,6 +64,9 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
+    """A registered backend. ``fn`` is what serves a call: for a plugin's backend, the plugin's
+    function behind the result check (the plugin's own function is ``fn.__wrapped__``)."""
+
     name: str
     fn: SdpaFn
     devices: tuple[str, ...]
@@ -62,14 +75,50 @@ class Backend:
     unavailable_reason: Availability | None = None
     unsupported_reason: Support | None = None
     source: str = "aigc_ext"
+    trusted: bool = False  # built-in: ``fn`` is the function itself, its result unchecked
 
     def why_unavailable(self) -> str | None:
-        return self.unavailable_reason() if self.unavailable_reason is not None else None
+        """None when available here, else why not; a check that raises makes it unavailable."""
+        if self.unavailable_reason is None:
+            return None
+        try:
+            return self.unavailable_reason()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            return (
+                f"its unavailable_reason check raised {_describe_exc(exc)} (plugin {self.source})"
+            )
 
     def why_unsupported(self, call: AttentionCall) -> str | None:
+        """None when the backend serves ``call``, else why not. A check that raises makes it
+        skip the call, with a one-time warning (none when the backend is forced: the
+        :class:`BackendError` of the call says it)."""
         if call.device_type not in self.devices:
             return f"runs on {', '.join(self.devices)}, not {call.device_type}"
-        return self.unsupported_reason(call) if self.unsupported_reason is not None else None
+        if self.unsupported_reason is None:
+            return None
+        try:
+            return self.unsupported_reason(call)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            reason = (
+                f"its unsupported_reason check raised {_describe_exc(exc)} (plugin {self.source})"
+            )
+            if current_backend_override() != self.name:
+                _warn_once(
+                    f"aigc_ext: attention backend {self.name!r}: {reason}; the backend is "
+                    "skipped for such calls",
+                    key=("unsupported_reason raised", self.name),
+                    stacklevel=6,
+                    category=_plugin_warning(),
+                )
+            return reason
+
+
+def _describe_exc(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -88,8 +137,9 @@ class BackendInfo:
 _registry: dict[str, Backend] = {}
 _by_priority: list[Backend] = []  # _registry's values, highest priority first
 _unavailable: dict[str, str | None] = {}  # cached why_unavailable() per backend
+_disabled: dict[str, str] = {}  # backends turned off for this process (a wrong result): why
 _lock = threading.Lock()
-_warned: set[str] = set()
+_warned: set[object] = set()  # messages (or keys) of the one-time warnings shown
 
 
 class _Override(threading.local):
@@ -114,16 +164,47 @@ def register_backend(
     unsupported_reason: Support | None = None,
     source: str = "aigc_ext",
 ) -> Backend:
-    """Adds a backend. Registering a name twice is an error naming both sources."""
+    """Adds a backend. Registering a name twice is an error naming both sources.
+
+    Its result is checked on its first :data:`CHECKED_CALLS` calls and whenever it is forced
+    (see the module docstring)."""
+    return _add_backend(
+        name,
+        fn,
+        devices,
+        priority=priority,
+        description=description,
+        unavailable_reason=unavailable_reason,
+        unsupported_reason=unsupported_reason,
+        source=source,
+        trusted=False,
+    )
+
+
+def _add_backend(
+    name: str,
+    fn: SdpaFn,
+    devices: tuple[str, ...] | list[str] = ("cpu",),
+    *,
+    priority: int = 0,
+    description: str = "",
+    unavailable_reason: Availability | None = None,
+    unsupported_reason: Support | None = None,
+    source: str = "aigc_ext",
+    trusted: bool = False,
+) -> Backend:
+    """:func:`register_backend`, for the plugin manager: ``trusted`` for the built-in plugins,
+    whose ``fn`` is then called as it is."""
     backend = Backend(
         name=name,
-        fn=fn,
+        fn=fn if trusted else _CheckedFn(name, fn, source),
         devices=tuple(devices),
         priority=priority,
         description=description,
         unavailable_reason=unavailable_reason,
         unsupported_reason=unsupported_reason,
         source=source,
+        trusted=trusted,
     )
     with _lock:
         if name in _registry:
@@ -146,14 +227,22 @@ def _why_unavailable(backend: Backend) -> str | None:
     try:
         return _unavailable[backend.name]
     except KeyError:
-        reason = _unavailable[backend.name] = backend.why_unavailable()
+        reason = _disabled.get(backend.name) or backend.why_unavailable()
+        _unavailable[backend.name] = reason
         return reason
+
+
+def _disable(name: str, reason: str) -> None:
+    """Makes backend ``name`` unavailable for the rest of the process, saying ``reason``."""
+    with _lock:
+        _disabled[name] = _unavailable[name] = reason
 
 
 def _unregister_backend(name: str) -> None:
     """Removes a backend (for tests)."""
     with _lock:
         _registry.pop(name, None)
+        _disabled.pop(name, None)
         _reindex()
 
 
@@ -281,7 +370,93 @@ def _select_backend(call: AttentionCall) -> Backend:
     return _registry[REFERENCE]
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=5)
+def _warn_once(
+    message: str,
+    key: object = None,
+    stacklevel: int = 5,
+    category: type[Warning] = UserWarning,
+) -> None:
+    """Warns ``message`` once per ``key`` (default: the message itself)."""
+    key = message if key is None else key
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, category, stacklevel=stacklevel)
+
+
+def _result_problem(out: object, query: torch.Tensor, value: torch.Tensor) -> str | None:
+    """What is wrong with ``out`` as the result of attention over ``query`` and ``value``: a
+    Tensor of shape ``(*query.shape[:-1], value.shape[-1])``, query's dtype and device."""
+    if not isinstance(out, torch.Tensor):
+        return f"returned {type(out).__name__}, not a Tensor"
+    expected = (*query.shape[:-1], value.shape[-1])
+    if tuple(out.shape) != expected:
+        return (
+            f"returned shape {tuple(out.shape)}, expected {expected} (query "
+            f"{tuple(query.shape)}, value {tuple(value.shape)})"
+        )
+    if out.dtype != query.dtype:
+        return f"returned dtype {out.dtype}, expected the query's {query.dtype}"
+    if out.device != query.device:
+        return f"returned a tensor on {out.device}, expected the query's device {query.device}"
+    return None
+
+
+class _CheckedFn:
+    """A plugin backend's function, its result checked on the first :data:`CHECKED_CALLS`
+    calls and on every call that forces the backend.
+
+    A wrong result disables the backend (with a warning) and the call is made again on the
+    backend chosen without it; when the backend is forced, :class:`BackendError` is raised."""
+
+    def __init__(self, name: str, fn: SdpaFn, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.__wrapped__ = fn
+        self.checks_left = CHECKED_CALLS
+
+    def __repr__(self) -> str:
+        return f"<checked {self.__wrapped__!r}>"
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        out = self.__wrapped__(*args)
+        if torch.compiler.is_compiling():
+            return out
+        forced = current_backend_override() == self.name
+        if self.checks_left <= 0 and not forced:
+            return out
+        self.checks_left -= 1
+        problem = _result_problem(out, query, value)
+        if problem is None:
+            return out
+        where = f"attention backend {self.name!r} (plugin {self.source})"
+        if forced:
+            raise BackendError(f"{where} {problem}")
+        _disable(self.name, f"disabled: it {problem}")
+        warnings.warn(
+            f"aigc_ext: {where} {problem}; it is disabled for this process and the call runs "
+            "on the next backend",
+            _plugin_warning(),
+            stacklevel=3,
+        )
+        call = validate_sdpa_args(*args)
+        fallback = select_backend(call)
+        return fallback.fn(
+            query, key, value, attn_mask, call.dropout_p, call.is_causal, call.scale, enable_gqa
+        )
+
+
+def _plugin_warning() -> type[Warning]:
+    """The category of warnings about a misbehaving plugin (loaded by then, see
+    :func:`_ensure_plugins`)."""
+    return _plugins.PluginWarning if _plugins is not None else UserWarning

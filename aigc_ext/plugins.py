@@ -3,16 +3,23 @@
 Plugins are loaded once, on first use (:func:`aigc_ext.backends`, :func:`get_registry`, the
 ``aigc-ext`` command), never at ``import aigc_ext``. Environment variables:
 
-* ``AIGC_EXT_PLUGINS=a,b``: load only these third-party plugins (entry-point names);
+* ``AIGC_EXT_PLUGINS=a,b``: load only these third-party plugins, each named by its entry-point
+  name or by the name of its distribution (what was pip-installed, compared as pip compares
+  names: ``My_Plugin`` is ``my-plugin``); a name that matches no installed plugin is reported
+  with the names that do;
 * ``AIGC_EXT_NO_PLUGINS=1``: load no third-party plugin (the built-ins still load);
 * ``AIGC_EXT_STRICT_PLUGINS=1``: a plugin that fails to load raises :class:`PluginError`
   instead of being reported with a :class:`PluginWarning` and skipped.
+
+A plugin cannot take the process down while loading: whatever its import or its registration
+hooks raise, ``SystemExit`` included (not ``KeyboardInterrupt``), is such a failure.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,6 +37,7 @@ __all__ = [
     "PluginInfo",
     "PluginWarning",
     "add_plugin",
+    "canonical_name",
     "failures",
     "get_plugins",
     "get_registry",
@@ -60,6 +68,7 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     builtin: bool = False
+    entry_point: str | None = None  # its name in the ``aigc_ext`` group; None if not one
     hooks: list[str] = field(default_factory=list)
     registered: dict[str, list[str]] = field(default_factory=dict)  # family -> names
 
@@ -121,39 +130,89 @@ def _load() -> None:
         module = importlib.import_module(module_name)
         # A broken built-in is a bug in aigc_ext itself: always raise.
         add_plugin(module, module_name, distribution="aigc_ext", version=__version__, builtin=True)
-    entry_points = []
+    builtin_eps, entry_points = [], []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         dist_name = dist.metadata["Name"] if dist is not None else None
         version = dist.version if dist is not None else None
         if _is_own_distribution(dist_name):
             # aigc_ext's own entry points (the built-in strategies) are built-ins: always loaded.
-            add_plugin(ep.load(), ep.name, distribution="aigc_ext", version=version, builtin=True)
+            add_plugin(
+                ep.load(),
+                ep.name,
+                distribution="aigc_ext",
+                version=version,
+                builtin=True,
+                entry_point=ep.name,
+            )
+            builtin_eps.append((ep.name, dist_name))
         else:
             entry_points.append((ep, dist_name, version))
     if _flag("AIGC_EXT_NO_PLUGINS"):
         return
     wanted = os.environ.get("AIGC_EXT_PLUGINS", "").strip()
-    only = {n.strip() for n in wanted.split(",") if n.strip()} if wanted else None
-    found = set()
+    only = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else None
     for ep, dist_name, version in entry_points:
-        if only is not None and ep.name not in only:
+        if only is not None and not any(_names_plugin(n, ep.name, dist_name) for n in only):
             continue
-        found.add(ep.name)
         try:
             plugin = ep.load()
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin must not end the process
             _fault(
                 ep.name, dist_name, f"failed to import: {type(exc).__name__}: {exc}", strict, exc
             )
             continue
-        add_plugin(plugin, ep.name, distribution=dist_name, version=version, strict=strict)
-    for name in sorted((only or set()) - found):
-        _fault(name, None, "is named in AIGC_EXT_PLUGINS but not installed", strict)
+        add_plugin(
+            plugin,
+            ep.name,
+            distribution=dist_name,
+            version=version,
+            strict=strict,
+            entry_point=ep.name,
+        )
+    known = [(ep.name, dist_name) for ep, dist_name, _ in entry_points]
+    for name in dict.fromkeys(only or ()):
+        if not any(_names_plugin(name, *k) for k in known + builtin_eps):
+            _fault(name, None, _not_installed(known, builtin_eps), strict)
+
+
+def canonical_name(name: str) -> str:
+    """A distribution name as pip compares it (PEP 503): ``My_Plugin.x`` -> ``my-plugin-x``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _names_plugin(wanted: str, entry_point: str, distribution: str | None) -> bool:
+    """Whether ``wanted`` (from ``AIGC_EXT_PLUGINS``) is this entry point's or its
+    distribution's name."""
+    if wanted == entry_point:
+        return True
+    return distribution is not None and canonical_name(wanted) == canonical_name(distribution)
+
+
+def _not_installed(
+    known: list[tuple[str, str | None]], builtin: list[tuple[str, str | None]]
+) -> str:
+    """The report of a name in ``AIGC_EXT_PLUGINS`` that matches no plugin: the names that do."""
+
+    def names(pairs):
+        return ", ".join(
+            f"{ep!r}" + (f" (distribution {canonical_name(dist)!r})" if dist else "")
+            for ep, dist in pairs
+        )
+
+    text = (
+        "is named in AIGC_EXT_PLUGINS but not installed (AIGC_EXT_PLUGINS takes entry-point or "
+        "distribution names; installed plugins: " + (names(known) or "none")
+    )
+    if builtin:
+        text += f"; built-in, always loaded: {names(builtin)}"
+    return text + ")"
 
 
 def _is_own_distribution(name: str | None) -> bool:
-    return name is not None and name.replace("-", "_").lower() == "aigc_ext"
+    return name is not None and canonical_name(name) == "aigc-ext"
 
 
 def add_plugin(
@@ -164,13 +223,16 @@ def add_plugin(
     version: str | None = None,
     builtin: bool = False,
     strict: bool = True,
+    entry_point: str | None = None,
 ) -> PluginInfo | None:
     """Registers ``plugin`` with :data:`pm` and runs its registration hooks.
 
     On a fault (invalid hook, unknown hook, an exception in a registration hook, a duplicate
-    name) everything the plugin registered is removed and the plugin is unregistered; then
-    :class:`PluginError` is raised if ``strict``, else a :class:`PluginWarning` is shown and
-    ``None`` returned. (An unknown hook only warns when not ``strict``: the plugin stays.)
+    name; ``SystemExit`` too, but not ``KeyboardInterrupt``) everything the plugin registered is
+    removed and the plugin is unregistered; then :class:`PluginError` is raised if ``strict``,
+    else a :class:`PluginWarning` is shown and ``None`` returned. (An unknown hook only warns
+    when not ``strict``: the plugin stays.) The backends of a ``builtin`` plugin are trusted:
+    their results are not checked (see :mod:`aigc_ext.dispatch`).
     """
     with _lock:
         try:
@@ -178,7 +240,7 @@ def add_plugin(
         except Exception as exc:
             _fault(name or repr(plugin), distribution, f"cannot be registered: {exc}", strict, exc)
             return None
-        info = PluginInfo(name, distribution, version, builtin)
+        info = PluginInfo(name, distribution, version, builtin, entry_point)
         callers = pm.get_hookcallers(plugin) or []
         info.hooks = sorted(c.name for c in callers)
         try:
@@ -195,7 +257,9 @@ def add_plugin(
                 register = _register_callable(info, family)
                 for impl in _own_impls(getattr(pm.hook, hookname), plugin):
                     impl.function(*[{"register": register}[a] for a in impl.argnames])
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin must not end the process
             _rollback(info)
             pm.unregister(name=name)
             _fault(name, distribution, f"failed: {type(exc).__name__}: {exc}", strict, exc)
@@ -214,11 +278,12 @@ def _own_impls(caller: pluggy.HookCaller, plugin: object) -> list[pluggy.HookImp
 
 def _register_callable(info: PluginInfo, family: str):
     if family == BACKENDS:
-        from aigc_ext.dispatch import register_backend
+        from aigc_ext.dispatch import _add_backend
 
         def register(name, fn, devices=("cpu",), **kwargs):
-            kwargs["source"] = info.source
-            backend = register_backend(name, fn, devices, **kwargs)
+            # The plugin's name is the source; only the built-in plugins' backends are trusted.
+            kwargs.update(source=info.source, trusted=info.builtin)
+            backend = _add_backend(name, fn, devices, **kwargs)
             info.registered.setdefault(family, []).append(name)
             return backend
 
