@@ -20,17 +20,18 @@ import torch
 
 from aigc_ext import _C  # noqa: F401  (loads the library: registers torch.ops.aigc_ext.*)
 from aigc_ext.contract import register_attention_autograd
+from aigc_ext.op_checks import check_attention_backward, check_attention_forward, lse_dtype
 
 __all__ = ["attention", "cpu_kernel_config", "lse_dtype"]
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the logsumexp output for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The fake kernels run the CPU kernel's checks first (same errors, see aigc_ext.op_checks), and
+# describe outputs laid out as the kernel's: contiguous, whatever the inputs' strides.
 
 
 @torch.library.register_fake("aigc_ext::attention_forward")
 def _attention_forward_fake(query, key, value, attn_mask=None, is_causal=False, scale=1.0):
+    check_attention_forward(query, key, value, attn_mask, scale)
     batch, heads, length, _ = query.shape
     out = query.new_empty((batch, heads, length, value.shape[-1]))
     lse = query.new_empty((batch, heads, length), dtype=lse_dtype(query.dtype))
@@ -41,6 +42,7 @@ def _attention_forward_fake(query, key, value, attn_mask=None, is_causal=False, 
 def _attention_backward_fake(
     grad_out, query, key, value, out, lse, attn_mask=None, is_causal=False, scale=1.0
 ):
+    check_attention_backward(grad_out, query, key, value, out, lse, attn_mask, scale)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 

@@ -16,8 +16,11 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "cpu/attention.h"
 
@@ -89,63 +92,159 @@ std::string shape_str(const Tensor& t) {
   return os.str();
 }
 
-void check_common(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "aigc_ext::attention: query, key and value must be 4-D (batch, heads, seq, dim); got "
-              "query ",
-              shape_str(q), ", key ", shape_str(k), ", value ", shape_str(v));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "aigc_ext::attention: query, key and value must have the same dtype; got ",
-              q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "aigc_ext::attention: unsupported dtype ", dt,
-              " (float32, float64, bfloat16, float16 are supported)");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "aigc_ext::attention CPU kernel: query, key and value must be CPU tensors; got ",
-              q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0),
-              "aigc_ext::attention: batch sizes differ: query ", shape_str(q), ", key ",
-              shape_str(k), ", value ", shape_str(v));
-  TORCH_CHECK(
-      k.size(1) == v.size(1) && (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0),
-      "aigc_ext::attention: key/value heads must be equal and divide query heads; got query ",
-      shape_str(q), ", key ", shape_str(k), ", value ", shape_str(v));
-  TORCH_CHECK(k.size(2) == v.size(2),
-              "aigc_ext::attention: key and value sequence lengths differ: key ", shape_str(k),
-              ", value ", shape_str(v));
-  TORCH_CHECK(q.size(3) == k.size(3), "aigc_ext::attention: query and key head dims differ: query ",
-              shape_str(q), ", key ", shape_str(k));
+// A scale for an error message; NaN prints as "nan" whatever its sign bit (as Python prints it).
+std::string scale_str(double scale) {
+  if (std::isnan(scale)) return "nan";
+  std::ostringstream os;
+  os << scale;
+  return os.str();
 }
 
-// Returns the mask expanded (as a view) to (B, Hq, L, S) with unit or zero stride on S.
+// A tensor argument and its name in the schema; `t` is undefined for an absent attn_mask.
+struct Arg {
+  const char* name;
+  const Tensor& t;
+};
+
+// The argument checks of both operators, in this order: devices, ranks, dtypes, shapes, mask,
+// (backward: grad_out, out, lse), scale. aigc_ext/op_checks.py repeats them for the fake
+// kernels in the same order and with the same message text, so that a traced call fails as the
+// real one does. Nothing is read or allocated before they pass.
+
+// Every tensor must be on the query's device, and that device the CPU: the dispatcher picks the
+// kernel from the highest-priority dispatch key among all tensor arguments, so a call with one
+// tensor on meta reaches the fake kernel, and a redispatch can bring tensors of any device here
+// (a meta tensor has no data: the kernel would read null and leave its outputs unwritten).
+void check_devices(const char* op, std::initializer_list<Arg> args, const Tensor& q) {
+  for (const Arg& a : args) {
+    if (!a.t.defined()) continue;
+    TORCH_CHECK(a.t.device() == q.device(), op, ": ", a.name, " is on ", a.t.device(),
+                " but query is on ", q.device(), "; all tensors must be on one device");
+  }
+  TORCH_CHECK(q.device().is_cpu(), op, ": the tensors are on ", q.device(),
+              "; this operator has a kernel for CPU tensors only");
+}
+
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  const Arg qkv[] = {{"query", q}, {"key", k}, {"value", v}};
+  for (const Arg& a : qkv) {
+    TORCH_CHECK(a.t.dim() == 4, op, ": ", a.name,
+                " must be 4-D (batch, heads, seq, dim); got shape ", shape_str(a.t));
+  }
+  for (const Arg& a : {qkv[1], qkv[2]}) {
+    TORCH_CHECK(a.t.scalar_type() == q.scalar_type(), op, ": ", a.name, " has dtype ",
+                a.t.scalar_type(), " but query has dtype ", q.scalar_type(),
+                "; query, key and value must have the same dtype");
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": unsupported dtype ", dt,
+              " of query, key and value (float32, float64, bfloat16, float16 are supported)");
+  for (const Arg& a : {qkv[1], qkv[2]}) {
+    TORCH_CHECK(a.t.size(0) == q.size(0), op, ": batch sizes differ: query has shape ",
+                shape_str(q), " but ", a.name, " has shape ", shape_str(a.t));
+  }
+  TORCH_CHECK(k.size(1) == v.size(1), op,
+              ": key and value must have the same number of heads: key has shape ", shape_str(k),
+              " but value has shape ", shape_str(v));
+  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, op,
+              ": query heads must be a multiple of key/value heads: query has shape ", shape_str(q),
+              " but key has shape ", shape_str(k));
+  TORCH_CHECK(k.size(2) == v.size(2), op, ": key and value sequence lengths differ: key has shape ",
+              shape_str(k), " but value has shape ", shape_str(v));
+  TORCH_CHECK(q.size(3) == k.size(3), op, ": query and key head dims differ: query has shape ",
+              shape_str(q), " but key has shape ", shape_str(k));
+}
+
+void check_mask(const char* op, const std::optional<Tensor>& mask, const Tensor& q,
+                const Tensor& k) {
+  if (!mask.has_value() || !mask->defined()) return;
+  const Tensor& m = *mask;
+  const auto dt = m.scalar_type();
+  TORCH_CHECK(dt == at::kBool || dt == q.scalar_type() || dt == at::kFloat, op,
+              ": attn_mask must be bool, float32 or the query dtype (", q.scalar_type(), "); got ",
+              dt);
+  const std::vector<int64_t> target{q.size(0), q.size(1), q.size(2), k.size(2)};
+  TORCH_CHECK(
+      m.dim() <= 4, op, ": attn_mask ", shape_str(m),
+      " has more than 4 dims; it must broadcast to (B, Hq, L, S) = ", at::IntArrayRef(target));
+  for (int64_t d = 0; d < m.dim(); ++d) {
+    const int64_t md = m.size(m.dim() - 1 - d), td = target[3 - d];
+    TORCH_CHECK(md == td || md == 1, op, ": attn_mask ", shape_str(m),
+                " does not broadcast to (B, Hq, L, S) = ", at::IntArrayRef(target));
+  }
+}
+
+void check_scale(const char* op, double scale) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number; got ", scale_str(scale));
+}
+
+at::ScalarType lse_dtype(const Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+constexpr const char* kForward = "aigc_ext::attention_forward";
+constexpr const char* kBackward = "aigc_ext::attention_backward";
+
+const Tensor& mask_or_undefined(const std::optional<Tensor>& mask) {
+  static const Tensor kNone;
+  return mask.has_value() ? *mask : kNone;
+}
+
+void check_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                   const std::optional<Tensor>& mask, double scale) {
+  check_devices(kForward, {{"key", k}, {"value", v}, {"attn_mask", mask_or_undefined(mask)}}, q);
+  check_qkv(kForward, q, k, v);
+  check_mask(kForward, mask, q, k);
+  check_scale(kForward, scale);
+}
+
+// grad_out and out must be (B, Hq, L, Ev) in the query dtype, lse (B, Hq, L) in lse_dtype.
+void check_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const Tensor& out, const Tensor& lse, const std::optional<Tensor>& mask,
+                    double scale) {
+  check_devices(kBackward,
+                {{"grad_out", grad_out},
+                 {"key", k},
+                 {"value", v},
+                 {"out", out},
+                 {"lse", lse},
+                 {"attn_mask", mask_or_undefined(mask)}},
+                q);
+  check_qkv(kBackward, q, k, v);
+  check_mask(kBackward, mask, q, k);
+  const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  for (const Arg& a : {Arg{"grad_out", grad_out}, Arg{"out", out}}) {
+    TORCH_CHECK(a.t.sizes() == at::IntArrayRef(out_shape), kBackward, ": ", a.name, " ",
+                shape_str(a.t), " must have shape ", at::IntArrayRef(out_shape),
+                " (batch, heads and length of query, head dim of value)");
+  }
+  for (const Arg& a : {Arg{"grad_out", grad_out}, Arg{"out", out}}) {
+    TORCH_CHECK(a.t.scalar_type() == q.scalar_type(), kBackward, ": ", a.name, " has dtype ",
+                a.t.scalar_type(), "; grad_out and out must have the query dtype ",
+                q.scalar_type());
+  }
+  const at::IntArrayRef lse_shape = at::IntArrayRef(out_shape).slice(0, 3);
+  TORCH_CHECK(lse.sizes() == lse_shape && lse.scalar_type() == lse_dtype(q), kBackward,
+              ": lse must be ", lse_dtype(q), " of shape ", lse_shape, "; got ", lse.scalar_type(),
+              " ", shape_str(lse));
+  check_scale(kBackward, scale);
+}
+
+// The mask (checked already) expanded as a view to (B, Hq, L, S) with unit or zero stride on S.
 Tensor prepare_mask(const std::optional<Tensor>& mask, const Tensor& q, const Tensor& k,
                     cpu::MaskKind& kind) {
   kind = cpu::MaskKind::kNone;
   if (!mask.has_value() || !mask->defined()) return Tensor();
   Tensor m = *mask;
-  TORCH_CHECK(m.device().is_cpu(), "aigc_ext::attention: attn_mask must be on the CPU; got ",
-              m.device());
   if (m.scalar_type() == at::kBool) {
     kind = cpu::MaskKind::kBool;
   } else if (m.scalar_type() == q.scalar_type()) {
     kind = cpu::MaskKind::kSameAsInput;
-  } else if (m.scalar_type() == at::kFloat) {
-    kind = cpu::MaskKind::kFloat32;
   } else {
-    TORCH_CHECK(false, "aigc_ext::attention: attn_mask must be bool, float32 or the query dtype (",
-                q.scalar_type(), "); got ", m.scalar_type());
+    kind = cpu::MaskKind::kFloat32;
   }
-  const std::vector<int64_t> target{q.size(0), q.size(1), q.size(2), k.size(2)};
-  TORCH_CHECK(
-      m.dim() <= 4, "aigc_ext::attention: attn_mask ", shape_str(m),
-      " has more than 4 dims; it must broadcast to (B, Hq, L, S) = ", at::IntArrayRef(target));
-  for (int64_t d = 0; d < m.dim(); ++d) {
-    const int64_t md = m.size(m.dim() - 1 - d), td = target[3 - d];
-    TORCH_CHECK(md == td || md == 1, "aigc_ext::attention: attn_mask ", shape_str(m),
-                " does not broadcast to (B, Hq, L, S) = ", at::IntArrayRef(target));
-  }
-  m = m.expand(target);
+  m = m.expand({q.size(0), q.size(1), q.size(2), k.size(2)});
   if (m.stride(3) != 0 && m.stride(3) != 1) m = m.contiguous();
   return m;
 }
@@ -238,15 +337,11 @@ void run_backward(const cpu::AttentionBackwardParams& p) {
   }
 }
 
-at::ScalarType lse_dtype(const Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& query, const Tensor& key,
                                                  const Tensor& value,
                                                  const std::optional<Tensor>& attn_mask,
                                                  bool is_causal, double scale) {
-  check_common(query, key, value);
+  check_forward(query, key, value, attn_mask, scale);
   const Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   cpu::MaskKind kind;
   const Tensor mask = prepare_mask(attn_mask, q, k, kind);
@@ -265,20 +360,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out
                                                           const Tensor& lse,
                                                           const std::optional<Tensor>& attn_mask,
                                                           bool is_causal, double scale) {
-  check_common(query, key, value);
-  const std::vector<int64_t> out_shape{query.size(0), query.size(1), query.size(2), value.size(3)};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) && out.sizes() == grad_out.sizes(),
-              "aigc_ext::attention_backward: grad_out ", shape_str(grad_out), " and out ",
-              shape_str(out), " must have shape ", at::IntArrayRef(out_shape));
-  TORCH_CHECK(
-      grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
-      "aigc_ext::attention_backward: grad_out and out must have the query dtype ",
-      query.scalar_type());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(out_shape).slice(0, 3) &&
-                  lse.scalar_type() == lse_dtype(query),
-              "aigc_ext::attention_backward: lse must be ", lse_dtype(query), " of shape ",
-              at::IntArrayRef(out_shape).slice(0, 3), "; got ", lse.scalar_type(), " ",
-              shape_str(lse));
+  check_backward(grad_out, query, key, value, out, lse, attn_mask, scale);
   const Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   const Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   cpu::MaskKind kind;

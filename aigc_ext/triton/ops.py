@@ -21,6 +21,8 @@ fails, they are opaque ``torch.library.custom_op`` operators with the same fake 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 from torch.library import wrap_triton
@@ -43,8 +45,13 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _check(query, key, value, attn_mask) -> None:
-    """Argument checks of the operators (the public API checks earlier, with more context)."""
+def _check(query, key, value, attn_mask, scale, others=()) -> None:
+    """Argument checks of the operators (the public API checks earlier, with more context).
+
+    ``others`` are the backward's further tensors, ``(name, tensor)``: they too must be on the
+    query's device. The fake kernels run these checks as well, so a call with one tensor on the
+    meta device (which the dispatcher sends to the fake kernel) raises too.
+    """
     where = "aigc_ext::triton_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
@@ -53,11 +60,12 @@ def _check(query, key, value, attn_mask) -> None:
             raise ValueError(
                 f"{where}: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32"
             )
-    devices = {t.device for t in (query, key, value)}
-    if attn_mask is not None:
-        devices.add(attn_mask.device)
-    if len(devices) != 1:
-        raise ValueError(f"{where}: tensors are on different devices: {sorted(map(str, devices))}")
+    for name, t in (("key", key), ("value", value), ("attn_mask", attn_mask), *others):
+        if t is not None and t.device != query.device:
+            raise ValueError(
+                f"{where}: {name} is on {t.device} but query is on {query.device}; all tensors "
+                "must be on one device"
+            )
     if query.device.type != "cuda" and not K.INTERPRET:
         raise ValueError(
             f"{where}: tensors must be on a CUDA device (got {query.device}); CPU tensors run "
@@ -102,6 +110,28 @@ def _check(query, key, value, attn_mask) -> None:
             raise ValueError(
                 f"{where}: attn_mask of shape {_shape(attn_mask)} does not broadcast to {target}"
             )
+    if isinstance(scale, (int, float)) and not math.isfinite(scale):  # a SymFloat: at run time
+        raise ValueError(f"{where}: scale must be a finite number; got {scale}")
+
+
+def _check_backward(grad_out, query, key, value, out, lse, attn_mask, scale) -> None:
+    """The forward's checks, and grad_out, out (B, Hq, L, Ev) and lse (B, Hq, L) on its device."""
+    _check(
+        query, key, value, attn_mask, scale, (("grad_out", grad_out), ("out", out), ("lse", lse))
+    )
+    where = "aigc_ext::triton_attention_backward"
+    out_shape = (*query.shape[:3], value.shape[3])
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != out_shape:
+            raise ValueError(
+                f"{where}: {name} has shape {_shape(t)} but must have shape {out_shape} (batch, "
+                f"heads and length of query {_shape(query)}, head dim of value {_shape(value)})"
+            )
+    if tuple(lse.shape) != out_shape[:3]:
+        raise ValueError(
+            f"{where}: lse has shape {_shape(lse)} but must have shape {out_shape[:3]} (batch, "
+            f"heads and length of query {_shape(query)})"
+        )
 
 
 def _mask_args(attn_mask, query, b, h, lq, lkv):
@@ -141,7 +171,7 @@ def _common(query, key, value, attn_mask, is_causal):
 
 
 def _forward(query, key, value, attn_mask, is_causal, scale):
-    _check(query, key, value, attn_mask)
+    _check(query, key, value, attn_mask, scale)
     (b, h, hkv, lq, lkv, e, ev), m, m_strides, consts, keys = _common(
         query, key, value, attn_mask, is_causal
     )
@@ -165,15 +195,10 @@ def _forward(query, key, value, attn_mask, is_causal, scale):
 
 
 def _backward(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale):
-    _check(query, key, value, attn_mask)
+    _check_backward(grad_out, query, key, value, out, lse, attn_mask, scale)
     (b, h, hkv, lq, lkv, e, ev), m, m_strides, consts, keys = _common(
         query, key, value, attn_mask, is_causal
     )
-    if grad_out.shape != out.shape or lse.shape != (b, h, lq):
-        raise ValueError(
-            f"aigc_ext::triton_attention_backward: grad_out {_shape(grad_out)} must match out "
-            f"{_shape(out)} and lse {_shape(lse)} must be {(b, h, lq)}"
-        )
     if b * h * lq == 0 or lkv == 0:
         return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
     grad_out = grad_out.to(query.dtype)
@@ -249,14 +274,14 @@ if K.INTERPRET:
 
     @triton_attention_forward.register_fake
     def _forward_fake(query, key, value, attn_mask, is_causal, scale):
-        _check(query, key, value, attn_mask)
+        _check(query, key, value, attn_mask, scale)
         b, h, lq, _ = query.shape
         out = query.new_empty((b, h, lq, value.shape[3]))
         return out, query.new_empty((b, h, lq), dtype=torch.float32)
 
     @triton_attention_backward.register_fake
     def _backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale):
-        _check(query, key, value, attn_mask)
+        _check_backward(grad_out, query, key, value, out, lse, attn_mask, scale)
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
