@@ -34,6 +34,7 @@ from types import ModuleType
 
 import torch
 
+from aigc_ext.utils import warn_once
 from aigc_ext.validation import AttentionCall, validate_sdpa_args
 
 __all__ = [
@@ -107,11 +108,12 @@ class Backend:
                 f"its unsupported_reason check raised {_describe_exc(exc)} (plugin {self.source})"
             )
             if current_backend_override() != self.name:
-                _warn_once(
+                warn_once(
                     f"aigc_ext: attention backend {self.name!r}: {reason}; the backend is "
                     "skipped for such calls",
                     key=("unsupported_reason raised", self.name),
-                    stacklevel=6,
+                    seen=_warned,
+                    stacklevel=5,
                     category=_plugin_warning(),
                 )
             return reason
@@ -362,25 +364,14 @@ def _select_backend(call: AttentionCall) -> Backend:
             reasons.append(f"{b.name}: {reason}")
     if not reasons:
         reasons.append(f"no fused backend is registered for device {call.device_type!r}")
-    _warn_once(
+    warn_once(
         "aigc_ext: no fused kernel serves this attention call ("
         + "; ".join(reasons)
-        + "); using the pure-PyTorch reference path"
+        + "); using the pure-PyTorch reference path",
+        seen=_warned,
+        stacklevel=4,
     )
     return _registry[REFERENCE]
-
-
-def _warn_once(
-    message: str,
-    key: object = None,
-    stacklevel: int = 5,
-    category: type[Warning] = UserWarning,
-) -> None:
-    """Warns ``message`` once per ``key`` (default: the message itself)."""
-    key = message if key is None else key
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def _result_problem(out: object, query: torch.Tensor, value: torch.Tensor) -> str | None:

@@ -19,13 +19,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
 from aigc_ext.bench.config import BenchConfig
 from aigc_ext.bench.runner import Row
+from aigc_ext.utils import atomic_write_text
 
 __all__ = [
     "CSV_FIELDS",
@@ -158,20 +158,6 @@ def _csv_machine(machine: dict) -> dict[str, object]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and
-    ``os.replace``: readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ResultWriter:
     """Keeps the JSON and CSV files (either may be None) up to date as rows arrive."""
 
@@ -189,6 +175,9 @@ class ResultWriter:
         self.created = _now()
         self.records: list[dict] = []
         self.complete = False
+        for path in (self.json_path, self.csv_path):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
         self._flush()
 
     def add(self, row: Row) -> None:
@@ -214,9 +203,9 @@ class ResultWriter:
     def _flush(self) -> None:
         if self.json_path is not None:
             text = json.dumps(self.document(), indent=1, allow_nan=False)
-            _atomic_write(self.json_path, text + "\n")
+            atomic_write_text(self.json_path, text + "\n")
         if self.csv_path is not None:
-            _atomic_write(self.csv_path, self._csv_text())
+            atomic_write_text(self.csv_path, self._csv_text())
 
     def _csv_text(self) -> str:
         import io

@@ -106,6 +106,7 @@ from aigc_ext.dispatch import (
     get_backend,
     select_backend,
 )
+from aigc_ext.utils import warn_once
 from aigc_ext.validation import AttentionCall, validate_sdpa_args
 
 __all__ = ["disable", "enable", "is_enabled", "patch_sdpa", "scaled_dot_product_attention"]
@@ -117,13 +118,7 @@ _lock = threading.Lock()
 _depth = 0
 _saved_sdpa = None  # the attribute's value when the patch was applied
 _saved_fastpath = True  # torch.backends.mha.get_fastpath_enabled() at that time
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+_warned: set[str] = set()  # keys of the one-time fallback warnings shown (see warn_once)
 
 
 def _is_plain(t: torch.Tensor | None) -> bool:
@@ -183,11 +178,12 @@ def scaled_dot_product_attention(
     if not torch.compiler.is_compiling() and not (
         _is_plain(query) and _is_plain(key) and _is_plain(value) and _is_plain(attn_mask)
     ):
-        _warn_once(
-            "subclass",
+        warn_once(
             "aigc_ext.patch_sdpa: a tensor subclass, nested tensor or torch.func-transformed "
             "tensor was passed to scaled_dot_product_attention; using torch's own function "
             "for such calls",
+            key="subclass",
+            seen=_warned,
         )
         return _TORCH_SDPA(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
@@ -197,10 +193,11 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
     except (TypeError, ValueError) as exc:
-        _warn_once(
-            "arguments",
+        warn_once(
             f"aigc_ext.patch_sdpa: aigc_ext does not accept a scaled_dot_product_attention call "
             f"({exc}); using torch's own function for calls it does not accept",
+            key="arguments",
+            seen=_warned,
         )
         return _TORCH_SDPA(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
@@ -210,10 +207,11 @@ def scaled_dot_product_attention(
     else:
         backend, reason = _fused_backend(call)
         if backend is None:
-            _warn_once(
-                reason,
+            warn_once(
                 f"aigc_ext.patch_sdpa: no fused kernel serves this scaled_dot_product_attention "
                 f"call ({reason}); using torch's own function",
+                key=reason,
+                seen=_warned,
             )
             return _TORCH_SDPA(
                 query,

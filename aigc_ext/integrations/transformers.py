@@ -34,6 +34,7 @@ import torch
 
 from aigc_ext.api import scaled_dot_product_attention
 from aigc_ext.dispatch import REFERENCE, BackendError, current_backend_override
+from aigc_ext.utils import warn_once
 
 __all__ = ["DEFAULT_NAME", "attention_forward", "register"]
 
@@ -172,9 +173,7 @@ def _fallback_allowed(features: list[str]) -> None:
         f"aigc_ext: the fused attention kernels do not implement {what}; these attention calls "
         "run on a pure-PyTorch path (correct, but slower and materialising the score matrix)"
     )
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)  # the model code that called attention_forward
+    warn_once(message, seen=_warned, stacklevel=3)  # the model code that called attention_forward
 
 
 def _position_bias_mask(

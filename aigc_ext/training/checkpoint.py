@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from aigc_ext.utils import atomic_write_text
+
 __all__ = [
     "CHECKPOINTS",
     "FORMAT_VERSION",
@@ -240,19 +242,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        set_default_mode(Path(tmp))
-        os.replace(tmp, root / LATEST)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(root)
+    atomic_write_text(root / LATEST, name + "\n")
 
 
 def _remove_temporaries(root: Path) -> None:

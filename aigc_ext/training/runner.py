@@ -35,6 +35,7 @@ from aigc_ext import lifecycle
 from aigc_ext.training import checkpoint as ckpt
 from aigc_ext.training import distributed
 from aigc_ext.training.config import ConfigError, TrainConfig, config_diff, load_config
+from aigc_ext.utils import atomic_write_text as _atomic_write_text
 
 __all__ = [
     "DataOrder",
@@ -277,15 +278,6 @@ def _plain_info(info: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[key] = value
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
