@@ -16,6 +16,7 @@ from aigc_ext import (
     nn,
     ops,  # loads the compiled operators
 )
+from aigc_ext._version import __version__
 from aigc_ext.api import scaled_dot_product_attention
 from aigc_ext.dispatch import (
     BackendError,
@@ -26,8 +27,6 @@ from aigc_ext.dispatch import (
 )
 from aigc_ext.hookspecs import hookimpl
 from aigc_ext.integrations.patch import patch_sdpa
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendError",

@@ -28,6 +28,7 @@ from importlib import metadata
 import pluggy
 
 from aigc_ext import hookspecs
+from aigc_ext._version import __version__
 from aigc_ext.registries import FAMILIES, Registry
 
 __all__ = [
@@ -123,8 +124,6 @@ def load() -> None:
 
 
 def _load() -> None:
-    from aigc_ext import __version__
-
     strict = _flag("AIGC_EXT_STRICT_PLUGINS")
     for module_name in BUILTIN_PLUGINS:
         module = importlib.import_module(module_name)

@@ -132,9 +132,9 @@ def machine_description(
 ) -> dict[str, object]:
     """The machine block: ``aigc-ext info`` (versions, CPU model and ISA, GPUs, backends) plus
     the threads and device of this run and the matmul peak per dtype."""
-    from aigc_ext.cli import _info_doc
+    from aigc_ext import info
 
-    doc = _info_doc()
+    doc = info.describe()
     doc["date"] = _now()
     doc["threads"] = torch.get_num_threads()
     doc["device"] = config.device
