@@ -12,12 +12,11 @@ Quick start::
 
 from __future__ import annotations
 
-from aigc_ext import (
-    nn,
-    ops,  # loads the compiled operators
-)
+from aigc_ext import nn
 from aigc_ext._version import __version__
 from aigc_ext.api import scaled_dot_product_attention
+from aigc_ext.backends.cpu import ops  # loads the compiled operators
+from aigc_ext.backends.spec import BackendSpec
 from aigc_ext.dispatch import (
     BackendError,
     BackendInfo,
@@ -31,6 +30,7 @@ from aigc_ext.integrations.patch import patch_sdpa
 __all__ = [
     "BackendError",
     "BackendInfo",
+    "BackendSpec",
     "__version__",
     "backends",
     "hookimpl",

@@ -35,7 +35,4 @@ def scaled_dot_product_attention(
     one-time warning that says why.
     """
     call = validate_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    backend = select_backend(call)
-    return backend.fn(
-        query, key, value, attn_mask, call.dropout_p, call.is_causal, call.scale, call.enable_gqa
-    )
+    return select_backend(call).fn(call)

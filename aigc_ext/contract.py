@@ -4,7 +4,7 @@ Each backend (``cpu``: ``aigc_ext::attention_forward``/``attention_backward``; `
 ``aigc_ext::triton_attention_forward``/``triton_attention_backward``) has a forward operator
 ``(q, k, v, attn_mask, is_causal, scale) -> (out, lse)`` and a backward operator
 ``(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale) -> (grad_q, grad_k, grad_v)``
-(see :mod:`aigc_ext.ops`). The autograd formula joining them is the same for all, so it lives
+(see :mod:`aigc_ext.backends.cpu.ops`). The autograd formula joining them is the same for all, so it lives
 here once. This module loads no extension and no kernel.
 """
 

@@ -1,9 +1,12 @@
-"""Backend registry and per-call backend choice.
+"""Per-call backend choice over the registered attention backends.
 
-A backend is a function with the signature of ``scaled_dot_product_attention`` plus two
-questions it answers: is it available on this machine (and if not, why), and can it serve a
-given call (and if not, why). Built-in backends register here exactly as third-party ones do:
-through the ``aigc_register_attention_backends`` plugin hook (see :mod:`aigc_ext.plugins`).
+A backend is declared by a :class:`~aigc_ext.backends.spec.BackendSpec`: the function that
+serves a validated :class:`~aigc_ext.validation.AttentionCall`, plus two questions it answers:
+is it available on this machine (and if not, why), and can it serve a given call (and if not,
+why). The specs live in the ``attention_backends`` :class:`~aigc_ext.registries.Registry`;
+built-in backends get there exactly as third-party ones do, through the
+``aigc_register_attention_backends`` plugin hook (see :mod:`aigc_ext.plugins`). This module
+keeps them ordered by priority (rebuilt when the registry changes, never per call).
 
 Choice per call:
 
@@ -28,20 +31,23 @@ import os
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+from aigc_ext.backends.spec import Availability, BackendSpec, Serve, Support
+from aigc_ext.registries import Entry, Registry, registry
 from aigc_ext.utils import warn_once
-from aigc_ext.validation import AttentionCall, validate_sdpa_args
+from aigc_ext.validation import AttentionCall
 
 __all__ = [
     "CHECKED_CALLS",
     "Backend",
     "BackendError",
     "BackendInfo",
+    "BackendSpec",
     "backend_usage",
     "backends",
     "current_backend_override",
@@ -50,10 +56,6 @@ __all__ = [
     "select_backend",
     "use_backend",
 ]
-
-SdpaFn = Callable[..., object]
-Availability = Callable[[], "str | None"]  # None when available, else the reason
-Support = Callable[[AttentionCall], "str | None"]  # None when the call is served, else the reason
 
 REFERENCE = "reference"
 CHECKED_CALLS = 8  # a plugin backend's first calls whose result is checked (every forced one is)
@@ -65,18 +67,19 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    """A registered backend. ``fn`` is what serves a call: for a plugin's backend, the plugin's
-    function behind the result check (the plugin's own function is ``fn.__wrapped__``)."""
+    """A registered backend. ``fn(call)`` is what serves a call: a built-in's ``serve`` itself;
+    for a plugin's backend, its ``serve`` behind the result check (the plugin's own function
+    is ``fn.__wrapped__``)."""
 
     name: str
-    fn: SdpaFn
+    fn: Serve
     devices: tuple[str, ...]
     priority: int = 0
     description: str = ""
     unavailable_reason: Availability | None = None
     unsupported_reason: Support | None = None
     source: str = "aigc_ext"
-    trusted: bool = False  # built-in: ``fn`` is the function itself, its result unchecked
+    trusted: bool = False  # built-in: ``fn`` is the backend's function itself, unchecked
 
     def why_unavailable(self) -> str | None:
         """None when available here, else why not; a check that raises makes it unavailable."""
@@ -136,8 +139,9 @@ class BackendInfo:
     source: str
 
 
-_registry: dict[str, Backend] = {}
-_by_priority: list[Backend] = []  # _registry's values, highest priority first
+_registry: Registry = registry("attention_backends")  # name -> BackendSpec, with the source
+_backends: dict[str, tuple[Entry, Backend]] = {}  # the Backend made from each registry entry
+_by_priority: list[Backend] = []  # the registered backends, highest priority first
 _unavailable: dict[str, str | None] = {}  # cached why_unavailable() per backend
 _disabled: dict[str, str] = {}  # backends turned off for this process (a wrong result): why
 _lock = threading.Lock()
@@ -156,72 +160,65 @@ _plugins: ModuleType | None = None  # aigc_ext.plugins, imported on first use (s
 
 
 def register_backend(
-    name: str,
-    fn: SdpaFn,
-    devices: tuple[str, ...] | list[str] = ("cpu",),
-    *,
-    priority: int = 0,
-    description: str = "",
-    unavailable_reason: Availability | None = None,
-    unsupported_reason: Support | None = None,
+    spec: BackendSpec | str,
+    *args: object,
     source: str = "aigc_ext",
+    **kwargs: object,
 ) -> Backend:
-    """Adds a backend. Registering a name twice is an error naming both sources.
+    """Adds a backend: ``register_backend(spec)`` with a :class:`BackendSpec`, or
+    ``register_backend(name, fn, devices=("cpu",), *, priority=0, description="",
+    unavailable_reason=None, unsupported_reason=None)`` with ``fn`` a function of the
+    ``scaled_dot_product_attention`` signature. Registering a name twice is an error naming
+    both sources.
 
     Its result is checked on its first :data:`CHECKED_CALLS` calls and whenever it is forced
     (see the module docstring)."""
-    return _add_backend(
-        name,
-        fn,
-        devices,
-        priority=priority,
-        description=description,
-        unavailable_reason=unavailable_reason,
-        unsupported_reason=unsupported_reason,
-        source=source,
-        trusted=False,
-    )
+    entry = _registry.add((spec, *args), kwargs, source=source)
+    return _backends[entry.name][1]
 
 
-def _add_backend(
-    name: str,
-    fn: SdpaFn,
-    devices: tuple[str, ...] | list[str] = ("cpu",),
-    *,
-    priority: int = 0,
-    description: str = "",
-    unavailable_reason: Availability | None = None,
-    unsupported_reason: Support | None = None,
-    source: str = "aigc_ext",
-    trusted: bool = False,
-) -> Backend:
-    """:func:`register_backend`, for the plugin manager: ``trusted`` for the built-in plugins,
-    whose ``fn`` is then called as it is."""
-    backend = Backend(
-        name=name,
-        fn=fn if trusted else _CheckedFn(name, fn, source),
-        devices=tuple(devices),
-        priority=priority,
-        description=description,
-        unavailable_reason=unavailable_reason,
-        unsupported_reason=unsupported_reason,
-        source=source,
+def _make_backend(entry: Entry) -> Backend:
+    """The :class:`Backend` of a registry entry: a built-in's function as it is, a plugin's
+    behind the result check."""
+    spec: BackendSpec = entry.obj
+    trusted = entry.builtin
+    return Backend(
+        name=spec.name,
+        fn=spec.serve if trusted else _CheckedFn(spec.name, spec.serve, entry.source),
+        devices=spec.devices,
+        priority=spec.priority,
+        description=spec.description,
+        unavailable_reason=spec.unavailable_reason,
+        unsupported_reason=spec.unsupported_reason,
+        source=entry.source,
         trusted=trusted,
     )
+
+
+def _reindex(changed: Registry) -> None:
+    """Rebuilds the priority order after the registry changed; a backend whose entry did not
+    change keeps its :class:`Backend` (and its result check's state)."""
     with _lock:
-        if name in _registry:
-            raise ValueError(
-                f"attention backend {name!r} is registered twice: by {_registry[name].source} "
-                f"and by {source}"
+        made = {}
+        for entry in changed.entries():
+            old = _backends.get(entry.name)
+            made[entry.name] = (
+                old
+                if old is not None and old[0] is entry
+                else (
+                    entry,
+                    _make_backend(entry),
+                )
             )
-        _registry[name] = backend
-        _reindex()
-    return backend
+        _backends.clear()
+        _backends.update(made)
+        for name in [n for n in _disabled if n not in made]:
+            del _disabled[name]
+        _by_priority[:] = sorted((b for _, b in made.values()), key=lambda b: (-b.priority, b.name))
+        _unavailable.clear()
 
 
-def _reindex() -> None:
-    _by_priority[:] = sorted(_registry.values(), key=lambda b: (-b.priority, b.name))
-    _unavailable.clear()
+_registry.subscribe(_reindex)
 
 
 def _why_unavailable(backend: Backend) -> str | None:
@@ -242,10 +239,7 @@ def _disable(name: str, reason: str) -> None:
 
 def _unregister_backend(name: str) -> None:
     """Removes a backend (for tests)."""
-    with _lock:
-        _registry.pop(name, None)
-        _disabled.pop(name, None)
-        _reindex()
+    _registry.unregister(name)
 
 
 def _ensure_plugins() -> None:
@@ -266,10 +260,10 @@ def get_backend(name: str) -> Backend:
     """The registered backend called ``name``; :class:`BackendError` lists the known ones."""
     _ensure_plugins()
     try:
-        return _registry[name]
+        return _backends[name][1]
     except KeyError:
         raise BackendError(
-            f"unknown attention backend {name!r}; registered: {', '.join(sorted(_registry))}"
+            f"unknown attention backend {name!r}; registered: {', '.join(sorted(_backends))}"
         ) from None
 
 
@@ -371,7 +365,7 @@ def _select_backend(call: AttentionCall) -> Backend:
         seen=_warned,
         stacklevel=4,
     )
-    return _registry[REFERENCE]
+    return _backends[REFERENCE][1]
 
 
 def _result_problem(out: object, query: torch.Tensor, value: torch.Tensor) -> str | None:
@@ -399,35 +393,25 @@ class _CheckedFn:
     A wrong result disables the backend (with a warning) and the call is made again on the
     backend chosen without it; when the backend is forced, :class:`BackendError` is raised."""
 
-    def __init__(self, name: str, fn: SdpaFn, source: str) -> None:
+    def __init__(self, name: str, serve: Serve, source: str) -> None:
         self.name = name
         self.source = source
-        self.__wrapped__ = fn
+        self.serve = serve
+        self.__wrapped__ = getattr(serve, "__wrapped__", serve)  # the plugin's own function
         self.checks_left = CHECKED_CALLS
 
     def __repr__(self) -> str:
         return f"<checked {self.__wrapped__!r}>"
 
-    def __call__(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> torch.Tensor:
-        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        out = self.__wrapped__(*args)
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        out = self.serve(call)
         if torch.compiler.is_compiling():
             return out
         forced = current_backend_override() == self.name
         if self.checks_left <= 0 and not forced:
             return out
         self.checks_left -= 1
-        problem = _result_problem(out, query, value)
+        problem = _result_problem(out, call.query, call.value)
         if problem is None:
             return out
         where = f"attention backend {self.name!r} (plugin {self.source})"
@@ -440,11 +424,7 @@ class _CheckedFn:
             _plugin_warning(),
             stacklevel=3,
         )
-        call = validate_sdpa_args(*args)
-        fallback = select_backend(call)
-        return fallback.fn(
-            query, key, value, attn_mask, call.dropout_p, call.is_causal, call.scale, enable_gqa
-        )
+        return select_backend(call).fn(call)
 
 
 def _plugin_warning() -> type[Warning]:

@@ -29,10 +29,16 @@ hookimpl = pluggy.HookimplMarker("aigc_ext")
 def aigc_register_attention_backends(register):
     """Registers attention backends.
 
-    ``register(name, fn, devices=("cpu",), *, priority=0, description="", unavailable_reason=None,
-    unsupported_reason=None)`` has the signature of :func:`aigc_ext.register_backend` (the source
-    is filled in with the plugin's name). ``fn`` has the signature of
-    ``torch.nn.functional.scaled_dot_product_attention``.
+    Preferred: ``register(spec)`` with an :class:`aigc_ext.BackendSpec` (name, serve, devices,
+    priority, description, unavailable_reason, unsupported_reason), whose ``serve(call)``
+    receives the validated :class:`aigc_ext.validation.AttentionCall` (it carries the tensors
+    and resolved options) and returns the output.
+
+    Also accepted: ``register(name, fn, devices=("cpu",), *, priority=0, description="",
+    unavailable_reason=None, unsupported_reason=None)``, the arguments of
+    :func:`aigc_ext.register_backend`, with ``fn`` a function of the signature of
+    ``torch.nn.functional.scaled_dot_product_attention`` (adapted once, at registration). The
+    source is filled in with the plugin's name.
     """
 
 
@@ -56,7 +62,10 @@ def aigc_register_finetuners(register):
 
     A finetuner is a callable ``(model) -> model`` (after instantiation with its options, see
     :func:`aigc_register_objectives`) that prepares a pretrained model for fine-tuning (makes
-    all parameters trainable, adds LoRA adapters, ...) and returns the model to train.
+    all parameters trainable, adds LoRA adapters, ...) and returns the model to train. A
+    finetuner that trains an adapter apart from the base weights also has
+    ``save_adapter(model, directory) -> directory``, which saves that adapter alone; a training
+    run calls it for the final model (``<output_dir>/adapter``).
     """
 
 
@@ -81,6 +90,31 @@ def aigc_register_transfer_strategies(register):
     -> list[dict]`` (the optimizer's parameter groups, e.g. a learning rate per layer group)
     and ``on_epoch_start(model, epoch)`` (e.g. unfreezes one more layer group).
     """
+
+
+@hookspec
+def aigc_register_models(register):
+    """Registers model factories: ``register(name, factory, *, description="")``.
+
+    ``factory(info: dict, **options) -> torch.nn.Module``: ``info`` is what the dataset
+    describes (``vocab_size``, ``num_labels``, ...), ``options`` the ``[model]`` options of a
+    run's configuration (see docs/training.md).
+    """
+
+
+@hookspec
+def aigc_register_datasets(register):
+    """Registers dataset factories: ``register(name, factory, *, description="")``.
+
+    ``factory(*, seed: int, **options) -> aigc_ext.training.DataBundle``.
+    """
+
+
+@hookspec
+def aigc_register_recipes(register):
+    """Registers recipes: ``register(name, recipe, *, description="")`` with ``recipe`` an
+    :class:`aigc_ext.training.Recipe` (a complete configuration ``aigc-ext train --recipe name``
+    runs)."""
 
 
 # --- lifecycle hooks of a training run ----------------------------------------------------------

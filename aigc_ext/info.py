@@ -25,7 +25,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
 
 def _cpu_ops():
     """The CPU backend's operator module (loading it loads the compiled library)."""
-    from aigc_ext import ops
+    from aigc_ext.backends.cpu import ops
 
     return ops
 

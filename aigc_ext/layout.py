@@ -7,10 +7,11 @@ that broadcast are expanded as views (stride 0), never copied.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
+
+from aigc_ext.validation import AttentionCall
 
 __all__ = ["OpLayout", "run_attention_op", "to_op_layout"]
 
@@ -90,20 +91,12 @@ def to_op_layout(
 
 
 def run_attention_op(
-    attention: Callable[..., torch.Tensor],
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]], call: AttentionCall
 ) -> torch.Tensor:
-    """Serves a validated ``scaled_dot_product_attention`` call with a fused operator wrapper
-    ``attention(q, k, v, mask, is_causal, scale)`` taking the 4-D operator layout: brings the
-    arguments to that layout, applies the default scale, and gives the output the caller's
+    """Serves a validated call (an :class:`~aigc_ext.validation.AttentionCall`) with a fused
+    forward operator ``forward(q, k, v, mask, is_causal, scale) -> (out, lse)`` taking the 4-D
+    operator layout: brings the tensors to that layout and gives the output the caller's
     shape. Every op-backed backend (``cpu``, ``triton``) goes through here."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    lay = to_op_layout(query, key, value, attn_mask)
-    out = attention(lay.query, lay.key, lay.value, lay.mask, bool(is_causal), float(scale))
+    lay = to_op_layout(call.query, call.key, call.value, call.attn_mask)
+    out = forward(lay.query, lay.key, lay.value, lay.mask, call.is_causal, call.scale)[0]
     return lay.restore(out)

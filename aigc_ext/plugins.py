@@ -1,4 +1,9 @@
-"""The plugin manager: built-in plugins plus every installed ``aigc_ext`` entry point.
+"""The plugin manager: the default plugins plus every installed ``aigc_ext`` entry point.
+
+The default plugins are aigc_ext's own built-ins, modules named in :data:`DEFAULT_PLUGINS` and
+loaded first, through the same hooks a third-party plugin implements. Registration hooks fill
+the registries of :data:`aigc_ext.registries.FAMILIES`: the manager walks that table (family
+-> hook, registry) and knows nothing of what the registries are for.
 
 Plugins are loaded once, on first use (:func:`aigc_ext.backends`, :func:`get_registry`, the
 ``aigc-ext`` command), never at ``import aigc_ext``. Environment variables:
@@ -29,9 +34,10 @@ import pluggy
 
 from aigc_ext import hookspecs
 from aigc_ext._version import __version__
-from aigc_ext.registries import FAMILIES, Registry
+from aigc_ext.registries import FAMILIES, Registry, registry
 
 __all__ = [
+    "DEFAULT_PLUGINS",
     "ENTRY_POINT_GROUP",
     "PluginError",
     "PluginFailure",
@@ -48,9 +54,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "aigc_ext"
-BUILTIN_PLUGINS = ("aigc_ext.builtins",)
-BACKENDS = "attention_backends"
-_BACKEND_HOOK = "aigc_register_attention_backends"
+# aigc_ext's built-in plugins, loaded by module name before any entry point.
+DEFAULT_PLUGINS = ("aigc_ext.default_plugins.backends",)
 
 
 class PluginError(RuntimeError):
@@ -92,7 +97,6 @@ class PluginFailure:
 pm = pluggy.PluginManager("aigc_ext")
 pm.add_hookspecs(hookspecs)
 
-_registries = {family: Registry(family) for family in FAMILIES}
 _infos: dict[str, PluginInfo] = {}
 _failures: list[PluginFailure] = []
 _lock = threading.RLock()
@@ -125,7 +129,7 @@ def load() -> None:
 
 def _load() -> None:
     strict = _flag("AIGC_EXT_STRICT_PLUGINS")
-    for module_name in BUILTIN_PLUGINS:
+    for module_name in DEFAULT_PLUGINS:
         module = importlib.import_module(module_name)
         # A broken built-in is a bug in aigc_ext itself: always raise.
         add_plugin(module, module_name, distribution="aigc_ext", version=__version__, builtin=True)
@@ -230,8 +234,8 @@ def add_plugin(
     name; ``SystemExit`` too, but not ``KeyboardInterrupt``) everything the plugin registered is
     removed and the plugin is unregistered; then :class:`PluginError` is raised if ``strict``,
     else a :class:`PluginWarning` is shown and ``None`` returned. (An unknown hook only warns
-    when not ``strict``: the plugin stays.) The backends of a ``builtin`` plugin are trusted:
-    their results are not checked (see :mod:`aigc_ext.dispatch`).
+    when not ``strict``: the plugin stays.) What a ``builtin`` plugin registers is marked so
+    (:attr:`aigc_ext.registries.Entry.builtin`): the dispatcher trusts built-in backends.
     """
     with _lock:
         try:
@@ -252,8 +256,8 @@ def add_plugin(
                 if strict:
                     raise PluginError(message)
                 _fault(name, distribution, message, strict=False)
-            for family, hookname in ((BACKENDS, _BACKEND_HOOK), *FAMILIES.items()):
-                register = _register_callable(info, family)
+            for family, (hookname, family_registry) in FAMILIES.items():
+                register = _register_callable(info, family, family_registry)
                 for impl in _own_impls(getattr(pm.hook, hookname), plugin):
                     impl.function(*[{"register": register}[a] for a in impl.argnames])
         except KeyboardInterrupt:
@@ -275,35 +279,23 @@ def _own_impls(caller: pluggy.HookCaller, plugin: object) -> list[pluggy.HookImp
     ]
 
 
-def _register_callable(info: PluginInfo, family: str):
-    if family == BACKENDS:
-        from aigc_ext.dispatch import _add_backend
+def _register_callable(info: PluginInfo, family: str, family_registry: Registry):
+    """The ``register`` a plugin's hook of ``family`` receives: the family's registration form
+    (see :mod:`aigc_ext.hookspecs`), the plugin as source, recorded for the rollback."""
 
-        def register(name, fn, devices=("cpu",), **kwargs):
-            # The plugin's name is the source; only the built-in plugins' backends are trusted.
-            kwargs.update(source=info.source, trusted=info.builtin)
-            backend = _add_backend(name, fn, devices, **kwargs)
-            info.registered.setdefault(family, []).append(name)
-            return backend
-
-    else:
-        registry = _registries[family]
-
-        def register(name, obj, *, description=""):
-            entry = registry.register(name, obj, description=description, source=info.source)
-            info.registered.setdefault(family, []).append(name)
-            return entry
+    def register(*args, **kwargs):
+        entry = family_registry.add(args, kwargs, source=info.source, builtin=info.builtin)
+        info.registered.setdefault(family, []).append(entry.name)
+        return entry
 
     register.__name__ = f"register_{family}"
     return register
 
 
 def _rollback(info: PluginInfo) -> None:
-    from aigc_ext.dispatch import _unregister_backend
-
     for family, names in info.registered.items():
         for n in names:
-            _unregister_backend(n) if family == BACKENDS else _registries[family].unregister(n)
+            FAMILIES[family].registry.unregister(n)
     info.registered.clear()
 
 
@@ -332,15 +324,13 @@ def _reset_locked() -> None:
         remove_plugin(name)
     for _, plugin in list(pm.list_name_plugin()):
         pm.unregister(plugin)
-    for registry in _registries.values():
-        for n in registry.names():
-            registry.unregister(n)
     _failures.clear()
     _loaded = False
 
 
 def _reset() -> None:
-    """Forgets every plugin and registration; the next use loads them again (for tests)."""
+    """Forgets every plugin and what the plugins registered; the next use loads them again
+    (for tests). What was registered directly (``register_backend``, ``register_model``) stays."""
     with _lock:
         _reset_locked()
 
@@ -358,9 +348,9 @@ def failures() -> list[PluginFailure]:
 
 
 def get_registry(family: str) -> Registry:
-    """The registry of ``family``: one of objectives, finetuners, augmentations,
-    transfer_strategies (attention backends: :func:`aigc_ext.backends`)."""
-    if family not in _registries:
-        raise KeyError(f"unknown plugin family {family!r}; known: {', '.join(_registries)}")
+    """The registry of ``family`` (one of :data:`aigc_ext.registries.FAMILIES`: objectives,
+    finetuners, augmentations, transfer_strategies, models, datasets, recipes,
+    attention_backends), after loading the plugins."""
+    found = registry(family)  # an unknown family is a KeyError listing the known ones
     load()
-    return _registries[family]
+    return found

@@ -7,7 +7,7 @@ argument and the shapes involved, before any kernel runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -16,10 +16,19 @@ __all__ = ["SUPPORTED_DTYPES", "AttentionCall", "validate_sdpa_args"]
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
-class AttentionCall:
-    """What a backend needs to know to decide whether it can serve a call."""
+class AttentionCall(NamedTuple):
+    """A validated call: its tensors, its resolved options and what a backend needs to know to
+    decide whether it can serve it.
 
+    Backends receive it whole (``serve(call)``), rather than eight loose arguments. It is a
+    named tuple, built once per call: one allocation, and cheap to read and to trace with
+    ``torch.compile``. ``scale`` is resolved (a float) and ``dropout_p`` a float.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None
     device_type: str
     dtype: torch.dtype
     batch_shape: tuple[int, ...]  # leading dims of the query, heads last (may be empty)
@@ -38,35 +47,17 @@ class AttentionCall:
     enable_gqa: bool
 
 
-_calls: dict[tuple, AttentionCall] = {}  # memo of _describe, keyed by the field values
-_MAX_CALLS = 1024
-_FIELDS = [f.name for f in fields(AttentionCall)]
-_DROPOUT_P, _SCALE = _FIELDS.index("dropout_p"), _FIELDS.index("scale")
+# device -> device.type: reading the attribute builds a new string at every call, a dict lookup
+# does not. Devices are few (cpu, meta, cuda:N), so the cache stays small.
+_DEVICE_TYPES: dict[torch.device, str] = {}
 
 
-def _describe(*values: object) -> AttentionCall:
-    """``AttentionCall(values[0].type, *values[1:])``: ``values`` are the fields in order, except
-    that the first is the device itself (reading ``device.type`` costs more than the memo).
-
-    This runs at every attention call, and the ``__init__`` of a frozen dataclass (16
-    ``object.__setattr__`` calls) costs about as much as all the checks together. A model
-    makes the same few calls over and over and the description is immutable, so each distinct
-    one is built once and shared. 0.0 and -0.0 compare equal but are different values, so a
-    ``dropout_p`` or ``scale`` with the sign bit set bypasses the memo; so does
-    ``torch.compile``, which traces the constructor.
-    """
-    if (
-        torch.compiler.is_compiling()
-        or math.copysign(1.0, values[_DROPOUT_P]) < 0.0
-        or math.copysign(1.0, values[_SCALE]) < 0.0
-    ):
-        return AttentionCall(values[0].type, *values[1:])
-    call = _calls.get(values)
-    if call is None:
-        if len(_calls) >= _MAX_CALLS:  # e.g. a new key length at every generation step
-            _calls.clear()
-        call = _calls[values] = AttentionCall(values[0].type, *values[1:])
-    return call
+def _device_type(device: torch.device) -> str:
+    """``device.type``, remembered (the call sites try ``_DEVICE_TYPES`` first)."""
+    device_type = device.type
+    if not torch.compiler.is_compiling():  # dynamo would record the store as a side effect
+        _DEVICE_TYPES[device] = device_type
+    return device_type
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -100,7 +91,7 @@ def validate_sdpa_args(
     scale: float | None,
     enable_gqa: bool,
 ) -> AttentionCall:
-    """Checks the arguments of ``scaled_dot_product_attention`` and describes the call.
+    """Checks the arguments of ``scaled_dot_product_attention`` and returns the call.
 
     This runs on every attention call, so each tensor's shape, dtype and device is read once
     into a local; the checks (and so which error a bad call gets) keep their order.
@@ -216,8 +207,12 @@ def validate_sdpa_args(
         raise ValueError(
             f"scaled_dot_product_attention: scale must be a finite number; got {scale}"
         )
-    return _describe(
-        device,  # its type is the device_type
+    return AttentionCall(
+        query,
+        key,
+        value,
+        attn_mask,
+        _DEVICE_TYPES.get(device) or _device_type(device),
         dtype,
         q_shape[:-2],  # batch_shape
         heads_q,

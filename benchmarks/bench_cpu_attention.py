@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aigc_ext
-import aigc_ext.ops
 from aigc_ext.bench.measure import matmul_peak_gflops, reset_peak_rss, status_kib
 
 DTYPES = {

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import aigc_ext
-import aigc_ext.ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

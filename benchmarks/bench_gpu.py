@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU attention benchmark: the triton backend against torch's SDPA backends and FlexAttention.
 
-Providers: ``ours`` (the Triton operators of ``aigc_ext.triton``), torch's
+Providers: ``ours`` (the Triton operators of ``aigc_ext.backends.triton``), torch's
 ``scaled_dot_product_attention`` restricted to one backend each (``flash``, ``efficient``,
 ``cudnn``; one that cannot serve a shape is reported as such) and ``flex``
 (``torch.compile``'d ``flex_attention``; causal through a block mask). Defaults: bfloat16,
@@ -84,10 +84,10 @@ def flops(b: int, h: int, lq: int, lkv: int, e: int, causal: bool, mode: str) ->
 
 
 def _ours(torch):
-    from aigc_ext.triton import ops
+    from aigc_ext.backends.triton import ops
 
     def fn(q, k, v, causal, scale):
-        return ops.attention(q, k, v, None, causal, scale)
+        return ops.attention_with_lse(q, k, v, None, causal, scale)[0]
 
     return fn
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import aigc_ext
-from aigc_ext.reference import sdpa_reference
+from aigc_ext.backends.reference.ops import sdpa_reference
 from aigc_ext.validation import validate_sdpa_args
 
 # The device the fused backends are tested on ("cpu" unless set, e.g. "cuda").

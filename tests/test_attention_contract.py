@@ -25,7 +25,7 @@ from sdpa_testing import (
 )
 
 import aigc_ext
-from aigc_ext.reference import attention_forward_reference, sdpa_reference
+from aigc_ext.backends.reference.ops import attention_forward_reference, sdpa_reference
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DTYPES = [F32, BF16, F16]

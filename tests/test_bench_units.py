@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from aigc_ext import bench
+from aigc_ext.backends.reference.ops import sdpa_reference
 from aigc_ext.bench import correctness, measure, runner
 from aigc_ext.bench.config import BenchConfig, Case, UsageError, quick_config
 from aigc_ext.bench.correctness import ErrorRule, reference64, run_with_grads
 from aigc_ext.bench.problem import make_problem
-from aigc_ext.reference import sdpa_reference
 
 
 @pytest.mark.parametrize("mask", ["none", "padding", "arbitrary"])

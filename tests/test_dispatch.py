@@ -11,7 +11,7 @@ from sdpa_testing import DEVICE, make_qkv, random_mask
 
 import aigc_ext
 from aigc_ext import dispatch
-from aigc_ext.reference import sdpa_reference
+from aigc_ext.backends.reference.ops import sdpa_reference
 
 
 class Spy:

@@ -16,11 +16,11 @@ from sdpa_testing import make_qkv
 
 import aigc_ext
 from aigc_ext import dispatch, hookimpl, plugins
+from aigc_ext.backends.cpu import backend as builtin_cpu
+from aigc_ext.backends.reference.ops import sdpa_reference
 from aigc_ext.bench.impls import available_impls
-from aigc_ext.builtins import cpu as builtin_cpu
 from aigc_ext.cli import main
 from aigc_ext.plugins import PluginError, PluginWarning
-from aigc_ext.reference import sdpa_reference
 from aigc_ext.testing import register_plugin
 
 EXAMPLE = "aigc-ext-plugin-example"  # distribution of examples/aigc-ext-plugin-example
@@ -364,7 +364,7 @@ def test_plugin_backends_are_checked_and_builtins_trusted():
         plugin_backend = dispatch.get_backend("checked")
         assert not plugin_backend.trusted and plugin_backend.fn.__wrapped__ is fn
     cpu = dispatch.get_backend("cpu")
-    assert cpu.trusted and cpu.fn is builtin_cpu.sdpa  # called as it is: no per-call cost
+    assert cpu.trusted and cpu.fn is builtin_cpu.serve  # called as it is: no per-call cost
     assert dispatch.get_backend("reference").trusted
 
 
@@ -463,7 +463,7 @@ def test_cli_plugins_shows_distribution_and_entry_point(reload_plugins, capsys):
     out = capsys.readouterr().out
     assert f"{EXAMPLE} 0.1.0 (entry point '{EXAMPLE_EP}')" in out
     assert "(built-in, entry point 'strategies')" in out
-    assert "(built-in, plugin 'aigc_ext.builtins')" in out
+    assert "(built-in, plugin 'aigc_ext.default_plugins.backends')" in out
     assert main(["plugins", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     (example,) = [p for p in doc["plugins"] if p["name"] == EXAMPLE_EP]

@@ -15,10 +15,10 @@ from sdpa_testing import make_qkv
 
 import aigc_ext
 from aigc_ext import hookimpl, hookspecs, plugins
+from aigc_ext.backends.reference.ops import sdpa_reference
 from aigc_ext.cli import main
 from aigc_ext.lifecycle import RunState, notify
 from aigc_ext.plugins import PluginError, PluginWarning
-from aigc_ext.reference import sdpa_reference
 from aigc_ext.testing import register_plugin
 
 REGISTRATION_HOOKS = [
@@ -106,10 +106,12 @@ def test_import_does_not_load_plugins():
 
 def test_builtins_register_through_the_hook():
     builtins = {i.name: i for i in plugins.get_plugins(include_builtins=True) if i.builtin}
-    assert set(builtins) == {"aigc_ext.builtins", "strategies"}
-    assert builtins["aigc_ext.builtins"].hooks == ["aigc_register_attention_backends"]
+    assert set(builtins) == {"aigc_ext.default_plugins.backends", "strategies"}
+    assert builtins["aigc_ext.default_plugins.backends"].hooks == [
+        "aigc_register_attention_backends"
+    ]
     assert {"cpu", "reference"} <= set(
-        builtins["aigc_ext.builtins"].registered["attention_backends"]
+        builtins["aigc_ext.default_plugins.backends"].registered["attention_backends"]
     )
     assert all(not i.builtin for i in plugins.get_plugins())
 
@@ -343,7 +345,7 @@ def test_env_plugins_names_a_missing_plugin(entry_points, monkeypatch):
 def test_cli_json_all(capsys):
     assert main(["plugins", "--json", "--all"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    builtin = next(p for p in doc["plugins"] if p["name"] == "aigc_ext.builtins")
+    builtin = next(p for p in doc["plugins"] if p["name"] == "aigc_ext.default_plugins.backends")
     assert builtin["builtin"] and builtin["distribution"] == "aigc_ext"
     assert builtin["hooks"] == ["aigc_register_attention_backends"]
     assert "cpu" in builtin["registered"]["attention_backends"]
@@ -356,7 +358,7 @@ def test_cli_text_lists_plugin_and_registrations(entry_points, capsys):
     assert "aug-dist 1.2.3 (entry point 'aug')" in out
     assert "hooks: aigc_register_augmentations" in out
     assert "augmentations: shared-aug" in out
-    assert "aigc_ext.builtins" not in out and "built-in" not in out
+    assert "aigc_ext.default_plugins.backends" not in out and "built-in" not in out
 
 
 def test_cli_strict_fails_on_broken_plugin(entry_points, capsys):
@@ -383,7 +385,7 @@ def test_cli_subprocess_json():
         check=True,
     )
     doc = json.loads(out.stdout)
-    assert "aigc_ext.builtins" in [p["name"] for p in doc["plugins"]]
+    assert "aigc_ext.default_plugins.backends" in [p["name"] for p in doc["plugins"]]
 
 
 # --- lifecycle hooks --------------------------------------------------------------------------

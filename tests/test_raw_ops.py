@@ -394,7 +394,7 @@ def test_torch_compile_rejects_an_invalid_call_while_tracing():
 @pytest.fixture(scope="module")
 def triton_ops():
     pytest.importorskip("triton")
-    from aigc_ext.triton import kernels, ops  # noqa: F401  (ops registers the operators)
+    from aigc_ext.backends.triton import kernels, ops  # noqa: F401  (ops registers the operators)
 
     if DEVICE == "cpu" and not kernels.INTERPRET:
         pytest.skip("the Triton operators take CPU tensors only under the interpreter")

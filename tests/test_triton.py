@@ -29,7 +29,9 @@ from sdpa_testing import (
 )
 
 import aigc_ext
-from aigc_ext.triton import backend as triton_backend
+from aigc_ext.backends.reference.ops import sdpa_reference
+from aigc_ext.backends.triton import backend as triton_backend
+from aigc_ext.validation import validate_sdpa_args
 
 TRITON = "triton"
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -289,7 +291,7 @@ def test_3d_inputs_and_broadcast_grad_out():
     v = randn((3, 45, 20), F32, seed=3)
     check(q, k, v, attn_mask=random_mask((30, 45), "float", F32, seed=4), is_causal=True)
     ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    aigc_ext.reference.sdpa_reference(*ref, is_causal=True).sum().backward()
+    sdpa_reference(*ref, is_causal=True).sum().backward()
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with aigc_ext.use_backend(TRITON):
         aigc_ext.scaled_dot_product_attention(*leaves, is_causal=True).sum().backward()
@@ -423,7 +425,7 @@ def test_unavailable_reason_without_gpu_or_interpreter(monkeypatch):
 
 
 def test_autotune_config_selection():
-    from aigc_ext.triton import kernels
+    from aigc_ext.backends.triton import kernels
 
     fwd = kernels.FWD_CONFIGS
     assert len(kernels.select_configs(fwd, 128, 128, False)) >= 4
@@ -447,7 +449,7 @@ def test_autotune_config_selection():
 def _attention_loss(q, k, v, mask):
     # The backend function itself (what the dispatcher hands the call to): the operators,
     # their fake kernels and autograd are what is under test here.
-    out = triton_backend.sdpa(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
+    out = triton_backend.serve(validate_sdpa_args(q, k, v, mask, 0.0, True, None, True))
     return (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum()
 
 

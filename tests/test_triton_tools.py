@@ -28,7 +28,7 @@ def _ptxas_available() -> bool:
 
 _COMPILE_SCRIPT = """
 import json, dataclasses
-from aigc_ext.triton import compile_check as cc
+from aigc_ext.backends.triton import compile_check as cc
 rows = [dataclasses.asdict(r) for v in cc.VARIANTS["quick"] for r in cc.compile_variant(v, 90)]
 print(json.dumps(rows))
 """
@@ -72,7 +72,7 @@ import torch
 from torch._library.triton import get_triton_kernels_for_op
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from aigc_ext.triton import kernels, ops
+from aigc_ext.backends.triton import kernels, ops
 
 def f(q, k, v, m, g):
     out, lse = ops._forward(q, k, v, m, True, 0.125)

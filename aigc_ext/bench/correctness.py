@@ -6,7 +6,7 @@ For each checked tensor (the output, and ``dq``, ``dk``, ``dv`` in the backward 
 
 ``ref_fp64`` is plain float64 math on the same (rounded) inputs, computed in blocks of query
 rows so that its score matrix stays small (:func:`reference64`; the tests check it against
-:func:`aigc_ext.reference.sdpa_reference` in float64). ``torch`` is
+:func:`aigc_ext.backends.reference.ops.sdpa_reference` in float64). ``torch`` is
 ``torch.nn.functional.scaled_dot_product_attention`` in the row's dtype with torch's own choice
 of kernel, as the test suite does (``tests/sdpa_testing.py``): on the CPU, torch's math backend
 computes reduced precisions in float32, and its gradients are then more accurate than any fused

@@ -223,9 +223,7 @@ def scaled_dot_product_attention(
                 scale=scale,
                 enable_gqa=enable_gqa,
             )
-    return backend.fn(
-        query, key, value, attn_mask, call.dropout_p, call.is_causal, call.scale, call.enable_gqa
-    )
+    return backend.fn(call)
 
 
 def enable() -> None:

@@ -28,7 +28,6 @@ This module imports transformers only inside :func:`register`.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 

@@ -8,8 +8,8 @@ strides multiples of 16, sizes unspecialised). It also reports what the generate
 shared memory, tensor core instructions (``wgmma`` on sm90, ``mma.sync`` on sm80) and
 asynchronous copies (software pipelining), so a change that silently loses them shows up here.
 
-    python -m aigc_ext.triton.compile_check            # the quick variants, sm90
-    python -m aigc_ext.triton.compile_check --arch 80 90 --variants all
+    python -m aigc_ext.backends.triton.compile_check            # the quick variants, sm90
+    python -m aigc_ext.backends.triton.compile_check --arch 80 90 --variants all
 
 Needs ``TRITON_INTERPRET`` unset (it turns the kernels into interpreted functions).
 """
@@ -140,7 +140,7 @@ def compile_variant(variant: Variant, arch: int) -> list[CompileResult]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from aigc_ext.triton import kernels as K
+    from aigc_ext.backends.triton import kernels as K
 
     if K.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET is on: unset it to compile the kernels")

@@ -19,13 +19,17 @@ from __future__ import annotations
 import torch
 
 from aigc_ext import _C  # noqa: F401  (loads the library: registers torch.ops.aigc_ext.*)
+from aigc_ext.backends.cpu.op_checks import (
+    check_attention_backward,
+    check_attention_forward,
+    lse_dtype,
+)
 from aigc_ext.contract import register_attention_autograd
-from aigc_ext.op_checks import check_attention_backward, check_attention_forward, lse_dtype
 
-__all__ = ["attention", "cpu_kernel_config", "lse_dtype"]
+__all__ = ["cpu_kernel_config", "lse_dtype"]
 
 
-# The fake kernels run the CPU kernel's checks first (same errors, see aigc_ext.op_checks), and
+# The fake kernels run the CPU kernel's checks first (same errors, see op_checks), and
 # describe outputs laid out as the kernel's: contiguous, whatever the inputs' strides.
 
 
@@ -47,18 +51,6 @@ def _attention_backward_fake(
 
 
 register_attention_autograd("aigc_ext::attention_forward", "attention_backward")
-
-
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-) -> torch.Tensor:
-    """Calls the forward operator on 4-D tensors and returns the attention output only."""
-    return torch.ops.aigc_ext.attention_forward(query, key, value, attn_mask, is_causal, scale)[0]
 
 
 def cpu_kernel_config(

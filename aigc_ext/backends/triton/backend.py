@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
+from aigc_ext.backends.spec import BackendSpec
 from aigc_ext.layout import run_attention_op
 from aigc_ext.validation import AttentionCall
 
 __all__ = [
+    "BACKEND",
     "PRIORITY_CUDA",
     "PRIORITY_INTERPRETED",
     "devices",
     "interpreter_enabled",
     "priority",
-    "sdpa",
+    "serve",
     "unavailable_reason",
     "unsupported_reason",
 ]
@@ -39,6 +42,7 @@ PRIORITY_CUDA = 200
 # Below the C++ kernel: under the interpreter, CPU calls still go to the cpu backend by default.
 PRIORITY_INTERPRETED = 50
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # set by the first call
 
 
 def interpreter_enabled() -> bool:
@@ -97,17 +101,25 @@ def unsupported_reason(call: AttentionCall) -> str | None:
     return None
 
 
-def sdpa(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """``scaled_dot_product_attention`` through the Triton operators (validated arguments)."""
-    from aigc_ext.triton import ops
+def serve(call: AttentionCall) -> torch.Tensor:
+    """Runs a validated call on the Triton operators (loaded, with Triton, by the first call)."""
+    global _forward
+    if _forward is None:
+        from aigc_ext.backends.triton import ops  # noqa: F401  (registers the operators)
 
-    return run_attention_op(ops.attention, query, key, value, attn_mask, is_causal, scale)
+        _forward = torch.ops.aigc_ext.triton_attention_forward
+    return run_attention_op(_forward, call)
+
+
+# Devices and priority depend on the Triton interpreter, which is fixed for the process: CUDA
+# tensors (the default there, above cpu's priority); CPU tensors too under TRITON_INTERPRET=1,
+# for testing, below the C++ kernel so that it stays the CPU default.
+BACKEND = BackendSpec(
+    name="triton",
+    serve=serve,
+    devices=devices(),
+    priority=priority(),
+    description="FlashAttention-2 Triton kernels (CUDA; CPU through the Triton interpreter)",
+    unavailable_reason=unavailable_reason,
+    unsupported_reason=unsupported_reason,
+)

@@ -1,6 +1,6 @@
 """The Triton attention operators: ``torch.ops.aigc_ext.triton_attention_forward`` / ``_backward``.
 
-They follow the contract of the C++ operators (see :mod:`aigc_ext.ops`)::
+They follow the contract of the C++ operators (see :mod:`aigc_ext.backends.cpu.ops`)::
 
     triton_attention_forward(q, k, v, attn_mask, is_causal, scale) -> (out, lse)
     triton_attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale)
@@ -27,11 +27,16 @@ import torch
 import triton
 from torch.library import wrap_triton
 
+from aigc_ext.backends.triton import kernels as K
+from aigc_ext.backends.triton.kernels import (
+    attn_bwd_dkdv,
+    attn_bwd_dq,
+    attn_bwd_preprocess,
+    attn_fwd,
+)
 from aigc_ext.contract import register_attention_autograd
-from aigc_ext.triton import kernels as K
-from aigc_ext.triton.kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention", "attention_with_lse"]
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention_with_lse"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -300,15 +305,3 @@ def attention_with_lse(
     return torch.ops.aigc_ext.triton_attention_forward(
         query, key, value, attn_mask, bool(is_causal), float(scale)
     )
-
-
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-) -> torch.Tensor:
-    """Calls the forward operator on 4-D tensors and returns the attention output only."""
-    return attention_with_lse(query, key, value, attn_mask, is_causal, scale)[0]

@@ -1,6 +1,6 @@
 """Argument checks of ``aigc_ext::attention_forward`` / ``attention_backward`` for their fake kernels.
 
-The fake (meta) kernels of :mod:`aigc_ext.ops` run these before they describe the outputs. They
+The fake (meta) kernels of :mod:`aigc_ext.backends.cpu.ops` run these before they describe the outputs. They
 repeat the checks of the C++ CPU kernel (``csrc/ops.cpp``) one for one: the same order, the same
 exception type (``RuntimeError``, which ``TORCH_CHECK`` raises) and the same message text. So
 ``torch.compile`` and ``torch.export`` reject an invalid call while tracing, as the real call
