@@ -55,7 +55,10 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "aigc_ext"
 # aigc_ext's built-in plugins, loaded by module name before any entry point.
-DEFAULT_PLUGINS = ("aigc_ext.default_plugins.backends",)
+DEFAULT_PLUGINS = (
+    "aigc_ext.default_plugins.backends",
+    "aigc_ext.default_plugins.training",
+)
 
 
 class PluginError(RuntimeError):

@@ -106,7 +106,11 @@ def test_import_does_not_load_plugins():
 
 def test_builtins_register_through_the_hook():
     builtins = {i.name: i for i in plugins.get_plugins(include_builtins=True) if i.builtin}
-    assert set(builtins) == {"aigc_ext.default_plugins.backends", "strategies"}
+    assert set(builtins) == {
+        "aigc_ext.default_plugins.backends",
+        "aigc_ext.default_plugins.training",
+        "strategies",
+    }
     assert builtins["aigc_ext.default_plugins.backends"].hooks == [
         "aigc_register_attention_backends"
     ]

@@ -1,18 +1,23 @@
 """Named models, datasets and recipes the training runner can build from a configuration.
 
-Model and dataset factories register here by decorator; recipes are complete default
+Model and dataset factories register by decorator; recipes are complete default
 configurations. A configuration names them (``[model] name = "gpt"``), so a TOML file stays
-declarative and a new model or dataset only needs a decorated factory.
+declarative and a new model or dataset only needs a decorated factory. The three tables are
+:class:`~aigc_ext.registries.Registry` instances of the registry floor (families ``models``,
+``datasets``, ``recipes``); the built-in ones are registered by the default plugin
+:mod:`aigc_ext.default_plugins.training` through the ``aigc_register_models`` /
+``_datasets`` / ``_recipes`` hooks, as a third-party plugin registers its own.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from aigc_ext.registries import Registry, registry
 
 __all__ = [
     "DATASETS",
@@ -20,6 +25,7 @@ __all__ = [
     "RECIPES",
     "DataBundle",
     "Recipe",
+    "builtin_table",
     "get_dataset",
     "get_model",
     "get_recipe",
@@ -56,17 +62,31 @@ class Recipe:
 ModelFactory = Callable[..., torch.nn.Module]
 DatasetFactory = Callable[..., DataBundle]
 
-MODELS: dict[str, ModelFactory] = {}
-DATASETS: dict[str, DatasetFactory] = {}
-RECIPES: dict[str, Recipe] = {}
+MODELS: Registry = registry("models")  # name -> ModelFactory
+DATASETS: Registry = registry("datasets")  # name -> DatasetFactory
+RECIPES: Registry = registry("recipes")  # name -> Recipe
 
 
-def _register(table: dict, kind: str, name: str, obj: Any) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a {kind} name must be a non-empty string, not {name!r}")
-    if name in table:
-        raise ValueError(f"{kind} {name!r} is registered twice")
-    table[name] = obj
+def _register(table: Registry, kind: str, name: str, obj: Any) -> None:
+    source = getattr(obj, "__module__", None) or "aigc_ext.training"
+    table.register(name, obj, source=source)
+
+
+def builtin_table() -> tuple[dict[str, Any], Callable[[str], Callable[[Any], Any]]]:
+    """A table and a decorator filling it, for a module of built-in factories: they are listed
+    there at import and registered by the default plugin through the hook (not at import)."""
+    table: dict[str, Any] = {}
+
+    def register(name: str) -> Callable[[Any], Any]:
+        def deco(fn: Any) -> Any:
+            if name in table:
+                raise ValueError(f"{name!r} is listed twice")
+            table[name] = fn
+            return fn
+
+        return deco
+
+    return table, register
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -121,19 +141,9 @@ def get_recipe(name: str) -> Recipe:
     return _lookup(RECIPES, "recipe", name)
 
 
-BUILTIN_MODULES = ("data", "models", "recipes")
-
-
 def _load_builtins() -> None:
-    """Imports the modules that register the built-in models, datasets and recipes.
+    """Loads the plugins: the default plugin registers the built-in models, datasets and
+    recipes, installed plugins theirs (once per process; an error in a built-in is raised)."""
+    from aigc_ext import plugins
 
-    A module that does not exist is skipped (its names are then simply not available); an
-    error inside an existing module is raised.
-    """
-    for name in BUILTIN_MODULES:
-        module = f"aigc_ext.training.{name}"
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    plugins.load()

@@ -37,7 +37,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from aigc_ext.training.components import DataBundle, register_dataset
+from aigc_ext.training.components import DataBundle, builtin_table
+
+BUILTIN_DATASETS, register_dataset = builtin_table()  # see aigc_ext.default_plugins.training
 
 __all__ = [
     "CORPUS_MODULES",

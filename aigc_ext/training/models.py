@@ -45,7 +45,9 @@ import torch
 from torch import nn
 
 from aigc_ext.api import scaled_dot_product_attention
-from aigc_ext.training.components import register_model
+from aigc_ext.training.components import builtin_table
+
+BUILTIN_MODELS, register_model = builtin_table()  # see aigc_ext.default_plugins.training
 
 __all__ = [
     "HEAD_MODULE_NAMES",

@@ -29,11 +29,8 @@ directory) unless ``--output`` says otherwise. They run on the CPU, for which th
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
-
-from aigc_ext.training.components import register_recipe
 
 __all__ = ["CLM_MODEL", "save_lora_adapter"]
 
@@ -189,6 +186,3 @@ RECIPES_CONFIG: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
-
-for _name, (_description, _config) in RECIPES_CONFIG.items():
-    register_recipe(_name, _description, copy.deepcopy(_config))
