@@ -57,6 +57,7 @@ ENTRY_POINT_GROUP = "aigc_ext"
 # aigc_ext's built-in plugins, loaded by module name before any entry point.
 DEFAULT_PLUGINS = (
     "aigc_ext.default_plugins.backends",
+    "aigc_ext.default_plugins.strategies",
     "aigc_ext.default_plugins.training",
 )
 
@@ -136,24 +137,17 @@ def _load() -> None:
         module = importlib.import_module(module_name)
         # A broken built-in is a bug in aigc_ext itself: always raise.
         add_plugin(module, module_name, distribution="aigc_ext", version=__version__, builtin=True)
-    builtin_eps, entry_points = [], []
+    builtin = [(name, "aigc_ext") for name in DEFAULT_PLUGINS]
+    entry_points = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         dist_name = dist.metadata["Name"] if dist is not None else None
         version = dist.version if dist is not None else None
         if _is_own_distribution(dist_name):
-            # aigc_ext's own entry points (the built-in strategies) are built-ins: always loaded.
-            add_plugin(
-                ep.load(),
-                ep.name,
-                distribution="aigc_ext",
-                version=version,
-                builtin=True,
-                entry_point=ep.name,
-            )
-            builtin_eps.append((ep.name, dist_name))
-        else:
-            entry_points.append((ep, dist_name, version))
+            # aigc_ext's built-ins are its default plugins; an entry point of its own
+            # distribution can only be left in the metadata of an older install.
+            continue
+        entry_points.append((ep, dist_name, version))
     if _flag("AIGC_EXT_NO_PLUGINS"):
         return
     wanted = os.environ.get("AIGC_EXT_PLUGINS", "").strip()
@@ -180,8 +174,8 @@ def _load() -> None:
         )
     known = [(ep.name, dist_name) for ep, dist_name, _ in entry_points]
     for name in dict.fromkeys(only or ()):
-        if not any(_names_plugin(name, *k) for k in known + builtin_eps):
-            _fault(name, None, _not_installed(known, builtin_eps), strict)
+        if not any(_names_plugin(name, *k) for k in known + builtin):
+            _fault(name, None, _not_installed(known, builtin), strict)
 
 
 def canonical_name(name: str) -> str:

@@ -1,24 +1,27 @@
-"""Tests of the built-in augmentations (plugins/aigc_ext_strategies/augmentation.py)."""
+"""Tests of the built-in augmentations (aigc_ext/default_plugins/strategies/text_augmentations.py
+and image_augmentations.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from aigc_ext_strategies.augmentation import (
+
+from aigc_ext.default_plugins.strategies.image_augmentations import (
     ColorJitter,
     CutMix,
     HorizontalFlip,
     MixUp,
-    RandomDeletion,
-    RandomInsertion,
     RandomResizedCrop,
-    RandomSwap,
     Rotation,
-    SpanMasking,
-    TokenMasking,
     VerticalFlip,
 )
-
+from aigc_ext.default_plugins.strategies.text_augmentations import (
+    RandomDeletion,
+    RandomInsertion,
+    RandomSwap,
+    SpanMasking,
+    TokenMasking,
+)
 from aigc_ext.plugins import get_registry
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0

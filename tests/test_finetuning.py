@@ -13,11 +13,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import tiny_models  # noqa: E402
-from aigc_ext_strategies import finetuning as ft  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import aigc_ext  # noqa: E402
 import aigc_ext.nn  # noqa: E402
+from aigc_ext.default_plugins.strategies import finetuning as ft  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

@@ -1,4 +1,5 @@
-"""Tests of the built-in objectives (plugins/aigc_ext_strategies/objectives.py)."""
+"""Tests of the built-in objectives (aigc_ext/default_plugins/strategies/objectives.py and
+span_corruption.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from aigc_ext_strategies.objectives import (
-    IGNORE_INDEX,
-    CausalLM,
-    Classification,
-    MaskedLM,
+from torch import nn
+
+from aigc_ext.default_plugins.strategies.helpers import IGNORE_INDEX
+from aigc_ext.default_plugins.strategies.objectives import CausalLM, Classification, MaskedLM
+from aigc_ext.default_plugins.strategies.span_corruption import (
     SpanCorruption,
     noise_span_counts,
     random_spans_noise_mask,
 )
-from torch import nn
-
 from aigc_ext.plugins import get_registry
 
 VOCAB = 50

@@ -410,7 +410,10 @@ def test_env_plugins_unknown_name_lists_the_names_that_exist(installed, monkeypa
     (message,) = _messages(record, PluginWarning)
     assert "'augg' is named in AIGC_EXT_PLUGINS but not installed" in message
     assert "'aug' (distribution 'aug-dist')" in message
-    assert "built-in, always loaded: 'strategies' (distribution 'aigc-ext')" in message
+    assert (
+        "built-in, always loaded: 'aigc_ext.default_plugins.backends' (distribution 'aigc-ext')"
+        in message
+    )
     monkeypatch.setenv("AIGC_EXT_STRICT_PLUGINS", "1")
     installed(FakeEntryPoint("aug", AugPlugin(), "aug-dist"))
     with pytest.raises(PluginError, match=r"'augg' is named.*'aug' \(distribution 'aug-dist'\)"):
@@ -418,12 +421,14 @@ def test_env_plugins_unknown_name_lists_the_names_that_exist(installed, monkeypa
 
 
 def test_env_plugins_accepts_builtin_names_without_a_warning(installed, monkeypatch):
-    monkeypatch.setenv("AIGC_EXT_PLUGINS", "strategies,aigc_ext")
+    monkeypatch.setenv("AIGC_EXT_PLUGINS", "aigc_ext.default_plugins.strategies,aigc_ext")
     installed(FakeEntryPoint("aug", AugPlugin(), "aug-dist"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", PluginWarning)
         assert plugins.get_plugins() == []
-    assert "strategies" in {i.name for i in plugins.get_plugins(include_builtins=True)}
+    assert "aigc_ext.default_plugins.strategies" in {
+        i.name for i in plugins.get_plugins(include_builtins=True)
+    }
 
 
 example_installed = pytest.mark.skipif(
@@ -434,7 +439,13 @@ example_installed = pytest.mark.skipif(
 
 @example_installed
 @pytest.mark.parametrize(
-    "wanted", [EXAMPLE, "AIGC_EXT_Plugin.Example", EXAMPLE_EP, f"strategies,{EXAMPLE}"]
+    "wanted",
+    [
+        EXAMPLE,
+        "AIGC_EXT_Plugin.Example",
+        EXAMPLE_EP,
+        f"aigc_ext.default_plugins.strategies,{EXAMPLE}",
+    ],
 )
 def test_env_plugins_selects_the_example_by_either_name(wanted, reload_plugins):
     with warnings.catch_warnings():
@@ -462,7 +473,7 @@ def test_cli_plugins_shows_distribution_and_entry_point(reload_plugins, capsys):
     assert main(["plugins", "--all"]) == 0
     out = capsys.readouterr().out
     assert f"{EXAMPLE} 0.1.0 (entry point '{EXAMPLE_EP}')" in out
-    assert "(built-in, entry point 'strategies')" in out
+    assert "(built-in, plugin 'aigc_ext.default_plugins.strategies')" in out
     assert "(built-in, plugin 'aigc_ext.default_plugins.backends')" in out
     assert main(["plugins", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -108,8 +108,8 @@ def test_builtins_register_through_the_hook():
     builtins = {i.name: i for i in plugins.get_plugins(include_builtins=True) if i.builtin}
     assert set(builtins) == {
         "aigc_ext.default_plugins.backends",
+        "aigc_ext.default_plugins.strategies",
         "aigc_ext.default_plugins.training",
-        "strategies",
     }
     assert builtins["aigc_ext.default_plugins.backends"].hooks == [
         "aigc_register_attention_backends"
@@ -120,24 +120,21 @@ def test_builtins_register_through_the_hook():
     assert all(not i.builtin for i in plugins.get_plugins())
 
 
-def test_builtin_strategies_load_through_the_entry_point_group(monkeypatch):
-    # The strategies are an entry point of aigc_ext's own distribution: built-in, and loaded
-    # even when third-party plugins are switched off.
-    (ep,) = [
-        e
-        for e in plugins.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
-        if e.name == "strategies"
-    ]
-    assert ep.value == "aigc_ext_strategies"
+def test_builtin_strategies_load_as_a_default_plugin(entry_points, monkeypatch):
+    # The strategies are a default plugin of aigc_ext, loaded by module name: built-in, and
+    # loaded even when third-party plugins are switched off. An entry point of aigc_ext's own
+    # distribution (left in the metadata of an older install) is not loaded.
+    assert "aigc_ext.default_plugins.strategies" in plugins.DEFAULT_PLUGINS
     monkeypatch.setenv("AIGC_EXT_NO_PLUGINS", "1")
-    plugins._reset()
-    try:
-        names = {i.name for i in plugins.get_plugins(include_builtins=True)}
-        assert "strategies" in names
-        assert "example" not in names
-    finally:
-        monkeypatch.delenv("AIGC_EXT_NO_PLUGINS")
-        plugins._reset()
+    entry_points(
+        FakeEntryPoint("strategies", RuntimeError("must not be loaded"), dist="aigc_ext"),
+        FakeEntryPoint("example", AugPlugin()),
+    )
+    names = {i.name for i in plugins.get_plugins(include_builtins=True)}
+    assert "aigc_ext.default_plugins.strategies" in names
+    assert "example" not in names and "strategies" not in names
+    assert "causal-lm" in plugins.get_registry("objectives")
+    assert plugins.failures() == []
 
 
 # --- registration -----------------------------------------------------------------------------
@@ -323,7 +320,7 @@ def test_env_no_plugins_keeps_builtins(entry_points, monkeypatch):
     entry_points(FakeEntryPoint("aug", AugPlugin()), FakeEntryPoint("other", OtherPlugin()))
     assert plugins.get_plugins() == []
     assert {"cpu", "reference"} <= _names()
-    assert len(plugins.get_registry("augmentations")) == 0
+    assert all(e.builtin for e in plugins.get_registry("augmentations").entries())
 
 
 def test_env_plugins_selects(entry_points, monkeypatch):

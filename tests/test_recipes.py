@@ -118,7 +118,7 @@ def test_clm_pretrain_loss_goes_down(tmp_path):
 
 
 def test_sft_lora_starts_from_clm_pretrain_and_saves_its_adapter(tmp_path):
-    from aigc_ext_strategies.finetuning import load_adapter
+    from aigc_ext.default_plugins.strategies.finetuning import load_adapter
 
     tiny = {**TINY_TEXT, "model.n_positions": 32, **SMALL_RUN, "run.max_steps": 2}
     pre = train(

@@ -553,7 +553,7 @@ def test_init_from_errors(tmp_path, char_info):
 
 
 def test_init_from_refuses_lora_wrapped_weights(tmp_path, char_info):
-    from aigc_ext_strategies.finetuning import LoRAFinetune
+    from aigc_ext.default_plugins.strategies.finetuning import LoRAFinetune
 
     wrapped = LoRAFinetune(r=2)(components.get_model("gpt")(char_info, **TINY_TEXT))
     save_model(wrapped, str(tmp_path / "model.safetensors"))

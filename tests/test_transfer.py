@@ -10,11 +10,11 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from aigc_ext_strategies import finetuning as ft  # noqa: E402
-from aigc_ext_strategies import transfer as tr  # noqa: E402
 from tiny_models import tiny_bert, tiny_gpt2, tiny_t5  # noqa: E402
 
 import aigc_ext  # noqa: E402
+from aigc_ext.default_plugins.strategies import finetuning as ft  # noqa: E402
+from aigc_ext.default_plugins.strategies import transfer as tr  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

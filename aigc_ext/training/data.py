@@ -346,9 +346,9 @@ class PadCollate:
 class SFTCollate:
     """Collates ``prompt_ids``/``response_ids`` examples with prompt masking.
 
-    Calls ``aigc_ext_strategies.finetuning.sft_collate``: the batch has ``input_ids`` (prompt,
-    response, end of sequence), ``attention_mask`` and ``labels`` with -100 on the prompt and
-    the padding, so the loss covers the response only.
+    Calls ``sft_collate`` of ``aigc_ext.default_plugins.strategies.finetuning``: the batch has
+    ``input_ids`` (prompt, response, end of sequence), ``attention_mask`` and ``labels`` with
+    -100 on the prompt and the padding, so the loss covers the response only.
     """
 
     def __init__(self, pad_token_id: int, eos_token_id: int | None, max_length: int | None) -> None:
@@ -357,7 +357,7 @@ class SFTCollate:
         self.max_length = max_length
 
     def __call__(self, examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        from aigc_ext_strategies.finetuning import sft_collate
+        from aigc_ext.default_plugins.strategies.finetuning import sft_collate
 
         pairs = [(e["prompt_ids"], e["response_ids"]) for e in examples]
         return sft_collate(

@@ -117,8 +117,8 @@ def load_weights(model: nn.Module, init_from: str | Path, *, optional: bool = Fa
         k.startswith("base_model.model.") for k in own
     ):
         raise ValueError(
-            f"init_from={str(path)!r} holds a model wrapped with LoRA adapters; merge them "
-            "into the base model first (aigc_ext_strategies.finetuning.merge_lora)"
+            f"init_from={str(path)!r} holds a model wrapped with LoRA adapters; merge them into "
+            "the base model first (aigc_ext.default_plugins.strategies.finetuning.merge_lora)"
         )
     unexpected = sorted(k for k in state if k not in own)
     if unexpected:

@@ -71,11 +71,11 @@ def _run(name: str, **values: Any) -> dict[str, Any]:
 def save_lora_adapter(model: Any, output_dir: str | Path) -> Path:
     """Saves the LoRA adapter of a trained ``sft-lora`` model to ``<output_dir>/adapter``.
 
-    Uses ``aigc_ext_strategies.finetuning.save_adapter`` (the adapter weights only, as
-    safetensors); ``load_adapter(base_model, path)`` puts them back on a model built with
+    Uses ``save_adapter`` of ``aigc_ext.default_plugins.strategies.finetuning`` (the adapter
+    weights only, as safetensors); ``load_adapter(base_model, path)`` puts them back on a model built with
     :data:`CLM_MODEL`'s options. Returns the adapter directory.
     """
-    from aigc_ext_strategies.finetuning import save_adapter
+    from aigc_ext.default_plugins.strategies.finetuning import save_adapter
 
     directory = Path(output_dir) / "adapter"
     save_adapter(model, directory)

@@ -55,7 +55,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 MODEL_INFO_FILE = "model.json"
-ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (safetensors), see finetuning.save_adapter
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (safetensors), the finetuner's save_adapter
 LOG_FILE = "train.log"
 
 
@@ -456,9 +456,10 @@ class _Run:
             model = factory(dict(info), **kwargs)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model {spec.name!r} must return a torch.nn.Module, got {model!r}")
+        self.finetuner = None
         if self.cfg.finetune is not None:
             with _config_errors("[finetune]"):  # e.g. LoRA target modules the model lacks
-                finetuner = strategies.build(
+                self.finetuner = finetuner = strategies.build(
                     "finetuners", self.cfg.finetune.name, self.cfg.finetune.options, info
                 )
                 model = finetuner(model)
@@ -975,14 +976,12 @@ class _Run:
         lifecycle.notify("save", state, path=path)
 
     def _write_adapter(self) -> None:
-        """Saves a PEFT model's adapter alone to ``<output_dir>/adapter`` (safetensors), built
-        under a temporary name and renamed into place so a crash never leaves half of one."""
-        from aigc_ext_strategies.finetuning import save_adapter
-
+        """Saves the finetuner's adapter alone to ``<output_dir>/adapter`` (its ``save_adapter``),
+        built under a temporary name and renamed into place so a crash never leaves half of one."""
         target = self.output_dir / ADAPTER_DIR
         tmp = self.output_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(self.model, tmp)
+        self.finetuner.save_adapter(self.model, tmp)
         old = self.output_dir / f".{ADAPTER_DIR}.old-{os.getpid()}"
         if target.exists():
             os.rename(target, old)
@@ -998,7 +997,7 @@ class _Run:
         ckpt.set_default_mode(tmp)
         ckpt._fsync_file(tmp)
         os.replace(tmp, target)
-        if getattr(self.model, "peft_config", None):
+        if getattr(self.finetuner, "save_adapter", None) is not None:
             self._write_adapter()
         cfg = self.cfg
         info = {

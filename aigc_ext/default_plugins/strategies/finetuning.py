@@ -9,7 +9,8 @@ options and calls the instance on the model, which returns the model to train:
 
 Helpers for the adapter's life cycle: :func:`merge_lora` (fold the adapters into the base
 weights for deployment), :func:`save_adapter` / :func:`load_adapter` (the adapter alone, a few
-hundred KiB instead of the whole model) and :func:`sft_collate` (supervised fine-tuning batches
+hundred KiB instead of the whole model; ``LoRAFinetune.save_adapter`` is the finetuner
+protocol's method a training run calls) and :func:`sft_collate` (supervised fine-tuning batches
 whose loss covers the response tokens only).
 """
 
@@ -336,6 +337,11 @@ class LoRAFinetune:
         )
         with _quiet_peft():
             return get_peft_model(model, config)
+
+    def save_adapter(self, model: nn.Module, directory: str | Path) -> Path:
+        """The finetuner protocol's adapter saving: :func:`save_adapter` (the adapter alone);
+        a training run calls it for its final model."""
+        return save_adapter(model, directory)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
