@@ -6,10 +6,11 @@ small absolute slack::
 
     max|ours - ref_fp64| <= 2 * max|torch_same_dtype - ref_fp64| + 1e-5
 
-``ref_fp64`` is :func:`aigc_ext.reference.sdpa_reference` run in float64 on the same (rounded)
-inputs. ``torch_same_dtype`` is ``torch.nn.functional.scaled_dot_product_attention`` in the dtype
-under test, called on an equivalent contiguous 4-D form of the problem so that torch serves it
-with its own fused kernel (see :func:`_torch_canonical`).
+``ref_fp64`` is :func:`aigc_ext.backends.reference.ops.sdpa_reference` run in float64 on the
+same (rounded) inputs. ``torch_same_dtype`` is
+``torch.nn.functional.scaled_dot_product_attention`` in the dtype under test, called on an
+equivalent contiguous 4-D form of the problem so that torch serves it with its own fused kernel
+(see :func:`_torch_canonical`).
 """
 
 from __future__ import annotations
