@@ -1,17 +1,19 @@
 """Argument checking for ``scaled_dot_product_attention``, shared by every backend.
 
-Bad input gets a ``ValueError`` (``TypeError`` for non-tensors) whose message names the
-argument and the shapes involved, before any kernel runs.
+Bad input gets a ``ValueError`` (``TypeError`` for an argument of the wrong type: a non-tensor,
+an ``is_causal`` that is not a bool, a ``scale`` torch would not take as a float) whose message
+names the argument and the shapes involved, before any kernel runs.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "AttentionCall", "validate_sdpa_args"]
+__all__ = ["SUPPORTED_DTYPES", "AttentionCall", "ScaleOverflowError", "validate_sdpa_args"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -88,6 +90,53 @@ def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None
             return None
         out.append(y if x == 1 else x)
     return tuple(out)
+
+
+class ScaleOverflowError(ValueError, OverflowError):
+    """``scale`` is an integer too large for a float. A ``ValueError`` like every bad argument
+    here, and an ``OverflowError`` like the one torch's own function raises for it."""
+
+
+def _scale_value(scale: object) -> float:
+    """``scale`` as a finite float, accepting what torch's ``scale`` (a Python float) accepts.
+
+    That is a Python ``float`` or ``int``, a NumPy real scalar, or a 0-dim tensor that does not
+    require grad (read with ``.item()``); anything else is a ``TypeError``, as in torch. A value
+    that is not finite is a ``ValueError`` (torch lets it through and returns NaNs).
+    """
+    if type(scale) is not float:  # the common case costs one type check
+        if isinstance(scale, torch.Tensor):
+            if scale.dim() != 0 or scale.requires_grad:
+                grad = ", requires grad" if scale.requires_grad else ""
+                raise TypeError(
+                    "scaled_dot_product_attention: scale must be a Python float (or a 0-dim "
+                    f"tensor that does not require grad, as torch accepts); got a Tensor of shape "
+                    f"{_shape(scale)}{grad}"
+                )
+            scale = scale.item()
+        elif not isinstance(scale, (int, float)) and not _is_numpy_real(scale):
+            raise TypeError(
+                "scaled_dot_product_attention: scale must be a Python float; got "
+                f"{type(scale).__name__} {scale!r}"
+            )
+        try:
+            scale = float(scale)
+        except OverflowError:
+            bits = abs(int(scale)).bit_length()
+            raise ScaleOverflowError(
+                f"scaled_dot_product_attention: scale must be a finite float; got an integer of "
+                f"{bits} bits, too large to convert to float (the largest is about 1.8e308)"
+            ) from None
+    if not math.isfinite(scale):
+        raise ValueError(
+            f"scaled_dot_product_attention: scale must be a finite number; got {scale}"
+        )
+    return scale
+
+
+def _is_numpy_real(value: object) -> bool:
+    """A NumPy integer or floating scalar (``np.float32(0.5)``), which torch takes as a float."""
+    return type(value).__module__ == "numpy" and isinstance(value, numbers.Real)
 
 
 def validate_sdpa_args(
@@ -210,12 +259,11 @@ def validate_sdpa_args(
         raise ValueError(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1]; got {dropout_p}"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(
-            f"scaled_dot_product_attention: scale must be a finite number; got {scale}"
+    if type(is_causal) is not bool:
+        raise TypeError(
+            f"scaled_dot_product_attention: is_causal must be bool, not {type(is_causal).__name__}"
         )
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else _scale_value(scale)
     return _describe(
         device,  # its type is the device_type
         dtype,
