@@ -25,6 +25,7 @@ from aigc_ext.dispatch import (
     use_backend,
 )
 from aigc_ext.hookspecs import hookimpl
+from aigc_ext.integrations import transformers as _hf
 from aigc_ext.integrations.patch import patch_sdpa
 
 __version__ = "0.1.0"
@@ -43,16 +44,6 @@ __all__ = [
     "use_backend",
 ]
 
-# Make attn_implementation="aigc_ext" available when transformers models are already loaded
-# (registering then costs about 10 ms); otherwise call aigc_ext.integrations.transformers.register().
-import sys as _sys
-
-if "transformers.modeling_utils" in _sys.modules:
-    try:
-        from aigc_ext.integrations import transformers as _hf
-
-        _hf.register()
-    except Exception as _exc:  # a broken transformers must not break `import aigc_ext`
-        import warnings as _warnings
-
-        _warnings.warn(f"aigc_ext: could not register with transformers: {_exc}", stacklevel=2)
+# attn_implementation="aigc_ext" for transformers, whichever is imported first: registered now if
+# transformers' modeling code is loaded, else as soon as it is (transformers is not imported here).
+_hf.register_when_imported()
