@@ -8,6 +8,9 @@ Quick start::
     aigc_ext.backends()                 # what is available here, and why not
     with aigc_ext.use_backend("cpu"):   # force one backend
         ...
+
+    # torch's own flash SDPA kernels (every caller, TorchScript and torch.compile included)
+    torch.nn.attention.activate_flash_attention_impl("aigc_ext")
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from aigc_ext.dispatch import (
     use_backend,
 )
 from aigc_ext.hookspecs import hookimpl
+from aigc_ext.integrations import torch_provider as _torch_provider
 from aigc_ext.integrations import transformers as _hf
 from aigc_ext.integrations.patch import patch_sdpa
 
@@ -43,6 +47,11 @@ __all__ = [
     "scaled_dot_product_attention",
     "use_backend",
 ]
+
+# torch's flash-attention provider registry: the implementation "aigc_ext" is registered, not
+# activated (torch asks providers to leave that to the user), unless AIGC_EXT_ACTIVATE_PROVIDER=1.
+_torch_provider.register()
+_torch_provider.activate_from_env()
 
 # attn_implementation="aigc_ext" for transformers, whichever is imported first: registered now if
 # transformers' modeling code is loaded, else as soon as it is (transformers is not imported here).
