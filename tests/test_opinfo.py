@@ -266,17 +266,25 @@ def _outcome(fn, tensors, kwargs):
         return "error", exc
 
 
-def check_like_torch(tensors, kwargs) -> None:
+def _patched_sdpa(*args, **kwargs):
+    """``torch.nn.functional.scaled_dot_product_attention`` under ``patch_sdpa``, which validates
+    and calls the fused backend itself, without the public API's preparation of the tensors."""
+    with aigc_ext.patch_sdpa():
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def check_like_torch(tensors, kwargs, ours_fn=aigc_ext.scaled_dot_product_attention) -> None:
     """Ours accepts exactly what torch accepts, with torch's result, and raises torch's class."""
-    want, ref = _outcome(F.scaled_dot_product_attention, tensors, kwargs)
-    got, ours = _outcome(aigc_ext.scaled_dot_product_attention, tensors, kwargs)
+    want, ref = _outcome(torch._C._nn.scaled_dot_product_attention, tensors, kwargs)
+    got, ours = _outcome(ours_fn, tensors, kwargs)
     if want == "error":
         assert got == "error", f"torch raises {type(ref).__name__}: {ref}; ours accepts"
         assert isinstance(ours, type(ref)), (
             f"torch raises {type(ref).__name__}, ours {type(ours).__name__}: {ours}"
         )
-        shapes = [str(tuple(t.shape)) for t in tensors]
-        assert any(shape in str(ours) for shape in shapes), f"no shape named in: {ours}"
+        if ours_fn is aigc_ext.scaled_dot_product_attention:  # patch_sdpa: torch's own error
+            shapes = [str(tuple(t.shape)) for t in tensors]
+            assert any(shape in str(ours) for shape in shapes), f"no shape named in: {ours}"
         return
     assert got == "ok", f"torch accepts (output {tuple(ref[0].shape)}); ours raises {ours!r}"
     for name, o, r in zip(
@@ -386,6 +394,14 @@ def test_masks_like_torch(q, k, v, mask):
     else:
         m = _t(*shape, dtype=dtype, seed=4, grad=False)
     check_like_torch([*_qkv(q, k, v), m], {})
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "v", "kwargs"), [c[1:] for c in SHAPE_CASES], ids=[c[0] for c in SHAPE_CASES]
+)
+def test_shapes_like_torch_through_patch_sdpa(q, k, v, kwargs):
+    """The op-backed backends prepare calls that reach them without the public API."""
+    check_like_torch(_qkv(q, k, v), kwargs, _patched_sdpa)
 
 
 def test_dtypes_like_torch():
@@ -504,6 +520,7 @@ def test_random_shapes_like_torch(call):
         m = torch.rand(shape, generator=gen) < 0.8 if dtype == torch.bool else _t(*shape, seed=seed)
         tensors.append(m if dtype == torch.bool else m.detach())
     check_like_torch(tensors, kwargs)
+    check_like_torch(tensors, kwargs, _patched_sdpa)
 
 
 # ---------------------------------------------------------------------------------------------
