@@ -451,6 +451,20 @@ def test_broadcast_is_a_view_for_the_kernel():
     assert out.shape == (5, 4, 3, 8)
 
 
+def test_cross_rank_call_compiles_fullgraph():
+    """The broadcasting is traced into one graph (views, then the operator) by torch.compile."""
+    q, k, v = _qkv((4, 3, 8), (5, 4, 6, 8), (5, 4, 6, 8), dtype=F32)
+
+    def attend(q, k, v):
+        return aigc_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    eager, traced = (run_with_grads(fn, [q, k, v], {}, F32, 0) for fn in (attend, compiled))
+    assert traced[0].shape == (5, 4, 3, 8)
+    for name, a, b in zip(["out", "grad q", "grad k", "grad v"], traced, eager, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @st.composite
 def random_calls(draw):
     """A random call over ranks 2-5, batch dims that match, are 1, are missing or differ,
