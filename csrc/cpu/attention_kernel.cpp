@@ -22,6 +22,11 @@
 // GEMMs: fp32/fp64 through the BLAS torch links (MKL on x86); bf16/fp16 through torch's brgemm
 // (oneDNN, AMX tiles where the CPU has them) with B packed to VNNI layout, or, where brgemm is
 // unavailable, through fp32 BLAS on converted tiles.
+//
+// Non-finite values as in torch: a NaN score makes its row NaN. Masks are added to the scores
+// (a bool mask as 0 / -inf), so a NaN score at a masked key still reaches its row; causally
+// hidden keys are never read and take no part, as in torch's flash kernel. A row whose keys
+// are all hidden gives zeros, lse -inf and zero gradients.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -969,8 +974,10 @@ inline void scale_convert_row(A* s, int64_t n, A f, T* out) {
   }
 }
 
-// Applies scale and the user mask to one row of raw scores: s = s*scale + mask (float masks),
-// or s*scale where the bool mask is true and -inf where it is false.
+// Applies scale and the user mask to one row of raw scores: s = s*scale + mask, a bool mask
+// counting as 0 where true and -inf where false. Adding rather than selecting keeps a NaN score
+// at a hidden key NaN (NaN + -inf = NaN), so that it reaches its row as in torch, at the same
+// cost; -inf from the mask alone stays -inf, and a row of them is skipped as empty.
 template <typename T, typename A>
 inline void apply_mask_row(A* s, int64_t n, A scale, const AttentionForwardParams& p,
                            const char* mask_row) {
@@ -978,7 +985,7 @@ inline void apply_mask_row(A* s, int64_t n, A scale, const AttentionForwardParam
   switch (p.mask_kind) {
     case MaskKind::kBool: {
       const bool* m = reinterpret_cast<const bool*>(mask_row);
-      for (int64_t j = 0; j < n; ++j) s[j] = m[j * ms] ? s[j] * scale : neg_inf<A>();
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + (m[j * ms] ? A(0) : neg_inf<A>());
       break;
     }
     case MaskKind::kSameAsInput: {
