@@ -116,7 +116,7 @@ class Backend:
                     "skipped for such calls",
                     key=("unsupported_reason raised", self.name),
                     seen=_warned,
-                    stacklevel=5,
+                    stacklevel=6,  # the caller of the API (via _select_backend, select_backend, serve)
                     category=_plugin_warning(),
                 )
             return reason
@@ -363,7 +363,7 @@ def _select_backend(call: AttentionCall) -> Backend:
         + "; ".join(reasons)
         + "); using the pure-PyTorch reference path",
         seen=_warned,
-        stacklevel=4,
+        stacklevel=5,  # the caller of the API (via select_backend, serve)
     )
     return _backends[REFERENCE][1]
 
@@ -422,7 +422,7 @@ class _CheckedFn:
             f"aigc_ext: {where} {problem}; it is disabled for this process and the call runs "
             "on the next backend",
             _plugin_warning(),
-            stacklevel=3,
+            stacklevel=4,  # the caller of the API (via serve)
         )
         return select_backend(call).fn(call)
 

@@ -3,6 +3,12 @@
 The public API accepts ``(..., L, E)`` tensors; the operators take ``(B, H, L, E)``. Leading
 dims of the query become ``B`` (all but the last) and ``H`` (the last); key/value batch dims
 that broadcast are expanded as views (stride 0), never copied.
+
+Calls whose query, key and value differ in rank, or whose query (or value) batch dims
+broadcast up, are first brought by :func:`broadcast_qkv` to the form every backend takes: the
+query with the output's batch dims, key and value with the same rank. :func:`empty_result`
+gives torch's zeros for an empty value or query. :func:`aigc_ext.api.serve` applies both, as
+the call's ``prepare`` says, before any backend sees it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 
 from aigc_ext.validation import AttentionCall
 
-__all__ = ["OpLayout", "run_attention_op", "to_op_layout"]
+__all__ = ["OpLayout", "broadcast_qkv", "empty_result", "run_attention_op", "to_op_layout"]
 
 
 class OpLayout:
@@ -90,13 +96,58 @@ def to_op_layout(
     return OpLayout(q4, k4, v4, mask4, out_shape)
 
 
+def _kv_to(t: torch.Tensor, kv_lead: tuple[int, ...]) -> torch.Tensor:
+    """Key or value ``(..., S, D)`` as a view with batch dims ``kv_lead``.
+
+    Dims of size 1 (and missing leading dims) are expanded with stride 0. A head dim (-3) that
+    is neither 1 nor ``kv_lead[-1]`` is an ``enable_gqa`` group count: repeated as torch repeats
+    it (``repeat_interleave``, a copy); this happens only when key and value heads differ.
+    """
+    heads = kv_lead[-1]
+    if t.dim() > 2 and t.shape[-3] not in (1, heads):
+        t = t.repeat_interleave(heads // t.shape[-3], dim=-3)
+    return t.expand(*kv_lead, *t.shape[-2:])
+
+
+def broadcast_qkv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    batch_shape: tuple[int, ...],
+    heads_kv: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of validated q, k, v with the call's batch dims (``AttentionCall.batch_shape``, the
+    output's), all of one rank: query ``(*batch_shape, L, E)``, key and value
+    ``(*batch_shape[:-1], heads_kv, S, .)``.
+
+    Broadcast dims get stride 0 (no copy); autograd sums the gradients of the expanded dims.
+    Any backend then serves the call as one whose batch dims already agree.
+    """
+    query = query.expand(*batch_shape, *query.shape[-2:])
+    kv_lead = (*batch_shape[:-1], heads_kv)
+    return query, _kv_to(key, kv_lead), _kv_to(value, kv_lead)
+
+
+def empty_result(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """torch's result for a query without rows or an empty value: zeros of shape
+    ``(*query.shape[:-1], value.shape[-1])``, whatever the other shapes.
+
+    It is differentiable, with zero gradients for q, k and v; it is built from sums over empty
+    slices, so no element of the inputs is read (an inf or NaN there stays out of it).
+    """
+    nothing = key.narrow(-1, 0, 0).sum() + value.narrow(-1, 0, 0).sum()
+    row = query.narrow(-1, 0, 0).sum(-1, keepdim=True) + nothing  # (..., L, 1) zeros
+    return row.expand(*query.shape[:-1], value.shape[-1]).contiguous()
+
+
 def run_attention_op(
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]], call: AttentionCall
 ) -> torch.Tensor:
-    """Serves a validated call (an :class:`~aigc_ext.validation.AttentionCall`) with a fused
-    forward operator ``forward(q, k, v, mask, is_causal, scale) -> (out, lse)`` taking the 4-D
-    operator layout: brings the tensors to that layout and gives the output the caller's
-    shape. Every op-backed backend (``cpu``, ``triton``) goes through here."""
+    """Serves a prepared call (an :class:`~aigc_ext.validation.AttentionCall` whose ``prepare``
+    is ``DIRECT``, as :func:`aigc_ext.api.serve` hands it over) with a fused forward operator
+    ``forward(q, k, v, mask, is_causal, scale) -> (out, lse)`` taking the 4-D operator layout:
+    brings the tensors to that layout and gives the output the caller's shape. Every op-backed
+    backend (``cpu``, ``triton``) goes through here."""
     lay = to_op_layout(call.query, call.key, call.value, call.attn_mask)
     out = forward(lay.query, lay.key, lay.value, lay.mask, call.is_causal, call.scale)[0]
     return lay.restore(out)

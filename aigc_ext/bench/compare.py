@@ -10,9 +10,10 @@ failures. Exit code: 0 without regressions, 1 with, 2 when a file cannot be read
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass
-from pathlib import Path
 
 from aigc_ext.bench.config import UsageError
 from aigc_ext.bench.report import SCHEMA
@@ -33,14 +34,73 @@ class Comparison:
     note: str = ""
 
 
-def load_results(path: str | os.PathLike) -> dict:
-    """Reads a ``--json`` file; :class:`UsageError` when it is missing or not one."""
+# A results file of even a very long sweep is a few MiB; this only stops a wrong path (a device,
+# a huge unrelated file) from being read whole.
+MAX_RESULTS_BYTES = 256 << 20
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    """The text of a results file: refused unless a regular file of at most
+    :data:`MAX_RESULTS_BYTES` (checked before reading: ``/dev/zero`` would be read forever)
+    holding UTF-8 text."""
+    where = f"compare: {str(path)!r}"
     try:
-        doc = json.loads(Path(path).read_text())
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise UsageError(f"{where} is {kind}; expected a results file (aigc-ext bench --json)")
+        if info.st_size > MAX_RESULTS_BYTES:
+            raise UsageError(f"{where} is larger than {MAX_RESULTS_BYTES >> 20} MiB")
+        with open(path, "rb") as f:
+            data = f.read(MAX_RESULTS_BYTES + 1)
     except OSError as exc:
-        raise UsageError(f"compare: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_RESULTS_BYTES:
+        raise UsageError(f"{where} is larger than {MAX_RESULTS_BYTES >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{where} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "expected a results file (aigc-ext bench --json)"
+        ) from None
+
+
+def _check_rows(rows: list, where: str) -> None:
+    """The fields the comparison reads: ``key`` a string, ``backend`` and ``status`` strings
+    when present, ``time_ms`` a finite number >= 0 or null."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: rows[{i}] must be an object, got {type(row).__name__}")
+        key = row.get("key")
+        if not isinstance(key, str):
+            raise UsageError(f"{where}: rows[{i}]: field 'key' must be a string, got {key!r}")
+        for name in ("backend", "status"):
+            if name in row and not isinstance(row[name], str):
+                raise UsageError(
+                    f"{where}: rows[{i}] ({key}): field {name!r} must be a string, "
+                    f"got {row[name]!r}"
+                )
+        t = row.get("time_ms")
+        if t is None:
+            continue
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
+            raise UsageError(
+                f"{where}: rows[{i}] ({key}): field 'time_ms' must be a finite number >= 0 "
+                f"or null, got {t!r}"
+            )
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Reads a ``--json`` file; :class:`UsageError` naming the file (and the row and field)
+    when it is missing, unreadable, not one, or holds a value the comparison cannot use."""
+    text = _read_text(path)
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"compare: {str(path)!r} is not JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"compare: {str(path)!r}: JSON nested too deeply to read") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise UsageError(
@@ -49,6 +109,7 @@ def load_results(path: str | os.PathLike) -> dict:
         )
     if not isinstance(doc.get("rows"), list):
         raise UsageError(f"compare: {str(path)!r} has no 'rows' list")
+    _check_rows(doc["rows"], f"compare: {str(path)!r}")
     return doc
 
 
@@ -59,8 +120,10 @@ def compare_docs(
 
     Returns (comparisons in A's order, keys only in A, keys only in B).
     """
-    if threshold < 0:
-        raise UsageError(f"threshold: must be >= 0, got {threshold}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise UsageError(f"threshold (--threshold): must be a number, got {threshold!r}")
+    if not 0 <= threshold < math.inf:
+        raise UsageError(f"threshold (--threshold): must be a finite number >= 0, got {threshold}")
     rows_a = {r["key"]: r for r in a["rows"]}
     rows_b = {r["key"]: r for r in b["rows"]}
     out = []
@@ -87,9 +150,11 @@ def compare_docs(
 
 
 def _machine_line(doc: dict) -> str:
-    m = doc.get("machine") or {}
-    cpu = (m.get("cpu") or {}).get("model", "?")
-    gpu = ", ".join(m.get("gpu") or []) or "no GPU"
+    m = doc.get("machine") if isinstance(doc.get("machine"), dict) else {}
+    cpu = m.get("cpu") if isinstance(m.get("cpu"), dict) else {}
+    cpu = cpu.get("model", "?")
+    gpus = m.get("gpu") if isinstance(m.get("gpu"), list) else []
+    gpu = ", ".join(map(str, gpus)) or "no GPU"
     return (
         f"{cpu}, {gpu}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}, "
         f"aigc_ext {m.get('aigc_ext', '?')}, {m.get('date', '?')}"

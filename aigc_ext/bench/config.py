@@ -10,6 +10,7 @@ their cache lengths from ``decode_seq`` (else ``kv_seq``, else ``seq``) and are 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -17,6 +18,7 @@ import torch
 __all__ = [
     "DTYPES",
     "MASKS",
+    "MAX_HEAD_DIM",
     "MODES",
     "BenchConfig",
     "Case",
@@ -33,6 +35,12 @@ DTYPES: dict[str, torch.dtype] = {
 }
 MODES = ("fwd", "bwd", "fwd+bwd", "decode")
 MASKS = ("none", "padding", "arbitrary")
+# The largest query/key and value head dims the fused kernels serve (cpu and triton: 256, see
+# README.md and docs/triton.md); larger ones are refused up front rather than left to run for
+# minutes on the reference paths.
+MAX_HEAD_DIM = 256
+# torch's generators take seeds in [-2**63, 2**64).
+SEED_RANGE = (-(1 << 63), 1 << 64)
 
 # FLOPs of each mode in units of the forward's (FlashAttention's benchmark convention: the
 # backward does 2.5x the forward's matmul work).
@@ -121,6 +129,17 @@ class Case:
             self.mode,
         )
 
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the row's inputs as :func:`~aigc_ext.bench.problem.make_problem` builds
+        them: query, key, value, the output gradient (backward modes) and the bool mask."""
+        b, h, kv, lq, lk = self.batch, self.heads, self.kv_heads, self.seq_q, self.seq_kv
+        elements = b * h * lq * self.head_dim + b * kv * lk * (self.head_dim + self.head_dim_v)
+        if self.backward:
+            elements += b * h * lq * self.head_dim_v
+        mask = {"none": 0, "padding": b * lk, "arbitrary": h * lq * lk}[self.mask]
+        return elements * self.torch_dtype.itemsize + mask
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -170,6 +189,8 @@ class BenchConfig:
         for name in ("kv_heads", "kv_seq", "decode_seq", "head_dim_v"):
             if getattr(self, name) is not None:
                 _positive_ints(name, getattr(self, name))
+        for name in ("head_dim", "head_dim_v"):
+            _head_dims(name, getattr(self, name) or [])
         for name, allowed in (("dtype", DTYPES), ("mask", MASKS), ("mode", MODES)):
             values = getattr(self, name)
             if not values:
@@ -195,12 +216,21 @@ class BenchConfig:
             raise UsageError(f"warmup: must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads: must be >= 1, got {self.threads}")
-        if self.max_time_s is not None and self.max_time_s < 0:
-            raise UsageError(f"max_time_s: must be >= 0, got {self.max_time_s}")
-        if self.flex_compile_budget_s < 0:
+        if self.max_time_s is not None and not _finite(self.max_time_s, above=0.0):
             raise UsageError(
-                f"flex_compile_budget_s: must be >= 0, got {self.flex_compile_budget_s}"
+                f"max_time_s (--max-time): must be a finite number of seconds > 0, "
+                f"got {self.max_time_s!r}"
             )
+        if not _finite(self.flex_compile_budget_s, at_least=0.0):
+            raise UsageError(
+                "flex_compile_budget_s (--flex-compile-budget): must be a finite number of "
+                f"seconds >= 0, got {self.flex_compile_budget_s!r}"
+            )
+        low, high = SEED_RANGE
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UsageError(f"seed: must be an integer, got {self.seed!r}")
+        if not low <= self.seed < high:
+            raise UsageError(f"seed: must be in [-2**63, 2**64) as torch takes it, got {self.seed}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"device: unknown value {self.device!r}; expected cpu, cuda, cuda:N")
 
@@ -264,6 +294,27 @@ def _positive_ints(name: str, values: object) -> None:
             raise UsageError(f"{name}: sizes must be positive integers, got {v!r}")
 
 
+def _head_dims(name: str, values: list[int]) -> None:
+    for v in values:
+        if v > MAX_HEAD_DIM:
+            raise UsageError(
+                f"{name}: {v} is above {MAX_HEAD_DIM}, the largest head dim the fused kernels serve"
+            )
+
+
+def _finite(value: object, *, above: float | None = None, at_least: float | None = None) -> bool:
+    """A real number (not a bool), finite, and ``> above`` / ``>= at_least`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:
+        return False
+    if not math.isfinite(value):
+        return False
+    return (above is None or value > above) and (at_least is None or value >= at_least)
+
+
 def _check_shapes(name: str, shapes: object) -> None:
     """One explicit problem: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev)."""
     if not isinstance(shapes, list | tuple) or len(shapes) != 3:
@@ -273,6 +324,8 @@ def _check_shapes(name: str, shapes: object) -> None:
             raise UsageError(f"{name}: {what} shape must have 4 dims (B, H, L, E), got {shape!r}")
         _positive_ints(f"{name}: {what} shape", list(shape))
     q, k, v = shapes
+    _head_dims(f"{name}: query/key head dim", [q[3]])
+    _head_dims(f"{name}: value head dim", [v[3]])
     if q[3] != k[3]:
         raise UsageError(
             f"{name}: query and key head dims differ: query {tuple(q)}, key {tuple(k)} "

@@ -25,6 +25,7 @@ exception of theirs that is not out-of-memory is reported as ``skipped`` with it
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import aigc_ext
 from aigc_ext.bench import impls as impls_mod
 from aigc_ext.bench.config import BenchConfig, Case, UsageError
 from aigc_ext.bench.correctness import (
@@ -141,12 +143,16 @@ def prepare(config: BenchConfig) -> list[Impl]:
     """Validates ``config``, fixes the thread count and returns the implementations to run.
 
     Raises :class:`UsageError` for a bad sweep, an unknown backend name (the message lists the
-    known ones) or a device that is not here, before anything runs.
+    known ones), an ``AIGC_EXT_BACKEND`` that names no registered backend, a device that is not
+    here, or a row whose inputs alone need more memory than the device has, before anything
+    runs.
     """
     config.validate()
+    _check_backend_override()
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device: {config.device!r} requested but CUDA is not available here")
+    _check_input_memory(config, device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     impls = impls_mod.available_impls(config.device, config.flex_compile_budget_s)
@@ -163,6 +169,59 @@ def prepare(config: BenchConfig) -> list[Impl]:
     return [i for i in impls if i.name in wanted]
 
 
+def _check_backend_override() -> None:
+    """``AIGC_EXT_BACKEND``, when set, names a registered backend (checked before anything runs
+    rather than at the first attention call)."""
+    name = os.environ.get("AIGC_EXT_BACKEND") or None  # empty: not set, as the dispatcher reads it
+    if name is None:
+        return
+    known = sorted(b.name for b in aigc_ext.backends())
+    if name not in known:
+        raise UsageError(
+            f"environment variable AIGC_EXT_BACKEND={name!r}: unknown attention backend; "
+            f"registered: {', '.join(known)}"
+        )
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """The memory the inputs are allocated from: the GPU's, else this machine's RAM (or the
+    container's limit, when lower). None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _check_input_memory(config: BenchConfig, device: torch.device) -> None:
+    """Every row's inputs fit in the device's memory; a row whose inputs alone do not would
+    fail to allocate (or, on a CPU with overcommit, get the process killed)."""
+    available = _memory_bytes(device)
+    if available is None:
+        return
+    for case in config.cases():
+        need = case.input_bytes
+        if need > available:
+            where = "shapes (--shape)" if config.shapes else "shape"
+            raise UsageError(
+                f"{where}: the inputs of {case.key} need {_gib(need)}, more than the "
+                f"{_gib(available)} of memory of {device.type} here"
+            )
+
+
 def measure_peaks(config: BenchConfig) -> dict[str, float]:
     """The matmul peak (GFLOP/s) of each dtype of the sweep, in this process and thread count:
     the best of a few 2048^3 matmuls on a CPU, 8192^3 on a GPU (where 2048^3 takes ~20 us)."""
@@ -175,10 +234,16 @@ def measure_peaks(config: BenchConfig) -> dict[str, float]:
 # ----------------------------------------------------------------------------- one case
 
 
+# What torch's allocators say when an allocation fails: CUDA's "out of memory", the CPU
+# allocator's "can't allocate memory: you tried to allocate N bytes".
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MESSAGES)
 
 
 _TRIGGERED = re.compile(r"\s*\(Triggered internally at [^)]*\)\.?")

@@ -39,7 +39,12 @@ in one fused C++ call.)
 
 Not routed: code that bound the function before the patch, e.g.
 ``from torch.nn.functional import scaled_dot_product_attention`` at import time, and
-TorchScript, which resolves the call when the script is compiled.
+TorchScript, which resolves the call when the script is compiled. Both are reached one level
+lower, in torch's dispatcher, by the flash-attention provider
+(:mod:`aigc_ext.integrations.torch_provider`,
+``torch.nn.attention.activate_flash_attention_impl("aigc_ext")``), which keeps the fast paths
+on but sees only the calls torch sends to its flash kernel; ``docs/integrations.md`` compares
+the two.
 
 Which implementation serves a call
 ----------------------------------
@@ -99,6 +104,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from aigc_ext.api import serve
 from aigc_ext.dispatch import (
     Backend,
     backends,
@@ -223,7 +229,7 @@ def scaled_dot_product_attention(
                 scale=scale,
                 enable_gqa=enable_gqa,
             )
-    return backend.fn(call)
+    return serve(call, backend)
 
 
 def enable() -> None:

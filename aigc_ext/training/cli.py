@@ -6,8 +6,10 @@
     aigc-ext train --recipe NAME [...]
     aigc-ext train --list-recipes
 
-Exit status: 0 when the run finished, 2 for a configuration mistake (the message, no
-traceback), 1 when training failed, 130 when interrupted.
+Exit status: 0 when the run finished (``--resume`` of a run that had already finished trains
+nothing, changes no file and says so), 2 for a configuration mistake (the message, no
+traceback; an ``AIGC_EXT_BACKEND`` naming no usable backend among them), 1 when training failed,
+130 when interrupted.
 """
 
 from __future__ import annotations
@@ -143,5 +145,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     print(f"step {result.step}: {metrics}")
-    print(f"output: {result.output_dir} ({result.wall_time:.1f} s)")
+    if result.already_finished:
+        print(
+            f"output: {result.output_dir} (already finished at step {result.step}: "
+            "nothing trained, no file changed)"
+        )
+    else:
+        print(f"output: {result.output_dir} ({result.wall_time:.1f} s)")
     return 0

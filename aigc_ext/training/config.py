@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -68,8 +69,9 @@ class RunConfig:
     ``batch_size`` is per process (per device) and per micro-batch: one optimiser step sees
     ``batch_size * grad_accum * world_size`` examples. For the optional keys, ``None`` (or 0, since
     TOML has no null) means: ``max_steps`` - derived from ``epochs``; ``eval_every`` /
-    ``save_every`` - only at the end; ``clip_grad_norm`` - no clipping; ``eval_batch_size`` -
-    ``batch_size``; ``output_dir`` - ``runs/<recipe or model name>``.
+    ``save_every`` - only at the end; ``clip_grad_norm`` - no clipping. ``None`` (absent) means:
+    ``eval_batch_size`` - ``batch_size`` (0 is refused: it is no batch size);
+    ``output_dir`` - ``runs/<recipe or model name>``.
     """
 
     seed: int = 0
@@ -143,6 +145,7 @@ class TrainConfig:
 # --- the [run] keys ----------------------------------------------------------------------------
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_INT_LIMIT = 1 << 63
 
 
 def _rule(kind: str, test=None, allowed: str = "", zero_is_none: bool = False, optional=False):
@@ -161,7 +164,7 @@ _RUN_RULES: dict[str, dict] = {
     "max_steps": _rule("int", lambda v: v >= 0, ">= 1 (0 or absent: from epochs)", True),
     "epochs": _rule("int", lambda v: v >= 1, ">= 1"),
     "batch_size": _rule("int", lambda v: v >= 1, ">= 1"),
-    "eval_batch_size": _rule("int", lambda v: v >= 0, ">= 1 (0 or absent: batch_size)", True),
+    "eval_batch_size": _rule("int", lambda v: v >= 1, ">= 1 (absent: batch_size)", optional=True),
     "grad_accum": _rule("int", lambda v: v >= 1, ">= 1"),
     "lr": _rule("float", lambda v: v > 0, "> 0"),
     "weight_decay": _rule("float", lambda v: v >= 0, ">= 0"),
@@ -189,10 +192,21 @@ def _check_run_value(key: str, value: Any) -> Any:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer {rule['allowed']}, got {value!r}")
+        if not -_INT_LIMIT <= value < _INT_LIMIT:  # torch, NumPy and TOML take 64-bit integers
+            raise ConfigError(
+                f"{where} must be an integer {rule['allowed']} that fits in 64 bits, "
+                f"got one of {value.bit_length()} bits"
+            )
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number {rule['allowed']}, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(
+                f"{where} must be a finite number {rule['allowed']}, got an integer of "
+                f"{value.bit_length()} bits, too large for a float"
+            ) from None
         if not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number {rule['allowed']}, got {value!r}")
     elif kind == "path":
@@ -334,6 +348,10 @@ def parse_override(text: str) -> tuple[str, Any]:
             return key, tomllib.loads(f"value = {value}")["value"]
         except tomllib.TOMLDecodeError:
             pass
+        except RecursionError:
+            raise ConfigError(
+                f"override {key!r}: the value's arrays or tables are nested too deeply to read"
+            ) from None
     return key, value
 
 
@@ -397,24 +415,74 @@ def _normalise_overrides(
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """A TOML file, or a JSON one (``.json``, e.g. a run's ``config.json``)."""
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {str(path)!r} not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if tomllib is None:  # pragma: no cover
-        raise ConfigError("reading TOML needs Python >= 3.11 or the package tomli")
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: far above any configuration, far below a mistaken path
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a configuration file, refused unless it is a regular file of at most
+    :data:`MAX_CONFIG_BYTES`: checked before reading, since a device (``/dev/zero``) would be
+    read forever and a named pipe would block."""
+    where = f"configuration file {str(path)!r}"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{where} is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{where} is {_file_kind(info.st_mode)}, not a regular file")
+    too_big = f"{where} is larger than {MAX_CONFIG_BYTES} bytes (1 MiB); is it a configuration?"
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(too_big)
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {str(path)!r} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"configuration file {str(path)!r} is a directory") from None
+            data = f.read(MAX_CONFIG_BYTES + 1)  # it may have grown since the stat
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(too_big)
+    return data
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """A TOML file, or a JSON one (``.json``, e.g. a run's ``config.json``).
+
+    Every way the file can be unusable is a :class:`ConfigError` naming it: missing, not a
+    regular file, too large, not UTF-8 text, not valid TOML/JSON, nested too deeply to parse.
+    """
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "a configuration is a TOML or JSON text file"
+        ) from None
+    is_json = path.suffix.lower() == ".json"
+    if not is_json and tomllib is None:  # pragma: no cover
+        raise ConfigError("reading TOML needs Python >= 3.11 or the package tomli")
+    try:
+        return json.loads(text) if is_json else tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: arrays or tables nested too deeply to read ({'JSON' if is_json else 'TOML'})"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 

@@ -41,6 +41,7 @@ __all__ = [
     "DataOrder",
     "RunResult",
     "WarmupCosine",
+    "check_backend_override",
     "derive_seed",
     "describe_attention",
     "lr_multiplier",
@@ -66,6 +67,10 @@ class RunResult:
     ``metrics`` holds the last training metrics (``loss``, ``lr``, ``grad_norm``) and the last
     evaluation's (``eval/...``); ``attention`` how many attention calls each aigc_ext backend
     served during the run; ``model`` the trained model (not wrapped for DDP).
+
+    ``already_finished`` is set when a resumed run had already reached its last step: nothing
+    was built, trained or written; ``metrics`` are those its last checkpoint recorded and
+    ``model`` is None (the weights are in ``<output_dir>/model.safetensors``).
     """
 
     output_dir: Path
@@ -77,6 +82,7 @@ class RunResult:
     checkpoint: Path | None = None
     resumed_from: Path | None = None
     stopped_early: bool = False
+    already_finished: bool = False
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
 
@@ -359,6 +365,67 @@ def _split_weight_decay(groups: Sequence[Mapping[str, Any]], weight_decay: float
     return out
 
 
+_TRAIN_METRICS = ("loss", "lr", "grad_norm")
+
+
+def _saved_metrics(value: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """``(training, evaluation)`` metrics of a checkpoint's record (its ``name: number``
+    entries), in the order a run reports them: loss, lr, grad_norm, then ``eval/...``."""
+    if not isinstance(value, Mapping):
+        return {}, {}
+    numbers = {
+        str(k): float(v)
+        for k, v in value.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    order = sorted(numbers, key=lambda k: (k.startswith("eval/"), _rank(k), k))
+    train = {k: numbers[k] for k in order if not k.startswith("eval/")}
+    return train, {k: numbers[k] for k in order if k.startswith("eval/")}
+
+
+def _rank(name: str) -> int:
+    return _TRAIN_METRICS.index(name) if name in _TRAIN_METRICS else len(_TRAIN_METRICS)
+
+
+def _final_model_step(output_dir: Path) -> int | None:
+    """The step ``model.json`` records when the final weights are in place, else None."""
+    if not (output_dir / MODEL_FILE).is_file():
+        return None
+    try:
+        info = json.loads((output_dir / MODEL_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return None
+    step = info.get("step") if isinstance(info, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def check_backend_override(device: torch.device | None = None) -> None:
+    """Checks ``AIGC_EXT_BACKEND`` before a run creates anything: when set, it must name a
+    registered attention backend that is available here (and runs on ``device``, if given).
+
+    The variable is otherwise read only at the first attention call, after the data and the
+    model are built and the output directory is created. Raises :class:`ConfigError`.
+    """
+    name = os.environ.get("AIGC_EXT_BACKEND") or None  # empty: not set, as the dispatcher reads it
+    if name is None:
+        return
+    import aigc_ext
+
+    infos = {b.name: b for b in aigc_ext.backends()}
+    where = f"environment variable AIGC_EXT_BACKEND={name!r}"
+    info = infos.get(name)
+    if info is None:
+        raise ConfigError(
+            f"{where}: unknown attention backend; registered: {', '.join(sorted(infos))}"
+        )
+    if not info.available:
+        raise ConfigError(f"{where}: the backend is not available here: {info.reason}")
+    if device is not None and device.type not in info.devices:
+        raise ConfigError(
+            f"{where}: the backend runs on {', '.join(info.devices)}, the run on {device.type}"
+        )
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -373,10 +440,12 @@ def train(
     ``overrides`` (``["run.lr=1e-3"]`` or ``{"run.lr": 1e-3}``) update the configuration.
     ``resume`` continues from the newest usable checkpoint in ``<output_dir>/checkpoints``
     (a corrupt newest one is skipped with a warning); with no checkpoint at all it starts from
-    scratch with a warning. Without ``resume``, an output directory that already holds
-    checkpoints is refused. Raises :class:`~aigc_ext.training.ConfigError` for configuration
-    mistakes (before any training) and :class:`~aigc_ext.training.CheckpointError` when no
-    checkpoint can be resumed from.
+    scratch with a warning. Resuming a run that already finished does nothing and changes no
+    file (see ``RunResult.already_finished``). Without ``resume``, an output directory that
+    already holds checkpoints is refused. Raises :class:`~aigc_ext.training.ConfigError` for
+    configuration mistakes (before any training; an ``AIGC_EXT_BACKEND`` that names no usable
+    backend among them) and :class:`~aigc_ext.training.CheckpointError` when no checkpoint can
+    be resumed from.
     """
     cfg = load_config(config, overrides=overrides)
     return _Run(cfg, resume).execute()
@@ -528,6 +597,11 @@ class _Run:
         from aigc_ext.training import strategies
 
         cfg, rc, dist = self.cfg, self.rc, self.dist
+        check_backend_override(self.device)
+        if self.resume:
+            done = self._finished_result()
+            if done is not None:
+                return done
         if dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.log_handler = logging.FileHandler(self.output_dir / LOG_FILE, encoding="utf-8")
@@ -692,6 +766,9 @@ class _Run:
             self.scaler.load_state_dict(state["grad_scaler"])
         step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
+        # The checkpoint's metrics stand until this run measures new ones: model.json and the
+        # result keep them even when nothing is left to train.
+        self.train_metrics, self.eval_metrics = _saved_metrics(state.get("metrics"))
         self.last_save = self.last_eval = step
         self.last_checkpoint = path
         if dist.is_main:
@@ -735,6 +812,63 @@ class _Run:
         if cuda is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda, self.device)
         return step, path
+
+    def _finished_result(self) -> RunResult | None:
+        """The result of a run resumed after it finished, or None when there is work left.
+
+        Finished: ``model.json`` names step ``N``, ``model.safetensors`` is there, the newest
+        checkpoint is a valid ``step-N`` written by as many processes, and ``N`` reaches the
+        configured number of steps (``max_steps``, else ``epochs`` times the checkpoint's steps
+        per epoch). Then nothing is built and nothing on disk is written or touched. Anything
+        else (a crash after the last checkpoint, more steps asked for) resumes as usual.
+        """
+        dist, rc = self.dist, self.rc
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        step = _final_model_step(self.output_dir)
+        state: dict[str, Any] | None = None
+        if step is not None and found and found[-1][0] == step:
+            try:
+                state = ckpt.validate_checkpoint(found[-1][1])
+            except ckpt.CheckpointError:
+                state = None
+        spe = state.get("steps_per_epoch") if state is not None else None
+        spe = spe if isinstance(spe, int) and spe > 0 else None
+        total = None
+        if state is not None and state.get("world_size", 1) == dist.world_size:
+            total = rc.max_steps or (rc.epochs * spe if spe else None)
+        finished = step is not None and total is not None and step >= total
+        if dist.any(not finished)[0]:  # every process decides alike
+            return None
+        assert state is not None and step is not None and total is not None
+        path = found[-1][1]
+        if dist.is_main:
+            changed = config_diff(state.get("config", {}), _jsonable(self.cfg.to_dict()))
+            changed = [key for key in changed if key != "run.output_dir"]
+            if state["config_hash"] != self.cfg.hash() and changed:
+                warnings.warn(
+                    f"resume: the configuration changed since {path.name}: {', '.join(changed)}; "
+                    "the run had already finished, so nothing was trained with the new one",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            logger.info(
+                "%s already finished at step %d (of %d); nothing to train, no file changed",
+                self.output_dir,
+                step,
+                total,
+            )
+        train_metrics, eval_metrics = _saved_metrics(state.get("metrics"))
+        return RunResult(
+            output_dir=self.output_dir,
+            step=step,
+            epoch=max(step - 1, 0) // spe if spe else 0,  # the epoch of the last step
+            metrics={**train_metrics, **eval_metrics},
+            wall_time=time.perf_counter() - self.t_start,
+            attention={},
+            checkpoint=path,
+            resumed_from=path,
+            already_finished=True,
+        )
 
     def _make_progress(self, start_step: int) -> None:
         try:

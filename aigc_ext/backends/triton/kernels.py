@@ -11,11 +11,27 @@ Layout and conventions shared by every kernel:
 * The optional mask is a ``(B, Hq, L, S)`` view with broadcast strides. ``MASK_MODE`` 1 is a key
   vector (the L stride is 0, e.g. a key-padding mask ``(B, 1, 1, S)``): one ``BLOCK_N`` vector
   is read per key block instead of a tile. ``MASK_MODE`` 2 reads tiles. ``MASK_BOOL`` masks are
-  passed as uint8 (non-zero = the key takes part); floating masks are added to the scores.
+  passed as uint8 (non-zero = the key takes part). Both kinds are added to the scores (bool as
+  0 / -inf).
 * Head dims are padded to ``BLOCK_D`` / ``BLOCK_DV`` (powers of two, at least 16) with masked
   loads; ``EVEN_D`` / ``EVEN_DV`` drop those masks when no padding is needed.
-* Each key (or query) loop runs in two stages: full blocks that need no causal or boundary
-  masking, then the diagonal / tail blocks with masking.
+* Each key (or query) loop runs in stages: full blocks that need no causal or boundary
+  masking, and the diagonal / tail blocks with masking.
+* Non-finite values follow torch's math backend. A NaN score (NaN in q, k or a float mask;
+  ``inf * 0`` or ``inf - inf`` from +-inf in q or k) makes its row NaN: the running max drops
+  NaN (``maxnum``, on the GPU as in the interpreter) but ``exp2(NaN - m)`` carries it into the
+  row sum and the output, and the backward reads the row's NaN logsumexp. Masks, bool ones
+  included, are added to the scores (0 / -inf), so a NaN score at a hidden position still makes
+  its row NaN, as in torch; -inf from masking alone is not NaN (a row that sees no key gives
+  zeros). Causally hidden scores and the padding of ragged tiles are set to -inf instead: the
+  kernels never read the key blocks above the diagonal, which torch's math (adding the causal
+  mask) does see, so a NaN there reaches torch's rows and not ours. NaN in v reaches a row
+  through ``P V`` (``0 * NaN``) wherever the row reads that key's block.
+* Huge finite scores: the forward subtracts the running max from exactly rounded scores (no
+  FMA of the scale into the exponent; see :func:`_scale_scores`), so the top score's
+  probability is 1 at any scale. The backward recomputes probabilities from the stored
+  logsumexp and clamps their exponent at 0 (``p <= 1``), so rounding in that round trip can
+  make them inexact at extreme scales but never infinite.
 * ``PRECISE``: float32 inputs, dots in IEEE float32 (no TF32). ``UPCAST``: dots on float32
   copies of the operands; set only under the Triton interpreter for bfloat16, whose bfloat16
   dot is wrong there.
@@ -29,9 +45,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.language.extra import libdevice
 
 __all__ = [
     "AUTOTUNE_MODE",
@@ -53,6 +71,10 @@ LN2 = 0.6931471805599453
 
 # Triton decides at decoration time whether @triton.jit compiles or interprets.
 INTERPRET = bool(knobs.runtime.interpret)
+# Compiled CUDA code multiplies scores by the scale with an explicitly rounded multiply that the
+# compiler cannot fuse (see _scale_scores); the interpreter has no libdevice and does not fuse,
+# ROCm's libdevice has no mul_rn.
+_ROUNDED_MUL = tl.constexpr(not INTERPRET and torch.version.hip is None)
 AUTOTUNE_MODE = os.environ.get("AIGC_EXT_TRITON_AUTOTUNE", "full").strip().lower() or "full"
 if AUTOTUNE_MODE not in ("full", "fast"):
     raise ValueError(f"AIGC_EXT_TRITON_AUTOTUNE must be 'full' or 'fast'; got {AUTOTUNE_MODE!r}")
@@ -205,17 +227,51 @@ def _dot(a, b, acc, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _mask_bias(x, MASK_BOOL: tl.constexpr):
+    """Mask values as a base-2 bias added to the scores: bool (uint8) masks give 0 where the key
+    takes part and -inf where hidden. Added rather than selected, so that a NaN score under a
+    hidden position stays NaN, as in torch's math backend (which adds masks)."""
+    if MASK_BOOL:
+        b = tl.where(x != 0, 0.0, float("-inf"))
+    else:
+        b = x.to(tl.float32) * 1.4426950408889634
+    return b
+
+
+@triton.jit
 def _apply_mask_tile(s, m_ptrs, tile_ok, MASK_BOOL: tl.constexpr, CHECK: tl.constexpr):
     """Adds a mask tile (bool: -inf where hidden) to base-2 scores ``s``."""
     if CHECK:
         x = tl.load(m_ptrs, mask=tile_ok, other=0)
     else:
         x = tl.load(m_ptrs)
-    if MASK_BOOL:
-        s = tl.where(x != 0, s, float("-inf"))
+    return s + _mask_bias(x, MASK_BOOL)
+
+
+@triton.jit
+def _scale_scores(s, qk_scale, MASK_MODE: tl.constexpr):
+    """``s * qk_scale``, rounded before the running max is subtracted from it.
+
+    With FP fusion on, the compiler turns ``s * c - m`` into ``fma(s, c, -m)``: the exponent of
+    the top score is then the rounding error of ``s * c``, not 0, which at scores of 1e12 makes
+    ``exp2`` inf or 0 (a NaN or zero row). An added mask already rounds the product (into its
+    own FMA); without a mask an explicitly rounded multiply (``mul.rn``, which is never fused)
+    takes its place, at the same instruction count.
+    """
+    if MASK_MODE == 0 and _ROUNDED_MUL:
+        s = libdevice.mul_rn(s, qk_scale)
     else:
-        s = s + x.to(tl.float32) * 1.4426950408889634
+        s = s * qk_scale
     return s
+
+
+@triton.jit
+def _exp2_prob(x):
+    """``exp2(min(x, 0))`` with NaN kept: a probability recomputed from the stored logsumexp.
+
+    ``x = s - lse`` is <= 0 up to rounding, which at huge scores is far above 1 in absolute
+    terms; the clamp keeps ``p <= 1`` (never inf, so never ``inf * 0``)."""
+    return tl.math.exp2(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -238,21 +294,24 @@ def _scores_tile(
     MASK_BOOL: tl.constexpr,
     PRECISE: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUNDED: tl.constexpr,
 ):
     """Scores of a (query rows x key cols) tile in log2 units, with the user mask (key vector
     or tile) added and, for ``MASKED`` blocks, out-of-range and causally hidden keys at -inf.
-    Shared by the forward and the dQ kernels, so both see exactly the same probabilities."""
+    Shared by the forward and the dQ kernels, so both see the same probabilities. ``ROUNDED``
+    (the forward): the scale multiply is never fused (see :func:`_scale_scores`); the dQ kernel
+    clamps its exponent instead (:func:`_exp2_prob`), where the fusion costs nothing."""
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISE, UPCAST)
-    s = s * qk_scale
+    if ROUNDED:
+        s = _scale_scores(s, qk_scale, MASK_MODE)
+    else:
+        s = s * qk_scale
     if MASK_MODE == 1:
         if MASKED:
             x = tl.load(m_base + cols * stride_ms, mask=col_ok, other=0)
         else:
             x = tl.load(m_base + cols * stride_ms)
-        if MASK_BOOL:
-            s = tl.where((x != 0)[None, :], s, float("-inf"))
-        else:
-            s = s + (x.to(tl.float32) * 1.4426950408889634)[None, :]
+        s = s + _mask_bias(x, MASK_BOOL)[None, :]
     elif MASK_MODE == 2:
         s = _apply_mask_tile(
             s,
@@ -346,12 +405,12 @@ def _fwd_kv_loop(
             MASK_BOOL,
             PRECISE,
             UPCAST,
+            True,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED or MASK_MODE != 0:  # a row may have seen no key yet: keep exp2 finite
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
+        # A row may have seen no key yet (masks, or -inf scores from +-inf in q or k in any
+        # block): keep exp2 finite there (exp2(-inf - 0) = 0); one select per row, not per score.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -592,8 +651,11 @@ def _dkdv_q_loop(
 ):
     """Accumulates dK, dV of one key block over query blocks [lo, hi) (transposed scores).
 
-    Rows past L read lse = +inf, so their probabilities are 0 without a score mask; keys past S
-    only touch their own (unstored) rows of dK and dV.
+    ``bias_n`` is the key-vector mask of ``MASK_MODE`` 1 as a base-2 bias. ``MASKED`` blocks
+    (the causal diagonal and the ragged last query block) set causally hidden pairs and rows
+    past L to -inf: padded rows read q = 0, whose scores are NaN against a key holding +-inf,
+    and would otherwise reach every dK and dV row. Keys past S only touch their own (unstored)
+    rows of dK and dV.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -624,10 +686,7 @@ def _dkdv_q_loop(
         st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISE, UPCAST)
         st = st * qk_scale
         if MASK_MODE == 1:
-            if MASK_BOOL:
-                st = tl.where(bias_n[:, None], st, float("-inf"))
-            else:
-                st = st + bias_n[:, None]
+            st = st + bias_n[:, None]
         elif MASK_MODE == 2:
             st = _apply_mask_tile(
                 st,
@@ -637,9 +696,11 @@ def _dkdv_q_loop(
                 True,
             )
         if MASKED:
+            keep = row_ok[None, :]
             if IS_CAUSAL:
-                st = tl.where(cols[:, None] <= rows[None, :], st, float("-inf"))
-        pt = tl.math.exp2(st - lse[None, :])
+                keep = keep & (cols[:, None] <= rows[None, :])
+            st = tl.where(keep, st, float("-inf"))
+        pt = _exp2_prob(st - lse[None, :])
         dv = _dot(pt.to(do.dtype), do, dv, PRECISE, UPCAST)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISE, UPCAST)
         dst = pt * (dpt - delta[None, :])
@@ -758,13 +819,15 @@ def attn_bwd_dkdv(
     full_m = tl.cdiv(L, BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
         # Query rows i >= start_n see part of this key block: masked stage [lo, mid); rows
-        # i >= start_n + BLOCK_N - 1 see all of it: unmasked stage [mid, full_m). When the block
-        # lies past every query (lo >= full_m) both stages are empty.
+        # i >= start_n + BLOCK_N - 1 see all of it: unmasked stage from mid. When the block
+        # lies past every query (lo >= full_m) every stage is empty.
         lo = (start_n // BLOCK_M) * BLOCK_M
         mid = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, full_m)
     else:
         lo = 0
         mid = 0
+    # The ragged last query block runs masked as well (rows past L), unless [lo, mid) has it.
+    tail = tl.maximum((L // BLOCK_M) * BLOCK_M, mid)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         off_bhq = off_b * H + off_h
@@ -775,10 +838,7 @@ def attn_bwd_dkdv(
         delta_base = DELTA + off_bhq * L
         if MASK_MODE == 1:  # one key vector for every query row: read it once
             x = tl.load(m_base + cols * stride_ms, mask=col_ok, other=0)
-            if MASK_BOOL:
-                bias_n = x != 0
-            else:
-                bias_n = x.to(tl.float32) * 1.4426950408889634
+            bias_n = _mask_bias(x, MASK_BOOL)
         else:
             bias_n = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv = _dkdv_q_loop(
@@ -789,11 +849,18 @@ def attn_bwd_dkdv(
             True, IS_CAUSAL, MASK_MODE, MASK_BOOL, PRECISE, UPCAST,
         )  # fmt: skip
         dk, dv = _dkdv_q_loop(
-            dk, dv, k, v, bias_n, q_base, do_base, m_base, lse_base, delta_base, cols, mid, full_m,
+            dk, dv, k, v, bias_n, q_base, do_base, m_base, lse_base, delta_base, cols, mid, tail,
             stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
             L, S, E, EV, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
             False, IS_CAUSAL, MASK_MODE, MASK_BOOL, PRECISE, UPCAST,
+        )  # fmt: skip
+        dk, dv = _dkdv_q_loop(
+            dk, dv, k, v, bias_n, q_base, do_base, m_base, lse_base, delta_base, cols, tail, full_m,
+            stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
+            L, S, E, EV, qk_scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+            True, IS_CAUSAL, MASK_MODE, MASK_BOOL, PRECISE, UPCAST,
         )  # fmt: skip
 
     dk = dk * scale
@@ -899,8 +966,9 @@ def _dq_kv_loop(
             MASK_BOOL,
             PRECISE,
             UPCAST,
+            False,
         )
-        p = tl.math.exp2(s - lse[:, None])
+        p = _exp2_prob(s - lse[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISE, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, PRECISE, UPCAST)
