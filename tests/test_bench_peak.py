@@ -188,6 +188,25 @@ def test_this_machines_kernel_config_parses():
     assert {"isa", "brgemm", "amx", "brgemm_bf16", "amx_tiles"} <= set(fields)
 
 
+@pytest.mark.parametrize(
+    ("per_core", "together", "threads", "cpus", "shared"),
+    [
+        (200.0, 390.0, 2, 2, False),  # two cores' worth
+        (200.0, 210.0, 2, 2, True),  # the second core was busy
+        (200.0, 200.0, 2, 1, False),  # one CPU: one core's worth is all there is
+        (200.0, 200.0, 1, 8, False),
+        (100.0, 500.0, 8, 8, True),
+    ],
+)
+def test_fma_label_says_when_other_work_shared_the_cores(per_core, together, threads, cpus, shared):
+    fma = measure.FmaPeak(per_core, together, threads, "avx512", cpus)
+    assert fma.shared is shared
+    peaks = Peaks({"fp32": Peak(together, "fp32 FMA")}, fma=fma)
+    summary = peaks.summary()
+    assert summary.startswith(f"fp32 FMA {together:.4g} GFLOP/s (probe, avx512, {threads} thread")
+    assert ("busy with other work" in summary) is shared
+
+
 def test_without_the_fma_op_fp32_comes_from_a_labelled_matmul(monkeypatch):
     _features(monkeypatch, NO_REDUCED_HARDWARE)
     monkeypatch.setattr(measure, "_fma_ops", lambda: None)
@@ -270,7 +289,9 @@ def test_cli_peak_line_on_a_cpu_without_bf16_hardware(monkeypatch, slow_matmul, 
     assert slow_matmul == []
     line = next(ln for ln in out.splitlines() if ln.startswith("peak: "))
     assert re.match(
-        r"peak: fp32 FMA [\d.]+ GFLOP/s \(probe, \w+, \d+ threads?; [\d.]+ per core\)", line
+        r"peak: fp32 FMA [\d.]+ GFLOP/s \(probe, \w+, \d+ threads?; [\d.]+ per core"
+        r"(: the cores were busy with other work)?\)",
+        line,
     )
     assert "bf16: fp32 FMA (no bf16 hardware: computed in fp32)" in line
     assert max(int(p) for p in re.findall(r"(\d+)%", out)) <= 100

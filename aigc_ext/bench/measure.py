@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,6 +192,14 @@ class FmaPeak:
     all_threads_gflops: float  # the threads running together; never below one core's rate
     threads: int
     isa: str  # the loop it ran: avx512, avx2 or scalar
+    cpus: int = 1  # the CPUs this process may run on
+
+    @property
+    def shared(self) -> bool:
+        """Whether the threads together got well under one core's rate per thread (on the
+        CPUs there are): other work shared the cores while the probe ran."""
+        cores = min(self.threads, self.cpus)
+        return cores > 1 and self.all_threads_gflops < 0.75 * cores * self.per_core_gflops
 
 
 def _fma_ops() -> tuple[Callable, Callable] | None:
@@ -235,7 +244,14 @@ def fma_peak(
     per_core = float(ops[0](per_core_s, 1))
     together = float(ops[0](all_threads_s, threads)) if threads > 1 else per_core
     isa = (fma_info() or {}).get("isa", "?")
-    return FmaPeak(per_core, max(per_core, together), threads, isa)
+    return FmaPeak(per_core, max(per_core, together), threads, isa, _usable_cpus())
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- memory

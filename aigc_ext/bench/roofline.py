@@ -133,6 +133,8 @@ class Peaks(Mapping[str, float]):
                 "all_threads_gflops": fma.all_threads_gflops,
                 "threads": fma.threads,
                 "isa": fma.isa,
+                "cpus": fma.cpus,
+                "shared": fma.shared,
             },
             "matmul_gflops": dict(self.matmul_gflops),
         }
@@ -149,7 +151,8 @@ def peak_for(peaks: Mapping[str, float] | None, dtype: str, backend: str) -> flo
 
 def _fma_note(fma: measure.FmaPeak) -> str:
     threads = f"{fma.threads} thread{'s' if fma.threads != 1 else ''}"
-    return f"probe, {fma.isa}, {threads}; {fma.per_core_gflops:.4g} per core"
+    note = f"probe, {fma.isa}, {threads}; {fma.per_core_gflops:.4g} per core"
+    return note + (": the cores were busy with other work" if fma.shared else "")
 
 
 def cpu_features() -> dict[str, bool]:
