@@ -296,3 +296,19 @@ def test_cli_peak_line_on_a_cpu_without_bf16_hardware(monkeypatch, slow_matmul, 
     assert "bf16: fp32 FMA (no bf16 hardware: computed in fp32)" in line
     assert max(int(p) for p in re.findall(r"(\d+)%", out)) <= 100
     assert elapsed < 30
+
+
+def test_gpu_peaks_are_bounded_matmuls_labelled_in_tflops(monkeypatch):
+    calls = []
+
+    def matmul(dtype, device="cpu", **kwargs):
+        calls.append((dtype, str(device), kwargs))
+        return {torch.float32: 5e4, torch.bfloat16: 8e5}[dtype]
+
+    monkeypatch.setattr(measure, "matmul_peak_gflops", matmul)
+    monkeypatch.setattr(measure, "fma_peak", lambda *a, **k: pytest.fail("no FMA probe on a GPU"))
+    peaks = runner.measure_peaks(BenchConfig(dtype=["fp32", "bf16"], device="cuda"))
+    # The probe's own sizes (1024^3 growing to 8192^3) and budget (about a second each).
+    assert calls == [(torch.float32, "cuda", {}), (torch.bfloat16, "cuda", {})]
+    assert peaks.for_row("bf16", "cpu") == peaks["bf16"] == 8e5  # no CPU-kernel override
+    assert peaks.summary() == "fp32 matmul 50 TFLOP/s; bf16 matmul 800 TFLOP/s"
