@@ -5,22 +5,16 @@ objective and the augmentations from the configuration; train with AdamW, linear
 cosine decay, gradient accumulation, gradient clipping and optional mixed precision; evaluate,
 log to ``metrics.jsonl``, checkpoint, and write the final weights.
 
-Reproducibility without saving generator states: the order of the training examples in epoch
-``e`` is a permutation drawn from a generator seeded by ``(seed, e)``; augmentations and
-``objective.prepare`` draw from a generator seeded by ``(seed, step, micro-step, rank)``. Only
-the global torch RNG (dropout) carries state from step to step, and checkpoints store it, so a
-resumed run continues with exactly the batches, masks and losses of an uninterrupted one.
+Reproducibility: :mod:`aigc_ext.training.seeding` (data order, generators, RNG states).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 import warnings
@@ -35,6 +29,18 @@ from aigc_ext import lifecycle
 from aigc_ext.training import checkpoint as ckpt
 from aigc_ext.training import distributed
 from aigc_ext.training.config import ConfigError, TrainConfig, config_diff, load_config
+from aigc_ext.training.schedule import WarmupCosine, lr_multiplier
+from aigc_ext.training.seeding import (
+    DataOrder,
+    derive_seed,
+    numpy_random_state,
+    python_random_state,
+    seed_everything,
+    seed_torch,
+    seeded_generator,
+    set_numpy_random_state,
+    set_python_random_state,
+)
 
 __all__ = [
     "DataOrder",
@@ -85,87 +91,7 @@ class RunResult:
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
 
-# --- schedule, seeds, data order ----------------------------------------------------------------
-
-
-def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """The factor on the base learning rate for optimiser step ``step`` (0-based).
-
-    Linear warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (so the
-    first step already learns); then cosine decay from 1 to ``min_lr_ratio``, reached at
-    ``step == max_steps``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max_steps - warmup_steps
-    if span <= 0:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class WarmupCosine:
-    """:func:`lr_multiplier` as the ``lr_lambda`` of a ``LambdaLR`` (one for every group, so
-    per-group learning rates keep their ratios)."""
-
-    def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float):
-        self.warmup_steps = warmup_steps
-        self.max_steps = max_steps
-        self.min_lr_ratio = min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        return lr_multiplier(
-            step,
-            warmup_steps=self.warmup_steps,
-            max_steps=self.max_steps,
-            min_lr_ratio=self.min_lr_ratio,
-        )
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from ``parts`` (e.g. ``(seed, "step", step, micro, rank)``): distinct
-    parts give unrelated seeds, the same parts the same seed, in every process."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _generator(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-class DataOrder:
-    """Which examples each micro-batch of each process holds.
-
-    Epoch ``e`` shuffles the ``n`` examples with a generator seeded by ``(seed, e)``, keeps
-    the first ``steps_per_epoch * batch_size * grad_accum * world_size`` (an incomplete last
-    step is dropped), and gives process ``rank`` every ``world_size``-th of them (as
-    ``DistributedSampler`` does). Micro-batch ``m`` of the epoch is then the ``m``-th run of
-    ``batch_size`` examples of that share. Any position can be computed directly, so a resumed
-    run jumps to its batch without replaying the ones before.
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int
-    ):
-        self.n, self.batch_size, self.grad_accum = n, batch_size, grad_accum
-        self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.steps_per_epoch = n // (batch_size * grad_accum * world_size)
-        self._epoch: int | None = None
-        self._share: torch.Tensor | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=_generator(self.seed, "epoch", epoch))
-
-    def micro_batch(self, epoch: int, index: int) -> list[int]:
-        """The example indices of micro-batch ``index`` (0-based within the epoch)."""
-        if not 0 <= index < self.steps_per_epoch * self.grad_accum:
-            raise IndexError(f"micro-batch {index} outside the epoch")
-        if self._epoch != epoch:
-            used = self.steps_per_epoch * self.batch_size * self.grad_accum * self.world_size
-            self._share = self.permutation(epoch)[:used][self.rank :: self.world_size]
-            self._epoch = epoch
-        assert self._share is not None
-        return self._share[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+# --- reporting ----------------------------------------------------------------------------------
 
 
 def describe_attention(usage: Mapping[str, int]) -> str:
@@ -222,51 +148,6 @@ def _config_errors(where: str) -> Iterator[None]:
         raise
     except ValueError as exc:
         raise ConfigError(f"{where} {exc}") from exc
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def _python_random_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_python_random_state(state: list) -> None:
-    version, internal, gauss = state
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _numpy_random_state() -> dict:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "kind": kind,
-        "keys": keys.tolist(),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def _set_numpy_random_state(state: dict) -> None:
-    import numpy as np
-
-    np.random.set_state(
-        (
-            state["kind"],
-            np.asarray(state["keys"], dtype=np.uint32),
-            state["pos"],
-            state["has_gauss"],
-            state["cached_gaussian"],
-        )
-    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -626,7 +507,7 @@ class _Run:
                 "--resume (resume=True) to continue that run, or choose another output directory"
             )
 
-        _seed_everything(rc.seed)
+        seed_everything(rc.seed)
         self.bundle = self._build_data()
         info = self.bundle.info
         self.model = self._build_model(info)
@@ -756,7 +637,7 @@ class _Run:
                     stacklevel=4,
                 )
         if found is None:
-            torch.manual_seed(derive_seed(rc.seed, "torch", dist.rank))
+            seed_torch(rc.seed, "torch", dist.rank)
             return 0, None
         path, _ = found
         newest = ckpt.list_checkpoints(self.ckpt_root)[-1][1]
@@ -803,8 +684,8 @@ class _Run:
             epoch, position = divmod(step, self.order.steps_per_epoch)
             for e in range(epoch + (1 if position else 0)):
                 self.transfer.on_epoch_start(self.model, e)
-        _set_python_random_state(state["python_random"])
-        _set_numpy_random_state(state["numpy_random"])
+        set_python_random_state(state["python_random"])
+        set_numpy_random_state(state["numpy_random"])
         cpu = loaded.rng.get(f"cpu.{dist.rank}")
         if cpu is None:
             warnings.warn(
@@ -812,7 +693,7 @@ class _Run:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            torch.manual_seed(derive_seed(rc.seed, "torch", dist.rank, step))
+            seed_torch(rc.seed, "torch", dist.rank, step)
         else:
             torch.set_rng_state(cpu)
         cuda = loaded.rng.get(f"cuda.{dist.rank}")
@@ -906,7 +787,7 @@ class _Run:
         for micro in range(rc.grad_accum):
             indices = self.order.micro_batch(epoch, position * rc.grad_accum + micro)
             batch = self._micro_batch(indices, self.bundle.train)
-            generator = _generator(rc.seed, "step", step, micro, dist.rank)
+            generator = seeded_generator(rc.seed, "step", step, micro, dist.rank)
             for augmentation in self.augmentations:
                 batch = augmentation(batch, generator=generator)
             if self.prepare is not None:
@@ -1022,7 +903,7 @@ class _Run:
                     batch = self._micro_batch(shard[start : start + size], dataset)
                     if self.prepare is not None:
                         batch = self.prepare(
-                            batch, generator=_generator(rc.seed, "eval", b, dist.rank)
+                            batch, generator=seeded_generator(rc.seed, "eval", b, dist.rank)
                         )
                     count = _batch_size(batch)
                     batch = _to_device(batch, self.device)
@@ -1086,8 +967,8 @@ class _Run:
             "steps_per_epoch": spe,
             "world_size": self.dist.world_size,
             "scheduler": _jsonable(scheduler),
-            "python_random": _python_random_state(),
-            "numpy_random": _numpy_random_state(),
+            "python_random": python_random_state(),
+            "numpy_random": numpy_random_state(),
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "config_hash": self.cfg.hash(),
             "config": _jsonable(self.cfg.to_dict()),
