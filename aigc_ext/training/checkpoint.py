@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from aigc_ext.training.files import atomic_write_text, fsync_dir, fsync_file, set_default_mode
+
 __all__ = [
     "CHECKPOINTS",
     "FORMAT_VERSION",
@@ -114,40 +116,6 @@ class LoadedCheckpoint:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def set_default_mode(path: Path) -> None:
-    """Gives a file or directory the permissions a plain ``open``/``mkdir`` would (safetensors
-    and ``tempfile`` create them private), so others who may read the run can read it."""
-    base = 0o777 if path.is_dir() else 0o666
-    os.chmod(path, base & ~_umask())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _file_record(path: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -161,7 +129,7 @@ def _write_model(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -
 
     save_model(model, str(path), metadata=metadata)
     set_default_mode(path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -170,7 +138,7 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata=metadata)
     set_default_mode(path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -240,19 +208,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        set_default_mode(Path(tmp))
-        os.replace(tmp, root / LATEST)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(root)
+    atomic_write_text(root / LATEST, name + "\n")
 
 
 def _remove_temporaries(root: Path) -> None:
@@ -315,13 +271,13 @@ def save_checkpoint(
         if missing:
             raise ValueError(f"trainer_state lacks {', '.join(missing)}")
         _write_json(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a leftover of an abandoned run: replace it
             stale = root / f"{_TMP_PREFIX}stale-{final.name}-{os.getpid()}"
             os.rename(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,15 +11,12 @@ Reproducibility: :mod:`aigc_ext.training.seeding` (data order, generators, RNG s
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +24,9 @@ import torch
 
 from aigc_ext import lifecycle
 from aigc_ext.training import checkpoint as ckpt
-from aigc_ext.training import distributed
+from aigc_ext.training import distributed, outputs
 from aigc_ext.training.config import ConfigError, TrainConfig, config_diff, load_config
+from aigc_ext.training.outputs import RunResult, describe_attention
 from aigc_ext.training.schedule import WarmupCosine, lr_multiplier
 from aigc_ext.training.seeding import (
     DataOrder,
@@ -57,48 +55,7 @@ __all__ = [
 logger = logging.getLogger("aigc_ext.training")
 metrics_logger = logging.getLogger("aigc_ext.training.metrics")
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-MODEL_INFO_FILE = "model.json"
-ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone (safetensors), see finetuning.save_adapter
-LOG_FILE = "train.log"
-
-
-@dataclass
-class RunResult:
-    """What a finished (or stopped) run reports.
-
-    ``metrics`` holds the last training metrics (``loss``, ``lr``, ``grad_norm``) and the last
-    evaluation's (``eval/...``); ``attention`` how many attention calls each aigc_ext backend
-    served during the run; ``model`` the trained model (not wrapped for DDP).
-
-    ``already_finished`` is set when a resumed run had already reached its last step: nothing
-    was built, trained or written; ``metrics`` are those its last checkpoint recorded and
-    ``model`` is None (the weights are in ``<output_dir>/model.safetensors``).
-    """
-
-    output_dir: Path
-    step: int
-    epoch: int
-    metrics: dict[str, float]
-    wall_time: float
-    attention: dict[str, int]
-    checkpoint: Path | None = None
-    resumed_from: Path | None = None
-    stopped_early: bool = False
-    already_finished: bool = False
-    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
-
-
 # --- reporting ----------------------------------------------------------------------------------
-
-
-def describe_attention(usage: Mapping[str, int]) -> str:
-    """``{"cpu": 1234}`` -> ``"cpu (1234 calls)"``."""
-    if not usage:
-        return "none (the model made no aigc_ext attention calls)"
-    return ", ".join(f"{name} ({count} calls)" for name, count in sorted(usage.items()))
 
 
 def resolve_device(
@@ -150,31 +107,6 @@ def _config_errors(where: str) -> Iterator[None]:
         raise ConfigError(f"{where} {exc}") from exc
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=repr))
-
-
-def _plain_info(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of a dataset's ``info`` that are plain data (not the tokenizer)."""
-    out = {}
-    for key, value in info.items():
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            continue
-        out[key] = value
-    return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _batch_size(batch: Mapping[str, Any]) -> int:
     for key in ("input_ids", "pixel_values"):
         if torch.is_tensor(batch.get(key)):
@@ -197,37 +129,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {
         k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
     }
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops records past ``step`` (written after the checkpoint a run resumes from) and a
-    partial last line."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-            keep.append(line)
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-class _MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl``, flushed at once."""
-
-    def __init__(self, path: Path, append: bool):
-        self.path = path
-        self._file = open(path, "a" if append else "w", encoding="utf-8")
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def _split_weight_decay(groups: Sequence[Mapping[str, Any]], weight_decay: float) -> list[dict]:
@@ -274,18 +175,6 @@ def _saved_metrics(value: Any) -> tuple[dict[str, float], dict[str, float]]:
 
 def _rank(name: str) -> int:
     return _TRAIN_METRICS.index(name) if name in _TRAIN_METRICS else len(_TRAIN_METRICS)
-
-
-def _final_model_step(output_dir: Path) -> int | None:
-    """The step ``model.json`` records when the final weights are in place, else None."""
-    if not (output_dir / MODEL_FILE).is_file():
-        return None
-    try:
-        info = json.loads((output_dir / MODEL_INFO_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
-        return None
-    step = info.get("step") if isinstance(info, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def check_backend_override(device: torch.device | None = None) -> None:
@@ -347,7 +236,7 @@ class _Run:
         self.resume = resume
         self.output_dir = Path(self.rc.output_dir)
         self.ckpt_root = self.output_dir / ckpt.CHECKPOINTS
-        self.metrics_writer: _MetricsWriter | None = None
+        self.metrics_writer: outputs.MetricsWriter | None = None
         self.log_handler: logging.Handler | None = None
         self.progress = None
         self.last_eval: int | None = None
@@ -358,6 +247,7 @@ class _Run:
         self.elapsed_before = 0.0
         self.warned_nonfinite = False
         self.saved_level: int | None = None
+        self.finetuner: object | None = None
 
     # -- setup --
 
@@ -420,6 +310,7 @@ class _Run:
                     "finetuners", self.cfg.finetune.name, self.cfg.finetune.options, info
                 )
                 model = finetuner(model)
+            self.finetuner = finetuner
             if not isinstance(model, torch.nn.Module):
                 raise TypeError(f"finetuner {self.cfg.finetune.name!r} must return a module")
         self.transfer = None
@@ -492,7 +383,9 @@ class _Run:
                 return done
         if dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.log_handler = logging.FileHandler(self.output_dir / LOG_FILE, encoding="utf-8")
+            self.log_handler = logging.FileHandler(
+                self.output_dir / outputs.LOG_FILE, encoding="utf-8"
+            )
             self.log_handler.setFormatter(
                 logging.Formatter("%(asctime)s %(levelname)s %(message)s")
             )
@@ -542,11 +435,13 @@ class _Run:
         self._wrap()
 
         if dist.is_main:
-            _atomic_write_text(self.output_dir / CONFIG_FILE, cfg.to_json() + "\n")
-            metrics_path = self.output_dir / METRICS_FILE
+            outputs.write_config(self.output_dir, cfg.to_json())
+            metrics_path = self.output_dir / outputs.METRICS_FILE
             if resumed_from is not None:
-                _truncate_metrics(metrics_path, start_step)
-            self.metrics_writer = _MetricsWriter(metrics_path, append=resumed_from is not None)
+                outputs.truncate_metrics(metrics_path, start_step)
+            self.metrics_writer = outputs.MetricsWriter(
+                metrics_path, append=resumed_from is not None
+            )
         logger.info(
             "training %s on %s with %s: %d steps (%d per epoch, %d examples), batch %d x %d "
             "accumulation x %d process(es), device %s, precision %s, output %s",
@@ -609,7 +504,7 @@ class _Run:
         wall = time.perf_counter() - self.t_start
         if stopped and step < self.total_steps:
             logger.info("stopped at step %d by a lifecycle hook", step)
-        logger.info("attention: %s", describe_attention(usage))
+        logger.info("attention: %s", outputs.describe_attention(usage))
         logger.info("finished at step %d in %.1f s; output in %s", step, wall, self.output_dir)
         return RunResult(
             output_dir=self.output_dir,
@@ -660,7 +555,7 @@ class _Run:
         self.last_save = self.last_eval = step
         self.last_checkpoint = path
         if dist.is_main:
-            changed = config_diff(state.get("config", {}), _jsonable(self.cfg.to_dict()))
+            changed = config_diff(state.get("config", {}), outputs.jsonable(self.cfg.to_dict()))
             changed = [key for key in changed if key != "run.output_dir"]  # a moved run is fine
             if state["config_hash"] != self.cfg.hash() and changed:
                 warnings.warn(
@@ -712,7 +607,7 @@ class _Run:
         """
         dist, rc = self.dist, self.rc
         found = ckpt.list_checkpoints(self.ckpt_root)
-        step = _final_model_step(self.output_dir)
+        step = outputs.final_model_step(self.output_dir)
         state: dict[str, Any] | None = None
         if step is not None and found and found[-1][0] == step:
             try:
@@ -730,7 +625,7 @@ class _Run:
         assert state is not None and step is not None and total is not None
         path = found[-1][1]
         if dist.is_main:
-            changed = config_diff(state.get("config", {}), _jsonable(self.cfg.to_dict()))
+            changed = config_diff(state.get("config", {}), outputs.jsonable(self.cfg.to_dict()))
             changed = [key for key in changed if key != "run.output_dir"]
             if state["config_hash"] != self.cfg.hash() and changed:
                 warnings.warn(
@@ -966,12 +861,12 @@ class _Run:
             "batch_in_epoch": state.step % spe,
             "steps_per_epoch": spe,
             "world_size": self.dist.world_size,
-            "scheduler": _jsonable(scheduler),
+            "scheduler": outputs.jsonable(scheduler),
             "python_random": python_random_state(),
             "numpy_random": numpy_random_state(),
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "config_hash": self.cfg.hash(),
-            "config": _jsonable(self.cfg.to_dict()),
+            "config": outputs.jsonable(self.cfg.to_dict()),
             "elapsed": self._elapsed(),
             "metrics": {**self.train_metrics, **self.eval_metrics},
         }
@@ -997,43 +892,13 @@ class _Run:
         state.should_save = False
         lifecycle.notify("save", state, path=path)
 
-    def _write_adapter(self) -> None:
-        """Saves a PEFT model's adapter alone to ``<output_dir>/adapter`` (safetensors), built
-        under a temporary name and renamed into place so a crash never leaves half of one."""
-        from aigc_ext_strategies.finetuning import save_adapter
-
-        target = self.output_dir / ADAPTER_DIR
-        tmp = self.output_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(self.model, tmp)
-        old = self.output_dir / f".{ADAPTER_DIR}.old-{os.getpid()}"
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-
     def _write_final_model(self, step: int) -> None:
-        from safetensors.torch import save_model
-
-        target = self.output_dir / MODEL_FILE
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        save_model(self.model, str(tmp), metadata={"format": "pt", "step": str(step)})
-        ckpt.set_default_mode(tmp)
-        ckpt._fsync_file(tmp)
-        os.replace(tmp, target)
-        if getattr(self.model, "peft_config", None):
-            self._write_adapter()
-        cfg = self.cfg
-        info = {
-            "step": step,
-            "model": cfg.model.to_dict(),
-            "data": cfg.data.to_dict(),
-            "objective": cfg.objective.to_dict(),
-            "finetune": cfg.finetune.to_dict() if cfg.finetune else None,
-            "transfer": cfg.transfer.to_dict() if cfg.transfer else None,
-            "data_info": _plain_info(self.bundle.info),
-            "metrics": {**self.train_metrics, **self.eval_metrics},
-        }
-        _atomic_write_text(
-            self.output_dir / MODEL_INFO_FILE, json.dumps(_jsonable(info), indent=2) + "\n"
+        outputs.write_final_model(
+            self.output_dir,
+            self.model,
+            step,
+            config=self.cfg.to_dict(),
+            data_info=self.bundle.info,
+            metrics={**self.train_metrics, **self.eval_metrics},
+            finetuner=self.finetuner,
         )
