@@ -25,19 +25,16 @@ import torch
 from aigc_ext import lifecycle
 from aigc_ext.training import checkpoint as ckpt
 from aigc_ext.training import distributed, outputs
-from aigc_ext.training.config import ConfigError, TrainConfig, config_diff, load_config
+from aigc_ext.training.config import ConfigError, TrainConfig, load_config
+from aigc_ext.training.distributed import check_backend_override, resolve_device
 from aigc_ext.training.outputs import RunResult, describe_attention
 from aigc_ext.training.schedule import WarmupCosine, lr_multiplier
 from aigc_ext.training.seeding import (
     DataOrder,
     derive_seed,
-    numpy_random_state,
-    python_random_state,
     seed_everything,
     seed_torch,
     seeded_generator,
-    set_numpy_random_state,
-    set_python_random_state,
 )
 
 __all__ = [
@@ -54,44 +51,6 @@ __all__ = [
 
 logger = logging.getLogger("aigc_ext.training")
 metrics_logger = logging.getLogger("aigc_ext.training.metrics")
-
-# --- reporting ----------------------------------------------------------------------------------
-
-
-def resolve_device(
-    spec: str, precision: str, local_rank: int = 0, world_size: int = 1
-) -> torch.device:
-    """The torch device for ``run.device`` and a check that ``run.precision`` works there.
-
-    ``auto`` is CUDA when available, else the CPU. Under torchrun with several processes each
-    one uses ``cuda:<LOCAL_RANK>``. On the CPU, ``fp16`` is refused (mixed precision there is
-    ``bf16`` autocast; ``fp16`` needs a GradScaler on CUDA).
-    """
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"run.device is {spec!r} but CUDA is not available here; use 'cpu' or 'auto'"
-            )
-        if world_size > 1:
-            device = torch.device("cuda", local_rank)
-        elif device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"run.device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"run.precision 'bf16' is not supported by {device}; use fp16/fp32")
-    elif precision == "fp16":
-        raise ConfigError(
-            "run.precision 'fp16' needs a CUDA device (it trains with a GradScaler); "
-            "on the CPU use 'fp32' or 'bf16' (autocast)"
-        )
-    return device
-
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -153,55 +112,6 @@ def _split_weight_decay(groups: Sequence[Mapping[str, Any]], weight_decay: float
                 {**base, "params": no_decay, "weight_decay": 0.0, "name": f"{name}/no_decay"}
             )
     return out
-
-
-_TRAIN_METRICS = ("loss", "lr", "grad_norm")
-
-
-def _saved_metrics(value: Any) -> tuple[dict[str, float], dict[str, float]]:
-    """``(training, evaluation)`` metrics of a checkpoint's record (its ``name: number``
-    entries), in the order a run reports them: loss, lr, grad_norm, then ``eval/...``."""
-    if not isinstance(value, Mapping):
-        return {}, {}
-    numbers = {
-        str(k): float(v)
-        for k, v in value.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    order = sorted(numbers, key=lambda k: (k.startswith("eval/"), _rank(k), k))
-    train = {k: numbers[k] for k in order if not k.startswith("eval/")}
-    return train, {k: numbers[k] for k in order if k.startswith("eval/")}
-
-
-def _rank(name: str) -> int:
-    return _TRAIN_METRICS.index(name) if name in _TRAIN_METRICS else len(_TRAIN_METRICS)
-
-
-def check_backend_override(device: torch.device | None = None) -> None:
-    """Checks ``AIGC_EXT_BACKEND`` before a run creates anything: when set, it must name a
-    registered attention backend that is available here (and runs on ``device``, if given).
-
-    The variable is otherwise read only at the first attention call, after the data and the
-    model are built and the output directory is created. Raises :class:`ConfigError`.
-    """
-    name = os.environ.get("AIGC_EXT_BACKEND") or None  # empty: not set, as the dispatcher reads it
-    if name is None:
-        return
-    import aigc_ext
-
-    infos = {b.name: b for b in aigc_ext.backends()}
-    where = f"environment variable AIGC_EXT_BACKEND={name!r}"
-    info = infos.get(name)
-    if info is None:
-        raise ConfigError(
-            f"{where}: unknown attention backend; registered: {', '.join(sorted(infos))}"
-        )
-    if not info.available:
-        raise ConfigError(f"{where}: the backend is not available here: {info.reason}")
-    if device is not None and device.type not in info.devices:
-        raise ConfigError(
-            f"{where}: the backend runs on {', '.join(info.devices)}, the run on {device.type}"
-        )
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -538,26 +448,25 @@ class _Run:
         newest = ckpt.list_checkpoints(self.ckpt_root)[-1][1]
         if path != newest and dist.is_main:
             logger.warning("resuming from %s: the newer %s is unusable", path.name, newest.name)
-        loaded = ckpt.load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, device=self.device
+        loaded = ckpt.restore_training_state(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            device=self.device,
         )
         state = loaded.state
-        sched = dict(state["scheduler"])
-        sched["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)
-        self.scheduler.load_state_dict(sched)
-        if self.scaler.is_enabled() and state["grad_scaler"]:
-            self.scaler.load_state_dict(state["grad_scaler"])
         step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
         # The checkpoint's metrics stand until this run measures new ones: model.json and the
         # result keep them even when nothing is left to train.
-        self.train_metrics, self.eval_metrics = _saved_metrics(state.get("metrics"))
+        self.train_metrics, self.eval_metrics = ckpt.saved_metrics(state.get("metrics"))
         self.last_save = self.last_eval = step
         self.last_checkpoint = path
         if dist.is_main:
-            changed = config_diff(state.get("config", {}), outputs.jsonable(self.cfg.to_dict()))
-            changed = [key for key in changed if key != "run.output_dir"]  # a moved run is fine
-            if state["config_hash"] != self.cfg.hash() and changed:
+            changed = ckpt.config_changes(state, self.cfg)
+            if changed:
                 warnings.warn(
                     f"resume: the configuration changed since {path.name}: {', '.join(changed)}",
                     RuntimeWarning,
@@ -579,21 +488,7 @@ class _Run:
             epoch, position = divmod(step, self.order.steps_per_epoch)
             for e in range(epoch + (1 if position else 0)):
                 self.transfer.on_epoch_start(self.model, e)
-        set_python_random_state(state["python_random"])
-        set_numpy_random_state(state["numpy_random"])
-        cpu = loaded.rng.get(f"cpu.{dist.rank}")
-        if cpu is None:
-            warnings.warn(
-                f"resume: {path.name} has no RNG state for rank {dist.rank}; dropout is reseeded",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            seed_torch(rc.seed, "torch", dist.rank, step)
-        else:
-            torch.set_rng_state(cpu)
-        cuda = loaded.rng.get(f"cuda.{dist.rank}")
-        if cuda is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda, self.device)
+        ckpt.restore_random_state(loaded, rank=dist.rank, device=self.device, seed=rc.seed)
         return step, path
 
     def _finished_result(self) -> RunResult | None:
@@ -625,9 +520,8 @@ class _Run:
         assert state is not None and step is not None and total is not None
         path = found[-1][1]
         if dist.is_main:
-            changed = config_diff(state.get("config", {}), outputs.jsonable(self.cfg.to_dict()))
-            changed = [key for key in changed if key != "run.output_dir"]
-            if state["config_hash"] != self.cfg.hash() and changed:
+            changed = ckpt.config_changes(state, self.cfg)
+            if changed:
                 warnings.warn(
                     f"resume: the configuration changed since {path.name}: {', '.join(changed)}; "
                     "the run had already finished, so nothing was trained with the new one",
@@ -640,7 +534,7 @@ class _Run:
                 step,
                 total,
             )
-        train_metrics, eval_metrics = _saved_metrics(state.get("metrics"))
+        train_metrics, eval_metrics = ckpt.saved_metrics(state.get("metrics"))
         return RunResult(
             output_dir=self.output_dir,
             step=step,
@@ -844,36 +738,9 @@ class _Run:
 
     # -- saving --
 
-    def _rng_tensors(self) -> dict[str, torch.Tensor]:
-        """Every process's torch RNG states (a collective call under DDP)."""
-        rng = {f"cpu.{r}": t for r, t in enumerate(self.dist.all_gather(torch.get_rng_state()))}
-        if self.device.type == "cuda":
-            states = self.dist.all_gather(torch.cuda.get_rng_state(self.device))
-            rng.update({f"cuda.{r}": t for r, t in enumerate(states)})
-        return rng
-
-    def _trainer_state(self, state: lifecycle.RunState) -> dict[str, Any]:
-        spe = self.order.steps_per_epoch
-        scheduler = self.scheduler.state_dict()
-        scheduler.pop("lr_lambdas", None)
-        return {
-            "epoch": state.step // spe,
-            "batch_in_epoch": state.step % spe,
-            "steps_per_epoch": spe,
-            "world_size": self.dist.world_size,
-            "scheduler": outputs.jsonable(scheduler),
-            "python_random": python_random_state(),
-            "numpy_random": numpy_random_state(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "config_hash": self.cfg.hash(),
-            "config": outputs.jsonable(self.cfg.to_dict()),
-            "elapsed": self._elapsed(),
-            "metrics": {**self.train_metrics, **self.eval_metrics},
-        }
-
     def _save(self, state: lifecycle.RunState) -> None:
         self.dist.barrier()
-        rng = self._rng_tensors()
+        rng = ckpt.rng_tensors(self.dist, self.device)
         path = self.ckpt_root / ckpt.checkpoint_name(state.step)
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
@@ -881,7 +748,16 @@ class _Run:
                 state.step,
                 model=self.model,
                 optimizer=self.optimizer,
-                trainer_state=self._trainer_state(state),
+                trainer_state=ckpt.trainer_state(
+                    step=state.step,
+                    steps_per_epoch=self.order.steps_per_epoch,
+                    world_size=self.dist.world_size,
+                    scheduler=self.scheduler,
+                    scaler=self.scaler,
+                    config=self.cfg,
+                    elapsed=self._elapsed(),
+                    metrics={**self.train_metrics, **self.eval_metrics},
+                ),
                 rng=rng,
                 keep=self.rc.keep_checkpoints,
             )
