@@ -16,15 +16,15 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from aigc_ext import lifecycle
+from aigc_ext.training import build, distributed, outputs
 from aigc_ext.training import checkpoint as ckpt
-from aigc_ext.training import distributed, outputs
 from aigc_ext.training.config import ConfigError, TrainConfig, load_config
 from aigc_ext.training.distributed import check_backend_override, resolve_device
 from aigc_ext.training.outputs import RunResult, describe_attention
@@ -55,17 +55,6 @@ metrics_logger = logging.getLogger("aigc_ext.training.metrics")
 # --- helpers ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _config_errors(where: str) -> Iterator[None]:
-    """ValueErrors raised while building a component are configuration errors."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"{where} {exc}") from exc
-
-
 def _batch_size(batch: Mapping[str, Any]) -> int:
     for key in ("input_ids", "pixel_values"):
         if torch.is_tensor(batch.get(key)):
@@ -90,30 +79,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     }
 
 
-def _split_weight_decay(groups: Sequence[Mapping[str, Any]], weight_decay: float) -> list[dict]:
-    """Each group split in two with the same learning rate: weight decay for matrices,
-    none for biases and norm weights (1-D tensors). A group that sets weight_decay keeps it."""
-    out: list[dict] = []
-    for i, group in enumerate(groups):
-        if not isinstance(group, Mapping) or "params" not in group:
-            raise TypeError(f"parameter group {i} must be a dict with 'params', got {group!r}")
-        params = list(group["params"])
-        base = {k: v for k, v in group.items() if k != "params"}
-        name = str(base.pop("name", f"group{i}"))
-        if "weight_decay" in base:
-            out.append({**base, "params": params, "name": name})
-            continue
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        if decay:
-            out.append({**base, "params": decay, "weight_decay": weight_decay, "name": name})
-        if no_decay:
-            out.append(
-                {**base, "params": no_decay, "weight_decay": 0.0, "name": f"{name}/no_decay"}
-            )
-    return out
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -135,12 +100,14 @@ def train(
     backend among them) and :class:`~aigc_ext.training.CheckpointError` when no checkpoint can
     be resumed from.
     """
-    cfg = load_config(config, overrides=overrides)
-    return _Run(cfg, resume).execute()
+    cfg = load_config(config, overrides=overrides, check_names=False)
+    return _Run(build.resolve(cfg), resume).execute()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, resume: bool):
+    def __init__(self, resolved: build.Resolved, resume: bool):
+        cfg = resolved.config
+        self.resolved = resolved
         self.cfg = cfg
         self.rc = cfg.run
         self.resume = resume
@@ -158,6 +125,7 @@ class _Run:
         self.warned_nonfinite = False
         self.saved_level: int | None = None
         self.finetuner: object | None = None
+        self.transfer: object | None = None
 
     # -- setup --
 
@@ -181,77 +149,6 @@ class _Run:
             if self.saved_level is not None:
                 logger.setLevel(self.saved_level)
             self.dist.close()
-
-    def _build_data(self):
-        from aigc_ext.training import components, strategies
-
-        spec = self.cfg.data
-        with _config_errors("[data]"):
-            factory = components.get_dataset(spec.name)
-            if "seed" in spec.options:
-                raise ValueError("option 'seed' is not allowed: the dataset gets run.seed")
-            kwargs = strategies.call_options(
-                factory, spec.options, what=f"dataset {spec.name!r}", exclude=("seed",)
-            )
-            bundle = factory(seed=self.rc.seed, **kwargs)
-        for attr in ("train", "eval", "collate", "info"):
-            if not hasattr(bundle, attr):
-                raise TypeError(
-                    f"dataset {spec.name!r} must return a DataBundle (train, eval, collate, info), "
-                    f"got {type(bundle).__name__}"
-                )
-        return bundle
-
-    def _build_model(self, info: Mapping[str, Any]) -> torch.nn.Module:
-        from aigc_ext.training import components, strategies
-
-        spec = self.cfg.model
-        with _config_errors("[model]"):
-            factory = components.get_model(spec.name)
-            kwargs = strategies.call_options(
-                factory, spec.options, what=f"model {spec.name!r}", skip=1
-            )
-            model = factory(dict(info), **kwargs)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model {spec.name!r} must return a torch.nn.Module, got {model!r}")
-        if self.cfg.finetune is not None:
-            with _config_errors("[finetune]"):  # e.g. LoRA target modules the model lacks
-                finetuner = strategies.build(
-                    "finetuners", self.cfg.finetune.name, self.cfg.finetune.options, info
-                )
-                model = finetuner(model)
-            self.finetuner = finetuner
-            if not isinstance(model, torch.nn.Module):
-                raise TypeError(f"finetuner {self.cfg.finetune.name!r} must return a module")
-        self.transfer = None
-        if self.cfg.transfer is not None:
-            with _config_errors("[transfer]"):
-                self.transfer = strategies.build(
-                    "transfer_strategies", self.cfg.transfer.name, self.cfg.transfer.options, info
-                )
-                model = self.transfer.setup(model)
-            if not isinstance(model, torch.nn.Module):
-                raise TypeError(
-                    f"transfer strategy {self.cfg.transfer.name!r}.setup must return a module"
-                )
-        return model
-
-    def _build_optimizer(self) -> None:
-        rc = self.rc
-        if self.transfer is not None:
-            groups = self.transfer.param_groups(self.model, rc.lr)
-        else:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            if not trainable:
-                raise RuntimeError("the model has no trainable parameters")
-            groups = [{"params": trainable, "name": "all"}]
-        groups = _split_weight_decay(groups, rc.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=rc.lr, weight_decay=rc.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(rc.warmup_steps, self.total_steps, rc.min_lr_ratio)
-        )
-        fp16 = rc.precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
     def _autocast(self):
         if self.rc.precision == "fp32":
@@ -283,7 +180,6 @@ class _Run:
 
     def _execute(self) -> RunResult:
         from aigc_ext import dispatch
-        from aigc_ext.training import strategies
 
         cfg, rc, dist = self.cfg, self.rc, self.dist
         check_backend_override(self.device)
@@ -311,19 +207,13 @@ class _Run:
             )
 
         seed_everything(rc.seed)
-        self.bundle = self._build_data()
+        resolved = self.resolved
+        self.bundle = build.build_data(resolved.data, rc.seed)
         info = self.bundle.info
-        self.model = self._build_model(info)
-        with _config_errors("[objective]"):
-            self.objective = strategies.build(
-                "objectives", cfg.objective.name, cfg.objective.options, info
-            )
-        self.augmentations = []
-        for i, spec in enumerate(cfg.augmentations):
-            with _config_errors(f"[augmentations.{i}]"):
-                self.augmentations.append(
-                    strategies.build("augmentations", spec.name, spec.options, info)
-                )
+        built = build.build_model(resolved, info)
+        self.model, self.finetuner, self.transfer = built.model, built.finetuner, built.transfer
+        self.objective = build.build_strategy(resolved.objective, info)
+        self.augmentations = [build.build_strategy(a, info) for a in resolved.augmentations]
         self.prepare: Callable | None = getattr(self.objective, "prepare", None)
         self.model.to(self.device)
 
@@ -339,7 +229,10 @@ class _Run:
                 f"{dist.world_size} process(es))"
             )
         self.total_steps = rc.max_steps or rc.epochs * spe
-        self._build_optimizer()
+        optimisation = build.build_optimizer(built, rc, self.total_steps, self.device)
+        self.optimizer = optimisation.optimizer
+        self.scheduler = optimisation.scheduler
+        self.scaler = optimisation.scaler
 
         start_step, resumed_from = self._restore()
         self._wrap()
