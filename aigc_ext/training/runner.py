@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,12 @@ from aigc_ext.training import checkpoint as ckpt
 from aigc_ext.training.config import ConfigError, TrainConfig, load_config
 from aigc_ext.training.distributed import check_backend_override, resolve_device
 from aigc_ext.training.outputs import RunResult, describe_attention
+from aigc_ext.training.resume import finished_result, resume_or_start
 from aigc_ext.training.schedule import WarmupCosine, lr_multiplier
 from aigc_ext.training.seeding import (
     DataOrder,
     derive_seed,
     seed_everything,
-    seed_torch,
     seeded_generator,
 )
 
@@ -184,7 +183,7 @@ class _Run:
         cfg, rc, dist = self.cfg, self.rc, self.dist
         check_backend_override(self.device)
         if self.resume:
-            done = self._finished_result()
+            done = finished_result(self.output_dir, cfg, dist, self.t_start)
             if done is not None:
                 return done
         if dist.is_main:
@@ -234,7 +233,21 @@ class _Run:
         self.scheduler = optimisation.scheduler
         self.scaler = optimisation.scaler
 
-        start_step, resumed_from = self._restore()
+        start = resume_or_start(
+            resume=self.resume,
+            config=cfg,
+            dist=dist,
+            device=self.device,
+            built=built,
+            optimisation=optimisation,
+            steps_per_epoch=spe,
+        )
+        start_step, resumed_from = start.step, start.checkpoint
+        if resumed_from is not None:
+            self.elapsed_before = start.elapsed
+            self.train_metrics, self.eval_metrics = start.train_metrics, start.eval_metrics
+            self.last_save = self.last_eval = start_step
+            self.last_checkpoint = resumed_from
         self._wrap()
 
         if dist.is_main:
@@ -320,124 +333,6 @@ class _Run:
             resumed_from=resumed_from,
             stopped_early=stopped and step < self.total_steps,
             model=self.model,
-        )
-
-    def _restore(self) -> tuple[int, Path | None]:
-        """Loads the checkpoint to resume from (if any); seeds dropout for a fresh run."""
-        dist, rc = self.dist, self.rc
-        found = None
-        if self.resume:
-            found = ckpt.find_resume_checkpoint(self.ckpt_root, warn=dist.is_main)
-            if found is None and dist.is_main:
-                warnings.warn(
-                    f"resume: no checkpoint in {self.ckpt_root}; starting from scratch",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        if found is None:
-            seed_torch(rc.seed, "torch", dist.rank)
-            return 0, None
-        path, _ = found
-        newest = ckpt.list_checkpoints(self.ckpt_root)[-1][1]
-        if path != newest and dist.is_main:
-            logger.warning("resuming from %s: the newer %s is unusable", path.name, newest.name)
-        loaded = ckpt.restore_training_state(
-            path,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            device=self.device,
-        )
-        state = loaded.state
-        step = int(state["step"])
-        self.elapsed_before = float(state.get("elapsed", 0.0))
-        # The checkpoint's metrics stand until this run measures new ones: model.json and the
-        # result keep them even when nothing is left to train.
-        self.train_metrics, self.eval_metrics = ckpt.saved_metrics(state.get("metrics"))
-        self.last_save = self.last_eval = step
-        self.last_checkpoint = path
-        if dist.is_main:
-            changed = ckpt.config_changes(state, self.cfg)
-            if changed:
-                warnings.warn(
-                    f"resume: the configuration changed since {path.name}: {', '.join(changed)}",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            if (
-                state.get("world_size", 1) != dist.world_size
-                or state.get("steps_per_epoch") != self.order.steps_per_epoch
-            ):
-                warnings.warn(
-                    f"resume: {path.name} was written by {state.get('world_size')} process(es) "
-                    f"with {state.get('steps_per_epoch')} steps per epoch, this run has "
-                    f"{dist.world_size} and {self.order.steps_per_epoch}: the data order differs "
-                    "from an uninterrupted run",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        if self.transfer is not None:  # replay the epoch starts that set up trainable layers
-            epoch, position = divmod(step, self.order.steps_per_epoch)
-            for e in range(epoch + (1 if position else 0)):
-                self.transfer.on_epoch_start(self.model, e)
-        ckpt.restore_random_state(loaded, rank=dist.rank, device=self.device, seed=rc.seed)
-        return step, path
-
-    def _finished_result(self) -> RunResult | None:
-        """The result of a run resumed after it finished, or None when there is work left.
-
-        Finished: ``model.json`` names step ``N``, ``model.safetensors`` is there, the newest
-        checkpoint is a valid ``step-N`` written by as many processes, and ``N`` reaches the
-        configured number of steps (``max_steps``, else ``epochs`` times the checkpoint's steps
-        per epoch). Then nothing is built and nothing on disk is written or touched. Anything
-        else (a crash after the last checkpoint, more steps asked for) resumes as usual.
-        """
-        dist, rc = self.dist, self.rc
-        found = ckpt.list_checkpoints(self.ckpt_root)
-        step = outputs.final_model_step(self.output_dir)
-        state: dict[str, Any] | None = None
-        if step is not None and found and found[-1][0] == step:
-            try:
-                state = ckpt.validate_checkpoint(found[-1][1])
-            except ckpt.CheckpointError:
-                state = None
-        spe = state.get("steps_per_epoch") if state is not None else None
-        spe = spe if isinstance(spe, int) and spe > 0 else None
-        total = None
-        if state is not None and state.get("world_size", 1) == dist.world_size:
-            total = rc.max_steps or (rc.epochs * spe if spe else None)
-        finished = step is not None and total is not None and step >= total
-        if dist.any(not finished)[0]:  # every process decides alike
-            return None
-        assert state is not None and step is not None and total is not None
-        path = found[-1][1]
-        if dist.is_main:
-            changed = ckpt.config_changes(state, self.cfg)
-            if changed:
-                warnings.warn(
-                    f"resume: the configuration changed since {path.name}: {', '.join(changed)}; "
-                    "the run had already finished, so nothing was trained with the new one",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-            logger.info(
-                "%s already finished at step %d (of %d); nothing to train, no file changed",
-                self.output_dir,
-                step,
-                total,
-            )
-        train_metrics, eval_metrics = ckpt.saved_metrics(state.get("metrics"))
-        return RunResult(
-            output_dir=self.output_dir,
-            step=step,
-            epoch=max(step - 1, 0) // spe if spe else 0,  # the epoch of the last step
-            metrics={**train_metrics, **eval_metrics},
-            wall_time=time.perf_counter() - self.t_start,
-            attention={},
-            checkpoint=path,
-            resumed_from=path,
-            already_finished=True,
         )
 
     def _make_progress(self, start_step: int) -> None:
