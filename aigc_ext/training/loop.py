@@ -1,11 +1,15 @@
 """The training loop behind ``aigc-ext train`` and :func:`aigc_ext.training.train`.
 
-One run: build the data, the model (with an optional finetuner and transfer strategy), the
-objective and the augmentations from the configuration; train with AdamW, linear warm-up and
-cosine decay, gradient accumulation, gradient clipping and optional mixed precision; evaluate,
-log to ``metrics.jsonl``, checkpoint, and write the final weights.
-
-Reproducibility: :mod:`aigc_ext.training.seeding` (data order, generators, RNG states).
+``train`` reads the configuration (:mod:`~aigc_ext.training.config`), resolves its components
+once (:func:`aigc_ext.training.build.resolve`) and runs: resolve the device and join the
+process group (:mod:`~aigc_ext.training.distributed`), stop at once when a resumed run had
+already finished (:mod:`~aigc_ext.training.resume`), build the data, the model, the strategies
+and the optimiser (:mod:`~aigc_ext.training.build`), restore the checkpoint it resumes from,
+then loop: each step accumulates gradients over micro-batches (augmentations and
+``objective.prepare`` draw from the step's generator, see :mod:`~aigc_ext.training.seeding`),
+clips, steps the optimiser and the schedule; evaluation, logging to ``metrics.jsonl``,
+checkpoints (:mod:`~aigc_ext.training.checkpoint`) and lifecycle hooks in between; the final
+weights at the end (:mod:`~aigc_ext.training.outputs`).
 """
 
 from __future__ import annotations
@@ -26,27 +30,15 @@ from aigc_ext.training import build, distributed, outputs
 from aigc_ext.training import checkpoint as ckpt
 from aigc_ext.training.config import ConfigError, TrainConfig, load_config
 from aigc_ext.training.distributed import check_backend_override, resolve_device
-from aigc_ext.training.outputs import RunResult, describe_attention
+from aigc_ext.training.outputs import RunResult
 from aigc_ext.training.resume import finished_result, resume_or_start
-from aigc_ext.training.schedule import WarmupCosine, lr_multiplier
 from aigc_ext.training.seeding import (
     DataOrder,
-    derive_seed,
     seed_everything,
     seeded_generator,
 )
 
-__all__ = [
-    "DataOrder",
-    "RunResult",
-    "WarmupCosine",
-    "check_backend_override",
-    "derive_seed",
-    "describe_attention",
-    "lr_multiplier",
-    "resolve_device",
-    "train",
-]
+__all__ = ["logger", "train"]
 
 logger = logging.getLogger("aigc_ext.training")
 metrics_logger = logging.getLogger("aigc_ext.training.metrics")
