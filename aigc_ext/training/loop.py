@@ -96,6 +96,9 @@ def train(
 
 
 class _Run:
+    """One call of :func:`train`: the resolved configuration, the objects built from it and the
+    state of the loop (step, last evaluation and checkpoint, metrics, open files)."""
+
     def __init__(self, resolved: build.Resolved, resume: bool):
         cfg = resolved.config
         self.resolved = resolved
