@@ -8,6 +8,9 @@ Quick start::
     aigc_ext.backends()                 # what is available here, and why not
     with aigc_ext.use_backend("cpu"):   # force one backend
         ...
+
+    # torch's own flash SDPA kernels (every caller, TorchScript and torch.compile included)
+    torch.nn.attention.activate_flash_attention_impl("aigc_ext")
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from aigc_ext.dispatch import (
     use_backend,
 )
 from aigc_ext.hookspecs import hookimpl
+from aigc_ext.integrations import torch_provider as _torch_provider
+from aigc_ext.integrations import transformers as _hf
 from aigc_ext.integrations.patch import patch_sdpa
 
 __version__ = "0.1.0"
@@ -43,16 +48,11 @@ __all__ = [
     "use_backend",
 ]
 
-# Make attn_implementation="aigc_ext" available when transformers models are already loaded
-# (registering then costs about 10 ms); otherwise call aigc_ext.integrations.transformers.register().
-import sys as _sys
+# torch's flash-attention provider registry: the implementation "aigc_ext" is registered, not
+# activated (torch asks providers to leave that to the user), unless AIGC_EXT_ACTIVATE_PROVIDER=1.
+_torch_provider.register()
+_torch_provider.activate_from_env()
 
-if "transformers.modeling_utils" in _sys.modules:
-    try:
-        from aigc_ext.integrations import transformers as _hf
-
-        _hf.register()
-    except Exception as _exc:  # a broken transformers must not break `import aigc_ext`
-        import warnings as _warnings
-
-        _warnings.warn(f"aigc_ext: could not register with transformers: {_exc}", stacklevel=2)
+# attn_implementation="aigc_ext" for transformers, whichever is imported first: registered now if
+# transformers' modeling code is loaded, else as soon as it is (transformers is not imported here).
+_hf.register_when_imported()

@@ -8,7 +8,13 @@ transformers' own ``sdpa`` implementation (``eager`` where sdpa lacks the featur
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import types
 import warnings
 
@@ -437,3 +443,131 @@ def test_register_is_idempotent_and_needs_the_mask_function():
             model(input_ids=ids)
     finally:
         del transformers.AttentionInterface._global_mapping[name]
+
+
+# --- registration whatever the import order (post-import hook) --------------------------------
+
+
+def _python(code: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("AIGC_EXT_ACTIVATE_PROVIDER", None)  # torch's kernels, not a provider
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from tiny_models import tiny_bert
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(path)
+    return str(path)
+
+
+IMPORT_ORDERS = {
+    "aigc_ext-first": "import aigc_ext\nfrom transformers import AutoModel",
+    "transformers-first": "import transformers\nimport aigc_ext\nfrom transformers import AutoModel",
+    "models-loaded-first": "from transformers import AutoModel, BertModel\nimport aigc_ext",
+}
+
+
+@pytest.mark.parametrize("order", list(IMPORT_ORDERS))
+def test_attn_implementation_works_whatever_the_import_order(order, tiny_bert_dir):
+    """``attn_implementation="aigc_ext"`` without calling register(): before the hook,
+    ``import aigc_ext`` first gave transformers' "is not supported" error."""
+    code = IMPORT_ORDERS[order] + textwrap.dedent(
+        f"""
+        import sys
+        import torch
+        model = AutoModel.from_pretrained({tiny_bert_dir!r}, attn_implementation="aigc_ext")
+        assert model.config._attn_implementation == "aigc_ext"
+        ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 4:] = 0
+        with torch.profiler.profile() as prof, torch.no_grad():
+            ours = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert any(e.key == {OP!r} for e in prof.key_averages()), "the fused op did not run"
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        valid = mask.bool()
+        torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-5, atol=1e-5)
+        print("ok")
+        """
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_import_aigc_ext_is_light():
+    """``import aigc_ext`` imports neither transformers nor Triton, and takes well under 5 s on
+    top of ``import torch``."""
+    code = """
+        import sys, time
+        t0 = time.perf_counter()
+        import torch
+        t1 = time.perf_counter()
+        import aigc_ext
+        t2 = time.perf_counter()
+        heavy = [m for m in ("transformers", "triton") if m in sys.modules]
+        assert not heavy, f"import aigc_ext imported {heavy}"
+        print(f"{t1 - t0:.3f} {t2 - t1:.3f}")
+        """
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch_s, aigc_s = map(float, proc.stdout.split()[-2:])
+    print(f"import torch: {torch_s:.2f} s; import aigc_ext on top: {aigc_s:.3f} s")
+    assert aigc_s < 5.0
+
+
+def _module_file(tmp_path, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+def test_when_imported_runs_after_the_module_executes(tmp_path, monkeypatch):
+    from aigc_ext.integrations import when_imported
+
+    name = "aigc_hook_probe_a"
+    _module_file(tmp_path, name, "VALUE = 42\ndef f():\n    return VALUE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    when_imported(name, lambda m: seen.append(m.VALUE))
+    assert seen == [] and name not in sys.modules  # nothing imported by asking
+    try:
+        module = importlib.import_module(name)
+        assert seen == [42]
+        assert type(module.__loader__).__name__ == "SourceFileLoader"  # the real loader
+        assert "exec_module" not in vars(module.__loader__)  # the wrapper removed itself
+        assert "return VALUE" in inspect.getsource(module.f)
+        when_imported(name, lambda m: seen.append(m.f()))  # already imported: at once
+        assert seen == [42, 42]
+        importlib.reload(module)
+        assert seen == [42, 42]  # one-shot
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_when_imported_failing_hook_warns_and_the_import_succeeds(tmp_path, monkeypatch):
+    from aigc_ext.integrations import when_imported
+
+    name = "aigc_hook_probe_b"
+    _module_file(tmp_path, name, "VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def broken(module):
+        raise RuntimeError("hook failed")
+
+    when_imported(name, broken)
+    try:
+        with pytest.warns(UserWarning, match=f"after importing {name} failed.*hook failed"):
+            module = importlib.import_module(name)
+        assert module.VALUE == 1
+    finally:
+        sys.modules.pop(name, None)

@@ -39,7 +39,12 @@ in one fused C++ call.)
 
 Not routed: code that bound the function before the patch, e.g.
 ``from torch.nn.functional import scaled_dot_product_attention`` at import time, and
-TorchScript, which resolves the call when the script is compiled.
+TorchScript, which resolves the call when the script is compiled. Both are reached one level
+lower, in torch's dispatcher, by the flash-attention provider
+(:mod:`aigc_ext.integrations.torch_provider`,
+``torch.nn.attention.activate_flash_attention_impl("aigc_ext")``), which keeps the fast paths
+on but sees only the calls torch sends to its flash kernel; ``docs/integrations.md`` compares
+the two.
 
 Which implementation serves a call
 ----------------------------------

@@ -2,11 +2,15 @@
 
 ::
 
-    import aigc_ext.integrations.transformers
-
-    aigc_ext.integrations.transformers.register()  # once per process
+    import aigc_ext  # before or after transformers: "aigc_ext" is registered either way
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="aigc_ext")
     model.set_attn_implementation("aigc_ext")  # or switch a loaded model
+
+``import aigc_ext`` calls :func:`register_when_imported`: if transformers' modeling code
+(``transformers.modeling_utils``) is already loaded it registers at once, otherwise a
+post-import hook (:func:`aigc_ext.integrations.when_imported`) registers right after that module
+is executed, before any model can ask for the name. transformers itself is never imported by
+``import aigc_ext``. Call :func:`register` for another name.
 
 :func:`register` adds :func:`attention_forward` to ``transformers.AttentionInterface`` and
 transformers' SDPA mask builder (``masking_utils.sdpa_mask``) to ``AttentionMaskInterface``
@@ -22,12 +26,13 @@ fused kernel does not implement, tanh soft-capping of the scores (``softcap``, G
 attention sinks (``s_aux``), run on a pure-PyTorch path with a one-time warning naming the
 feature.
 
-This module imports transformers only inside :func:`register`.
+This module imports transformers only inside :func:`register` (and the hook it installs).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -35,7 +40,7 @@ import torch
 from aigc_ext.api import scaled_dot_product_attention
 from aigc_ext.dispatch import REFERENCE, BackendError, current_backend_override
 
-__all__ = ["DEFAULT_NAME", "attention_forward", "register"]
+__all__ = ["DEFAULT_NAME", "attention_forward", "register", "register_when_imported"]
 
 DEFAULT_NAME = "aigc_ext"
 
@@ -66,6 +71,33 @@ def register(name: str = DEFAULT_NAME) -> str:
     AttentionMaskInterface.register(name, sdpa_mask)
     _names_with_masks.add(name)
     return name
+
+
+_MODELING = "transformers.modeling_utils"  # AttentionInterface
+_MASKING = "transformers.masking_utils"  # AttentionMaskInterface, sdpa_mask
+
+
+def register_when_imported(name: str = DEFAULT_NAME) -> None:
+    """Registers ``name`` (see :func:`register`) as soon as transformers' modeling code is
+    loaded: now if it is, else right after ``transformers.modeling_utils`` is imported, whatever
+    imports it. Imports nothing itself; ``import aigc_ext`` calls it."""
+    from aigc_ext.integrations import when_imported
+
+    def hook(module) -> None:
+        modeling = sys.modules.get(_MODELING)
+        if modeling is None or (modeling is not module and _still_executing(modeling)):
+            return  # registered when modeling_utils finishes
+        masking = sys.modules.get(_MASKING)
+        if masking is not None and masking is not module and _still_executing(masking):
+            return  # registered when masking_utils finishes
+        register(name)  # imports masking_utils if nobody has yet
+
+    when_imported(_MODELING, hook)
+    when_imported(_MASKING, hook)
+
+
+def _still_executing(module) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def attention_forward(

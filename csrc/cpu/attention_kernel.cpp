@@ -138,6 +138,20 @@ constexpr A neg_inf() {
   return -std::numeric_limits<A>::infinity();
 }
 
+// max(a, b), NaN when either is: a NaN score must reach its row's output, as in torch's softmax
+// (std::max(a, NaN) is a, which would drop it).
+template <typename A>
+inline A max_nan(A a, A b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// A running maximum m beyond this magnitude is subtracted exactly: the fused exponential
+// passes compute s * scale - m with one FMA, which differs from fl(s * scale) - m by up to
+// about |m| * eps; below the bound that is a few hundredths (a common factor, cancelled by the
+// normalisation), far above it the exponentials overflow or underflow. 2^17 for fp32.
+template <typename A>
+constexpr A kExactShift = A(1) / (64 * std::numeric_limits<A>::epsilon());
+
 // ------------------------------------------------------------------------------------------
 // GEMM layer
 // ------------------------------------------------------------------------------------------
@@ -633,25 +647,35 @@ class Gemm {
 // Row operations of the online softmax (vectorised over keys)
 // ------------------------------------------------------------------------------------------
 
+// The maximum of s[0, n): NaN if any s[i] is NaN, -inf for n = 0 or a row of -inf (all hidden).
+// A NaN maximum keeps a row whose other scores are all masked from being skipped as empty.
 template <typename A>
 inline A row_max(const A* s, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
     // Four independent maxima: one chain would wait out vmaxps's latency at every vector.
-    // NaN is not carried here; it still reaches the output through the exponential.
+    // vmaxps drops NaN, so NaN is tracked beside it: an unordered compare is true where either
+    // operand is NaN, one compare for two vectors.
     const __m512 lowest = _mm512_set1_ps(neg_inf<float>());
     __m512 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+    __mmask16 nan = 0;
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
-      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + i));
-      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + i + 16));
-      m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + i + 32));
-      m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + i + 48));
+      const __m512 x0 = _mm512_loadu_ps(s + i), x1 = _mm512_loadu_ps(s + i + 16);
+      const __m512 x2 = _mm512_loadu_ps(s + i + 32), x3 = _mm512_loadu_ps(s + i + 48);
+      m0 = _mm512_max_ps(m0, x0);
+      m1 = _mm512_max_ps(m1, x1);
+      m2 = _mm512_max_ps(m2, x2);
+      m3 = _mm512_max_ps(m3, x3);
+      nan |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x2, x3, _CMP_UNORD_Q);
     }
     for (; i < n; i += 16) {
       const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
-      m0 = _mm512_mask_max_ps(m0, k, m0, _mm512_maskz_loadu_ps(k, s + i));
+      const __m512 x = _mm512_maskz_loadu_ps(k, s + i);
+      m0 = _mm512_mask_max_ps(m0, k, m0, x);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     }
+    if (nan) return std::numeric_limits<float>::quiet_NaN();
     return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
   }
 #endif
@@ -665,7 +689,7 @@ inline A row_max(const A* s, int64_t n) {
     }
     m = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
   }
-  for (; i < n; ++i) m = std::max(m, s[i]);
+  for (; i < n; ++i) m = max_nan(m, s[i]);
   return m;
 }
 
@@ -776,11 +800,17 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
 }
 #endif
 
+// exp(x), NaN for NaN x.
 template <typename A>
 inline Vectorized<A> vexp(const Vectorized<A>& x) {
   if constexpr (std::is_same_v<A, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     return Vectorized<float>(exp_avx512(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // ATen's AVX2 exp_u20 clamps its input with vminps, which turns NaN into e^88.7: put NaN
+    // back (unordered compare and blend, two instructions).
+    const __m256 v = x;
+    return Vectorized<float>(_mm256_blendv_ps(x.exp_u20(), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 #else
     return x.exp_u20();
 #endif
@@ -868,6 +898,35 @@ inline void row_scale(A* s, int64_t n, A f) {
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(s + i) * vf).store(s + i);
   for (; i < n; ++i) s[i] *= f;
+}
+
+// Before exp(s * scale - shift) over s[0, n) with a huge shift (|shift| > kExactShift, see
+// there): scales s in place and sets scale to 1, so that the exponent is fl(s * scale) - shift,
+// which is <= 0 when shift is the maximum of the scaled scores (rounding is monotonic).
+template <typename A>
+inline void exact_scores(A* s, int64_t n, A shift, A& scale) {
+  if (std::abs(shift) > kExactShift<A> && scale != A(1)) {
+    row_scale(s, n, scale);
+    scale = 1;
+  }
+}
+
+// One block of the online softmax for a row with state (m, l) and accumulator acc (Ev):
+// m_new = max(m, max(s * scale)), acc and l scaled by exp(m - m_new), s[0, valid) replaced by
+// exp(s * scale - m_new) and their sum added to l. Returns false, state unchanged, when no score
+// is visible (all -inf). A NaN score makes m_new, hence l and the row's output, NaN; scale > 0.
+template <typename A>
+inline bool online_softmax_block(A* s, int64_t valid, A scale, A& m, A& l, A* acc, int64_t Ev) {
+  const A bmax = valid > 0 ? row_max(s, valid) * scale : neg_inf<A>();
+  const A m_new = max_nan(m, bmax);
+  if (m_new == neg_inf<A>()) return false;
+  const A alpha = std::exp(m - m_new);
+  exact_scores(s, valid, m_new, scale);
+  const A sum = row_exp_sum(s, valid, scale, m_new);
+  if (alpha != A(1)) row_scale(acc, Ev, alpha);
+  l = l * alpha + sum;
+  m = m_new;
+  return true;
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -1160,8 +1219,7 @@ void decode_impl(const AttentionForwardParams& p) {
       const int64_t bhk = r / G, g = r % G;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
       A mx = neg_inf<A>();
-      for (int64_t sp = 0; sp < splits; ++sp)
-        mx = std::max(mx, part_m[(bhk * splits + sp) * G + g]);
+      for (int64_t sp = 0; sp < splits; ++sp) mx = max_nan(mx, part_m[(bhk * splits + sp) * G + g]);
       T* o = out + ((b * Hq + h) * L + i) * Ev;
       A* lse_out = lse + (b * Hq + h) * L + i;
       if (mx == neg_inf<A>()) {
@@ -1264,18 +1322,11 @@ void decode_impl(const AttentionForwardParams& p) {
                 p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
             eff_scale = 1;
           }
-          const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
-          const A m_new = std::max(m[g], bmax);
-          if (m_new == neg_inf<A>()) {
-            std::fill(s, s + nb, A(0));
-            continue;
+          if (online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
+            std::fill(s + valid, s + nb, A(0));
+          } else {
+            std::fill(s, s + nb, A(0));  // nothing visible: P = 0, state unchanged
           }
-          const A alpha = std::exp(m[g] - m_new);
-          const A sum = row_exp_sum(s, valid, eff_scale, m_new);
-          std::fill(s + valid, s + nb, A(0));
-          if (alpha != A(1)) row_scale(acc + g * Ev, Ev, alpha);
-          l[g] = l[g] * alpha + sum;
-          m[g] = m_new;
         }
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
@@ -1420,33 +1471,42 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                 if (visible) m[ri] = bmax;
               }
               if (visible) {
-                float xmax;
-                sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
-                if (xmax > kLazyMax) {
-                  const A m_new = m[ri] + xmax;
-                  const A alpha = std::exp(m[ri] - m_new);
-                  sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
-                  row_scale(acc_row, Ev, alpha);
-                  l[ri] *= alpha;
-                  m[ri] = m_new;
+                // A NaN m (NaN among the first visible scores) makes every exponential, hence l
+                // and the row's output, NaN; NaN scores in later blocks make their sum NaN.
+                // Huge maxima (|m| > kExactShift) take the non-lazy update instead, which
+                // subtracts them exactly; +inf scores end there too, as an infinite maximum
+                // whose inf - inf makes the row NaN, as in torch's softmax.
+                bool lazy = !(std::abs(m[ri]) > kExactShift<A>);
+                if (lazy) {
+                  float xmax;
+                  sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
+                  if (xmax > kLazyMax) {
+                    const A m_new = m[ri] + xmax;
+                    lazy = !(std::abs(m_new) > kExactShift<A>);
+                    if (lazy) {
+                      const A alpha = std::exp(m[ri] - m_new);
+                      sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
+                      row_scale(acc_row, Ev, alpha);
+                      l[ri] *= alpha;
+                      m[ri] = m_new;
+                    }
+                  }
                 }
-                l[ri] += sum;
+                if (lazy) {
+                  l[ri] += sum;
+                } else {
+                  online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
+                  convert_row(s, pr, valid);
+                }
                 std::fill(pr + valid, pr + bn_q_even, T(0));
               } else {
                 std::fill(pr, pr + bn_q_even, T(0));  // nothing visible: P = 0, state unchanged
               }
             } else {
-              const A bmax = valid > 0 ? row_max(s, valid) * eff_scale : neg_inf<A>();
-              const A m_new = std::max(m[ri], bmax);
-              if (m_new == neg_inf<A>()) {
-                std::fill(s, s + bn_q_even, A(0));  // nothing visible: P = 0, state unchanged
-              } else {
-                const A alpha = std::exp(m[ri] - m_new);
-                const A sum = row_exp_sum(s, valid, eff_scale, m_new);
+              if (online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev)) {
                 std::fill(s + valid, s + bn_q_even, A(0));
-                if (alpha != A(1)) row_scale(acc_row, Ev, alpha);
-                l[ri] = l[ri] * alpha + sum;
-                m[ri] = m_new;
+              } else {
+                std::fill(s, s + bn_q_even, A(0));  // nothing visible: P = 0, state unchanged
               }
             }
           }
@@ -1467,7 +1527,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
         const int64_t ri = i - r0;
         A* acc_row = acc + ri * ev_pad;
         T* o = out + ((b * Hq + h) * L + i) * Ev;
-        if (l[ri] > A(0)) {
+        if (l[ri] > A(0) || std::isnan(l[ri])) {  // a NaN l gives a NaN row and lse
           scale_convert_row(acc_row, Ev, A(1) / l[ri], o);
           lse[(b * Hq + h) * L + i] = m[ri] + std::log(l[ri]);
         } else {
@@ -1602,6 +1662,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
                   apply_mask_row<T, A>(s, valid, scale, p, mask_ptr(p, mesize, b, h, i, n0));
                   eff_scale = 1;
                 }
+                // A NaN lse (a row with NaN scores) gives NaN probabilities, as torch's softmax.
+                exact_scores(s, valid, lse_h[i], eff_scale);
                 row_exp_sum(s, valid, eff_scale, lse_h[i]);
                 std::fill(s + valid, s + bn_even, A(0));
               }
