@@ -86,6 +86,9 @@ class RunConfig:
     min_lr_ratio: float = 0.1
     clip_grad_norm: float | None = 1.0
     precision: str = "fp32"
+    # bf16 on a CPU without bf16 matmul hardware trains in fp32 (with a warning) unless this is
+    # set: torch's bf16 matmuls there run at well under 1 GFLOP/s.
+    force_precision: bool = False
     eval_every: int | None = None
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -171,6 +174,7 @@ _RUN_RULES: dict[str, dict] = {
     "min_lr_ratio": _rule("float", lambda v: 0 <= v <= 1, "in [0, 1]"),
     "clip_grad_norm": _rule("float", lambda v: v >= 0, "> 0 (0 or absent: no clipping)", True),
     "precision": _rule("choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+    "force_precision": _rule("bool", allowed="true or false"),
     "eval_every": _rule("int", lambda v: v >= 0, ">= 1 (0 or absent: only at the end)", True),
     "save_every": _rule("int", lambda v: v >= 0, ">= 1 (0 or absent: only at the end)", True),
     "keep_checkpoints": _rule("int", lambda v: v >= 1, ">= 1"),
@@ -212,6 +216,10 @@ def _check_run_value(key: str, value: Any) -> Any:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
         return str(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
     elif kind == "choice" and not isinstance(value, str):
         raise ConfigError(f"{where} must be one of {rule['allowed']}, got {value!r}")
     if rule["test"] is not None and not rule["test"](value):

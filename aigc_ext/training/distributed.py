@@ -10,6 +10,8 @@ already did, and :meth:`DistContext.close` leaves it again (only if it joined it
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -183,3 +185,38 @@ def check_backend_override(device: torch.device | None = None) -> None:
         raise ConfigError(
             f"{where}: the backend runs on {', '.join(info.devices)}, the run on {device.type}"
         )
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX-BF16 on x86).
+
+    Read from ``/proc/cpuinfo``; where that is not readable (not Linux), or on a CPU that is not
+    x86, the answer is True: only a CPU known to lack the instructions is second-guessed.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return True
+
+
+def effective_precision(precision: str, device: torch.device, force: bool = False) -> str:
+    """The precision a run trains in: ``precision``, except that ``bf16`` on a CPU without bf16
+    matmul hardware becomes ``fp32`` (with a warning) unless ``force`` (``run.force_precision``).
+
+    On such CPUs torch computes bf16 matmuls at about 0.3 GFLOP/s, so a bf16 autocast step of a
+    small GPT-2 takes minutes where fp32 takes a second.
+    """
+    if precision != "bf16" or device.type != "cpu" or force or cpu_has_bf16_matmul():
+        return precision
+    logging.getLogger("aigc_ext.training").warning(
+        "run.precision 'bf16': this CPU has no bf16 matmul hardware (no AVX512_BF16 or "
+        "AMX-BF16), where torch's bf16 matmuls are hundreds of times slower than fp32; training "
+        "in fp32 instead (set run.force_precision = true to keep bf16)"
+    )
+    return "fp32"

@@ -105,6 +105,7 @@ class _Run:
         self.cfg = cfg
         self.rc = cfg.run
         self.resume = resume
+        self.precision = self.rc.precision  # what autocast uses; see execute()
         self.output_dir = Path(self.rc.output_dir)
         self.ckpt_root = self.output_dir / ckpt.CHECKPOINTS
         self.metrics_writer: outputs.MetricsWriter | None = None
@@ -127,6 +128,9 @@ class _Run:
         self.t_start = time.perf_counter()
         world, _, local = distributed.env_world()
         self.device = resolve_device(self.rc.device, self.rc.precision, local, world)
+        self.precision = distributed.effective_precision(
+            self.rc.precision, self.device, self.rc.force_precision
+        )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dist = distributed.setup(self.device)
@@ -145,9 +149,9 @@ class _Run:
             self.dist.close()
 
     def _autocast(self):
-        if self.rc.precision == "fp32":
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.rc.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _trainable_signature(self) -> tuple[bool, ...]:
@@ -266,7 +270,7 @@ class _Run:
             rc.grad_accum,
             dist.world_size,
             self.device,
-            rc.precision,
+            self.precision,
             self.output_dir,
         )
         if resumed_from is not None:
