@@ -26,17 +26,24 @@ def _scores(
     scale: float,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Scaled, masked scores (..., L, S) in ``compute_dtype``; -inf where a key is hidden."""
+    """Scaled, masked scores (..., L, S) in ``compute_dtype``.
+
+    ``attn_mask`` is added, a bool one as 0 where True and -inf where False, as torch does: a
+    NaN score at a masked key stays NaN (NaN + -inf) and so makes its row NaN. Causally hidden
+    keys are then set to -inf whatever their score or mask, so they take no part in the row,
+    as in torch's flash kernel and the fused backends, which never read them.
+    """
     s = torch.matmul(query.to(compute_dtype), key.to(compute_dtype).transpose(-2, -1)) * scale
     length, kv_length = s.shape[-2], s.shape[-1]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros_like(attn_mask, dtype=compute_dtype)
+            s = s + bias.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(compute_dtype)
     if is_causal:
         hidden = torch.ones(length, kv_length, dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(hidden, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            s = s.masked_fill(~attn_mask, float("-inf"))
-        else:
-            s = s + attn_mask.to(compute_dtype)
     return s
 
 

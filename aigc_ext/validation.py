@@ -1,8 +1,16 @@
 """Argument checking for ``scaled_dot_product_attention``, shared by every backend.
 
-Bad input gets a ``ValueError`` (``TypeError`` for an argument of the wrong type: a non-tensor,
-an ``is_causal`` that is not a bool, a ``scale`` torch would not take as a float) whose message
-names the argument and the shapes involved, before any kernel runs.
+Bad input gets an :class:`AttentionArgumentError` (``TypeError`` for an argument of the wrong
+type: a non-tensor, an ``is_causal`` that is not a bool, a ``scale`` torch would not take as a
+float) whose message names the argument and the shapes involved, before any kernel runs. That
+class is a ``ValueError`` and also a ``RuntimeError``, the class torch's own function raises for
+the same calls; ``enable_gqa`` with a tensor of fewer than 3 dims is also an ``IndexError``, as
+in torch.
+
+Shapes follow torch's math path: the batch dims (all but the last two) of query, key and value
+broadcast together, across ranks too; under ``enable_gqa`` the key/value dim -3 counts as
+repeated to the query's dim -3 first. A call whose value is empty or whose query has no rows
+yields torch's result without a kernel: zeros of shape ``query.shape[:-1] + (Ev,)``.
 """
 
 from __future__ import annotations
@@ -13,9 +21,37 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "AttentionCall", "ScaleOverflowError", "validate_sdpa_args"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "AttentionArgumentError",
+    "AttentionCall",
+    "AttentionDimError",
+    "ScaleOverflowError",
+    "validate_sdpa_args",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# AttentionCall.prepare: what the API does before a backend sees the call (see aigc_ext.layout).
+DIRECT = ""  # the tensors go to the backend as they are
+BROADCAST = "broadcast"  # views of q, k, v expanded to the output's batch dims first
+ZEROS = "zeros"  # an empty value or query: torch's zeros, no backend
+ZERO_HEAD_DIM = "zero-head-dim"  # E = 0: every score is 0 (q and k padded to one zero column)
+
+
+class AttentionArgumentError(ValueError, RuntimeError):
+    """Invalid arguments to :func:`aigc_ext.scaled_dot_product_attention`.
+
+    A ``ValueError``, and a ``RuntimeError`` as torch's ``scaled_dot_product_attention`` raises
+    for the same calls, so that code written against either catches it.
+    """
+
+
+class AttentionDimError(AttentionArgumentError, IndexError):
+    """``enable_gqa`` with a query, key or value of fewer than 3 dims (no head dim -3).
+
+    Also an ``IndexError``, which torch raises there (its math path reads ``size(-3)``).
+    """
 
 
 @dataclass(frozen=True)
@@ -24,13 +60,14 @@ class AttentionCall:
 
     device_type: str
     dtype: torch.dtype
-    batch_shape: tuple[int, ...]  # leading dims of the query, heads last (may be empty)
-    heads_q: int
-    heads_kv: int
+    batch_shape: tuple[int, ...]  # leading dims of the output, heads last (may be empty)
+    heads_q: int  # batch_shape[-1] (1 if empty): the heads of the operator layout
+    heads_kv: int  # key/value heads of the operator layout (heads_q, a divisor, or 1)
     len_q: int
     len_kv: int
     head_dim: int
     head_dim_v: int
+    prepare: str  # DIRECT, BROADCAST, ZEROS or ZERO_HEAD_DIM
     has_mask: bool
     mask_dtype: torch.dtype | None
     mask_requires_grad: bool
@@ -139,6 +176,81 @@ def _is_numpy_real(value: object) -> bool:
     return type(value).__module__ == "numpy" and isinstance(value, numbers.Real)
 
 
+def _error(cls: type[Exception], what: str, query, key, value) -> Exception:
+    return cls(f"scaled_dot_product_attention: {what}; got {_qkv(query, key, value)}")
+
+
+def _gqa_lead(lead: tuple[int, ...], heads_q: int) -> tuple[int, ...]:
+    """Key/value batch dims after torch's ``enable_gqa`` repeat of dim -3 to ``heads_q``."""
+    return lead if lead[-1] == heads_q else (*lead[:-1], heads_q)
+
+
+def _batch_shapes(query, key, value, enable_gqa: bool) -> tuple[tuple, tuple, int]:
+    """``(score_lead, out_lead, heads_kv)`` of a call whose q, k, v batch dims differ.
+
+    ``score_lead`` are the batch dims of the scores (query's and key's broadcast), ``out_lead``
+    those of the output (value's broadcast in too); ``heads_kv`` is the key/value head count
+    of the operator layout: the key's and value's own when they agree (1 broadcasts, and under
+    ``enable_gqa`` a divisor of the query heads is grouped), else ``out_lead[-1]``.
+    """
+    lead_q, lead_k, lead_v = (tuple(t.shape[:-2]) for t in (query, key, value))
+    eff_k, eff_v = lead_k, lead_v
+    if enable_gqa:  # ranks >= 3 and divisibility are checked by the caller
+        eff_k, eff_v = _gqa_lead(lead_k, lead_q[-1]), _gqa_lead(lead_v, lead_q[-1])
+    score_lead = _broadcast(lead_q, eff_k)
+    if score_lead is None:
+        if not enable_gqa and lead_q and lead_k and 1 != lead_q[-1] != lead_k[-1] != 1:
+            raise _error(
+                AttentionArgumentError,
+                "query and key/value head counts (dim -3) differ; pass enable_gqa=True for "
+                "grouped-query attention",
+                query,
+                key,
+                value,
+            )
+        raise _error(
+            AttentionArgumentError,
+            "batch dims (all but the last 2) of query and key do not broadcast",
+            query,
+            key,
+            value,
+        )
+    out_lead = _broadcast(score_lead, eff_v)
+    if out_lead is None:
+        raise _error(
+            AttentionArgumentError,
+            "batch dims (all but the last 2) of value do not broadcast with those of query and key",
+            query,
+            key,
+            value,
+        )
+    heads = out_lead[-1] if out_lead else 1
+    heads_k = lead_k[-1] if lead_k else 1
+    heads_v = lead_v[-1] if lead_v else 1
+    return score_lead, out_lead, heads_k if heads_k == heads_v else heads
+
+
+def _check_gqa(query, key, value) -> None:
+    """``enable_gqa``: torch's math path reads dim -3 of all three and repeats key/value heads."""
+    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+        raise _error(
+            AttentionDimError,
+            "enable_gqa needs query, key and value of at least 3 dims (heads at dim -3)",
+            query,
+            key,
+            value,
+        )
+    heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    if heads_k == 0 or heads_v == 0 or heads_q % heads_k or heads_q % heads_v:
+        raise _error(
+            AttentionArgumentError,
+            "with enable_gqa, query heads (dim -3) must be a multiple of key and of value heads",
+            query,
+            key,
+            value,
+        )
+
+
 def validate_sdpa_args(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -152,13 +264,15 @@ def validate_sdpa_args(
     """Checks the arguments of ``scaled_dot_product_attention`` and describes the call.
 
     This runs on every attention call, so each tensor's shape, dtype and device is read once
-    into a local; the checks (and so which error a bad call gets) keep their order.
+    into a local, and calls whose q, k and v have the same batch dims (the common case) skip
+    the broadcasting. As in torch, dtypes, devices and the mask dtype are checked before an
+    empty call (no query rows or an empty value) is let through with zeros.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scaled_dot_product_attention: {name} must be a Tensor, got {type(t)}")
         if t.dim() < 2:
-            raise ValueError(
+            raise AttentionArgumentError(
                 f"scaled_dot_product_attention: {name} must have at least 2 dims (..., seq, dim); "
                 f"got shape {_shape(t)}"
             )
@@ -166,67 +280,21 @@ def validate_sdpa_args(
     q_shape, k_shape, v_shape = tuple(query.shape), tuple(key.shape), tuple(value.shape)
     dtype = query.dtype
     if not (dtype == key.dtype == value.dtype):
-        raise ValueError(
+        raise AttentionArgumentError(
             "scaled_dot_product_attention: query, key and value must have the same dtype; got "
             f"{dtype}, {key.dtype}, {value.dtype} ({_qkv(query, key, value)})"
         )
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
+        raise AttentionArgumentError(
             f"scaled_dot_product_attention: query, key and value have unsupported dtype "
             f"{dtype}; expected one of {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
             f"({_qkv(query, key, value)})"
         )
     device = query.device
     if not (device == key.device == value.device):
-        raise ValueError(
+        raise AttentionArgumentError(
             "scaled_dot_product_attention: query, key and value must be on the same device; got "
             f"{device}, {key.device}, {value.device} ({_qkv(query, key, value)})"
-        )
-    rank = len(q_shape)
-    if not (rank == len(k_shape) == len(v_shape)):
-        raise ValueError(
-            f"scaled_dot_product_attention: query, key and value must have the same rank; got {_qkv(query, key, value)}"
-        )
-    head_dim = q_shape[-1]
-    if k_shape[-1] != head_dim:
-        raise ValueError(
-            f"scaled_dot_product_attention: query and key head dims differ (last dim); got {_qkv(query, key, value)}"
-        )
-    if head_dim == 0:
-        raise ValueError(
-            f"scaled_dot_product_attention: head dim of query and key is 0; got {_qkv(query, key, value)}"
-        )
-    # Equal shapes (the common case) agree on every dim: no need to slice them.
-    if k_shape != v_shape and k_shape[:-1] != v_shape[:-1]:
-        raise ValueError(
-            "scaled_dot_product_attention: key and value must agree on every dim but the last; "
-            f"got {_qkv(query, key, value)}"
-        )
-    heads_q = q_shape[-3] if rank >= 3 else 1
-    heads_kv = k_shape[-3] if rank >= 3 else 1
-    if heads_q != heads_kv:
-        if enable_gqa:
-            if heads_kv == 0 or heads_q % heads_kv != 0:
-                raise ValueError(
-                    "scaled_dot_product_attention: with enable_gqa, query heads (dim -3) must be a "
-                    f"multiple of key/value heads; got {_qkv(query, key, value)}"
-                )
-        elif heads_kv != 1:
-            raise ValueError(
-                "scaled_dot_product_attention: query and key/value head counts (dim -3) differ; "
-                f"pass enable_gqa=True for grouped-query attention; got {_qkv(query, key, value)}"
-            )
-    if rank >= 3:
-        lead_q, lead_k = q_shape[:-3], k_shape[:-3]
-        # Equal batch dims (the common case) broadcast trivially.
-        if lead_q != lead_k and _broadcast(lead_q, lead_k) != lead_q:
-            raise ValueError(
-                "scaled_dot_product_attention: batch dims of key/value must match or broadcast to "
-                f"those of query; got {_qkv(query, key, value)}"
-            )
-    if rank == 3 and k_shape[0] not in (1, q_shape[0]):
-        raise ValueError(
-            f"scaled_dot_product_attention: batch dims of query and key/value differ; got {_qkv(query, key, value)}"
         )
     mask_dtype = None
     mask_requires_grad = False
@@ -237,24 +305,65 @@ def validate_sdpa_args(
             )
         mask_dtype = attn_mask.dtype
         if mask_dtype not in (torch.bool, dtype, torch.float32):
-            raise ValueError(
+            raise AttentionArgumentError(
                 "scaled_dot_product_attention: attn_mask must be bool, float32 or the query dtype "
                 f"({dtype}); got {mask_dtype} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
             )
         if attn_mask.device != device:
-            raise ValueError(
+            raise AttentionArgumentError(
                 f"scaled_dot_product_attention: attn_mask is on {attn_mask.device}, query on "
                 f"{device} (attn_mask {_shape(attn_mask)}, {_qkv(query, key, value)})"
             )
-        target = (*q_shape[:-1], k_shape[-2])
-        mask_shape = attn_mask.shape
-        # A mask of the full score shape broadcasts trivially.
-        if mask_shape != target and _broadcast(mask_shape, target) != target:
-            raise ValueError(
-                f"scaled_dot_product_attention: attn_mask of shape {_shape(attn_mask)} does not "
-                f"broadcast to the score shape {target} (query {_shape(query)}, key {_shape(key)})"
-            )
         mask_requires_grad = attn_mask.requires_grad
+    head_dim = q_shape[-1]
+    lead_q = q_shape[:-2]
+    if q_shape[-2] == 0 or 0 in v_shape:
+        # torch returns zeros of this shape before it looks at any other shape.
+        prepare, batch_shape, heads_kv = ZEROS, lead_q, k_shape[-3] if len(k_shape) > 2 else 1
+    else:
+        if enable_gqa:  # torch repeats the key/value heads before it multiplies
+            _check_gqa(query, key, value)
+        if k_shape[-1] != head_dim:
+            raise _error(
+                AttentionArgumentError,
+                "query and key head dims differ (last dim)",
+                query,
+                key,
+                value,
+            )
+        if v_shape[-2] != k_shape[-2]:
+            raise _error(
+                AttentionArgumentError,
+                "key and value sequence lengths (dim -2) differ",
+                query,
+                key,
+                value,
+            )
+        score_lead = lead_q
+        if lead_q == k_shape[:-2] == v_shape[:-2]:  # the common case: nothing broadcasts
+            prepare, batch_shape = DIRECT, lead_q
+            heads_kv = lead_q[-1] if lead_q else 1
+        else:
+            score_lead, batch_shape, heads_kv = _batch_shapes(query, key, value, enable_gqa)
+            same_form = (
+                batch_shape == lead_q
+                and len(k_shape) == len(q_shape)
+                and k_shape[:-1] == v_shape[:-1]
+            )  # key/value batch dims broadcast to the query's: every backend takes them as they are
+            prepare = DIRECT if same_form else BROADCAST
+            if same_form:
+                heads_kv = k_shape[-3] if len(k_shape) > 2 else 1
+        if attn_mask is not None:
+            target = (*score_lead, q_shape[-2], k_shape[-2])
+            mask_shape = tuple(attn_mask.shape)
+            # A mask of the full score shape broadcasts trivially.
+            if mask_shape != target and _broadcast(mask_shape, target) != target:
+                raise AttentionArgumentError(
+                    f"scaled_dot_product_attention: attn_mask of shape {_shape(attn_mask)} does not "
+                    f"broadcast to the score shape {target} (query {_shape(query)}, key {_shape(key)})"
+                )
+        if head_dim == 0:
+            prepare = ZERO_HEAD_DIM
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1]; got {dropout_p}"
@@ -263,17 +372,21 @@ def validate_sdpa_args(
         raise TypeError(
             f"scaled_dot_product_attention: is_causal must be bool, not {type(is_causal).__name__}"
         )
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else _scale_value(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else math.inf
+    else:
+        scale = _scale_value(scale)
     return _describe(
         device,  # its type is the device_type
         dtype,
-        q_shape[:-2],  # batch_shape
-        heads_q,
+        batch_shape,
+        batch_shape[-1] if batch_shape else 1,  # heads_q
         heads_kv,
         q_shape[-2],  # len_q
         k_shape[-2],  # len_kv
         head_dim,
         v_shape[-1],  # head_dim_v
+        prepare,
         attn_mask is not None,  # has_mask
         mask_dtype,
         mask_requires_grad,

@@ -40,11 +40,11 @@ BAD_CALLS = [
     ("key-1d", (t(4, 8), t(8), t(5, 8)), {}, ValueError, r"key .*2 dims.*" + shape_str(8)),
     ("value-0d", (t(4, 8), t(5, 8), torch.tensor(1.0)), {}, ValueError, r"value .*2 dims.*\(\)"),
     (
-        "rank-mismatch",
-        (t(2, 3, 4, 8), t(3, 5, 8), t(3, 5, 8)),
+        "rank-mismatch-heads",
+        (t(2, 3, 4, 8), t(4, 5, 8), t(4, 5, 8)),
         {},
         ValueError,
-        r"same rank.*query \(2, 3, 4, 8\), key \(3, 5, 8\), value \(3, 5, 8\)",
+        r"head counts.*query \(2, 3, 4, 8\), key \(4, 5, 8\), value \(4, 5, 8\)",
     ),
     (
         "batch-mismatch",
@@ -89,13 +89,6 @@ BAD_CALLS = [
         r"head dims.*query \(2, 3, 4, 8\), key \(2, 3, 5, 7\)",
     ),
     (
-        "head-dim-0",
-        (t(2, 3, 4, 0), t(2, 3, 5, 0), t(2, 3, 5, 8)),
-        {},
-        ValueError,
-        r"head dim.*0.*query \(2, 3, 4, 0\), key \(2, 3, 5, 0\)",
-    ),
-    (
         "key-value-seq-mismatch",
         (t(2, 3, 4, 8), t(2, 3, 5, 8), t(2, 3, 6, 8)),
         {},
@@ -103,11 +96,11 @@ BAD_CALLS = [
         r"key and value.*key \(2, 3, 5, 8\), value \(2, 3, 6, 8\)",
     ),
     (
-        "key-value-heads-mismatch",
-        (t(2, 4, 4, 8), t(2, 2, 5, 8), t(2, 4, 5, 8)),
+        "key-value-heads-not-dividing",
+        (t(2, 4, 4, 8), t(2, 2, 5, 8), t(2, 3, 5, 8)),
         {"enable_gqa": True},
         ValueError,
-        r"key and value.*key \(2, 2, 5, 8\), value \(2, 4, 5, 8\)",
+        r"enable_gqa.*multiple.*key \(2, 2, 5, 8\), value \(2, 3, 5, 8\)",
     ),
     (
         "dtype-mismatch",
@@ -418,6 +411,10 @@ def test_fuzz_against_reference(backend, call):
     except (ValueError, RuntimeError) as exc:
         assert str(exc), "an error without a message"
         assert not isinstance(exc, aigc_ext.BackendError), exc
+        return
+    if c["lq"] == 0 or v.numel() == 0:  # torch's zeros, whatever the other shapes (even invalid)
+        assert ours.out.shape == (*q.shape[:-1], v.shape[-1]) and not ours.out.any()
+        assert not any(g.any() for g in ours.grads)
         return
     ref = run_reference64(q, k, v, grad_out=grad_out, **kwargs)
     base = run_torch(q, k, v, grad_out=grad_out, **kwargs)

@@ -2,11 +2,14 @@
 
 The rule is that of torch's math backend (``sdpa_kernel(SDPBackend.MATH)``): a row whose scores
 contain NaN, or +inf (its softmax then computes inf - inf), is NaN in every column; a NaN value
-makes its column NaN. Keys hidden by a bool mask or by causal masking take no part in a row,
-as in torch's fused CPU kernel and our float64 reference: torch's math backend adds -inf to their
-scores, so a NaN there still reaches the row; those cases are checked against the reference.
-Rows with no visible key are zeros, with zero gradients. Finite scores of any size give finite
-results wherever the float64 reference is finite.
+makes its column NaN. Masks are added to the scores, a bool mask as 0 / -inf, so a NaN score at
+a key hidden by a bool or float mask still makes its row NaN, as in torch's math backend and
+its fused CPU kernel. Keys hidden by causal masking take no part in a row, as in torch's flash
+kernel (``SDPBackend.FLASH_ATTENTION``), which does not read them either; torch's math backend
+adds -inf there and so carries their NaN: those cases are checked against torch's flash kernel
+and torch's math over each row's visible keys. Rows with no visible key (and no NaN among the
+hidden ones) are zeros, with zero gradients. Finite scores of any size give finite results
+wherever the float64 reference is finite. The ``reference`` backend follows the same rules.
 
 Every case runs on each compiled instruction set of the kernel (and the bf16/fp16 GEMMs with and
 without torch's brgemm), on the decode path (L <= 16) and the tiled forward, with one or several
@@ -57,14 +60,11 @@ def _ids(value):
     return None
 
 
-pytestmark = pytest.mark.skipif(
-    "cpu" not in fused_backends("cpu"), reason="the cpu backend (C++ kernel) is not available"
-)
-
-
 @pytest.fixture(params=KERNELS, ids=[f"{i}-brgemm{int(b)}" for i, b in KERNELS])
 def kernel(request) -> Iterator[tuple[str, bool]]:
     """Runs the test with one CPU kernel configuration; restores the automatic one after."""
+    if "cpu" not in fused_backends("cpu"):
+        pytest.skip("the cpu backend (C++ kernel) is not available")
     isa, use_brgemm = request.param
     if not cpu_isa_supported(isa):
         pytest.skip(f"CPU ISA {isa} not compiled in or not supported here")
@@ -110,7 +110,7 @@ def torch_math(q, k, v, grad_out=None, **kwargs):
 
 
 def reference64(q, k, v, grad_out=None, attn_mask=None, **kwargs):
-    """Our float64 reference on the same inputs (masked keys take no part)."""
+    """Our float64 reference on the same inputs (masks added, causally hidden keys no part)."""
     q, k, v = (t.double() for t in (q, k, v))
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.double()
@@ -201,35 +201,225 @@ def test_nonfinite_forward(kernel, monkeypatch, dtype, where):
         assert_same_nonfinite(f"L={lq} S={lkv} out", got, want, ref, TOL[dtype])
 
 
+# ---------------------------------------------------------------------------------------------
+# Non-finite scores at hidden keys: masks are added (they reach the row), causal keys are not read
+# ---------------------------------------------------------------------------------------------
+
+# (L, S, key block size or None): decode rows, tiled forward with one and several key blocks,
+# several decode key splits.
+HIDDEN_SHAPES = [(8, 8, None), (20, 33, None), (70, 300, None), (70, 300, 64), (2, 1100, None)]
+
+
+def _hidden_key_mask(kind, lq, lkv, j, dtype):
+    """A bool or float (lq, lkv) mask hiding key j from every row and every key from row 2,
+    with row 5 seeing key j only where the mask is bool (a float mask keeps -inf there too)."""
+    keep = torch.rand(lq, lkv, generator=generator(lkv)) < 0.8
+    keep[:, j] = False
+    keep[min(2, lq - 1)] = False
+    if kind == "bool":
+        return keep
+    return _randn((lq, lkv), dtype, lkv + 1).masked_fill(~keep, -INF)
+
+
+def _poison_hidden_key(what, q, k, j):
+    """NaN in head 0's key j (a NaN score in every row), or +inf, whose scores are +inf in the
+    rows where q[..., 7] > 0 (every third row) and -inf in the others: after adding the mask's
+    -inf those rows are NaN (+inf - inf), while -inf + -inf stays -inf and takes no part."""
+    if what == "nan":
+        k[0, 0, j, 3] = NAN
+    else:
+        k[0, 0, j, 7] = INF
+        sign = torch.where(torch.arange(q.shape[-2]) % 3 == 0, 1.0, -1.0).to(q.dtype)
+        q[0, 0, :, 7] = q[0, 0, :, 7].abs().clamp_min(1e-2) * sign
+
+
+@pytest.mark.parametrize("what", ["nan", "inf"])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_hidden_nan_keys_take_no_part(kernel, dtype):
-    """A NaN score of a key hidden by causal or bool masking stays out of the row, and rows
-    with no visible key are zeros, NaN elsewhere notwithstanding (torch's math backend would
-    carry the hidden NaN: the float64 reference is the oracle here)."""
+def test_masked_nan_keys_reach_the_row(kernel, monkeypatch, dtype, mask_kind, what):
+    """A NaN score at a key hidden by a bool (False) or float (-inf) mask makes its row NaN,
+    as in torch's math backend and torch's fused CPU kernel: masks are added to the scores.
+    Rows with no visible key that no NaN reaches stay zeros (head 1, and the rows of +inf)."""
     _skip_same_kernel(kernel, dtype)
+    for seed, (lq, lkv, block_kv) in enumerate(HIDDEN_SHAPES):
+        q, k, v = _qkv(lq, lkv, dtype, seed=seed)
+        j = (2 * lkv) // 3
+        _poison_hidden_key(what, q, k, j)
+        mask = _hidden_key_mask(mask_kind, lq, lkv, j, dtype)
+        with monkeypatch.context() as mp:
+            if block_kv is not None:
+                mp.setenv("AIGC_EXT_CPU_BLOCK_KV", str(block_kv))
+            (got,) = ours(q, k, v, attn_mask=mask)
+        (want,) = torch_math(q, k, v, attn_mask=mask)
+        (ref,) = reference64(q, k, v, attn_mask=mask)
+        name = f"L={lq} S={lkv} {mask_kind} {what}"
+        assert_same_nonfinite(name, got, want, ref, TOL[dtype])
+        nan_rows = got[0, 0].isnan().any(-1)
+        if what == "nan":
+            assert nan_rows.all(), f"{name}: the hidden NaN key must reach every row"
+        else:
+            assert nan_rows.tolist() == (q[0, 0, :, 7] > 0).tolist(), name
+        r2 = min(2, lq - 1)
+        for h in (0, 1) if what == "inf" else (1,):  # head 0's row 2: a -inf score only
+            assert torch.equal(got[0, h, r2], torch.zeros_like(got[0, h, r2])), f"{name}: row 2"
+        assert not got[0, 1].isnan().any(), f"{name}: head 1 has no NaN key"
+
+
+@pytest.mark.parametrize("what", ["nan", "inf"])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_masked_nan_keys_backward(kernel, dtype, mask_kind, what):
+    """out, dq, dk and dv have NaN where torch's math backward has with a NaN score under a
+    bool or float mask, and agree with its float64 results elsewhere; masked rows that no NaN
+    reaches have zero dq."""
+    _skip_same_kernel(kernel, dtype)
+    tol = {F64: 1e-9, F32: 1e-4, BF16: 6e-2, F16: 1e-2}[dtype]
+    for seed, (lq, lkv) in enumerate([(8, 8), (20, 33), (40, 300)]):
+        q, k, v = _qkv(lq, lkv, dtype, seed=seed)
+        j = (2 * lkv) // 3
+        _poison_hidden_key(what, q, k, j)
+        mask = _hidden_key_mask(mask_kind, lq, lkv, j, dtype)
+        grad_out = _randn((1, 2, lq, 16), dtype, seed + 70)
+        got = ours(q, k, v, grad_out, attn_mask=mask)
+        want = torch_math(q, k, v, grad_out, attn_mask=mask)
+        mask64 = mask if mask.dtype == torch.bool else mask.double()
+        ref = torch_math(q.double(), k.double(), v.double(), grad_out.double(), attn_mask=mask64)
+        for name, g, w, r in zip(("out", "dq", "dk", "dv"), got, want, ref, strict=True):
+            assert_same_nonfinite(f"L={lq} S={lkv} {mask_kind} {what} {name}", g, w, r, tol)
+        assert got[1][0, 0].isnan().any(), "the hidden key's NaN must reach dq"
+        r2 = min(2, lq - 1)
+        assert torch.equal(got[1][0, 1, r2], torch.zeros_like(got[1][0, 1, r2]))
+
+
+def _math_visible_keys(q, k, v, grad_out=None):
+    """Causal attention through torch's math with each query row given only the keys it sees
+    (``j <= i``): a NaN score of a causally hidden key takes no part there."""
+    leaves = [t.detach().clone().requires_grad_(grad_out is not None) for t in (q, k, v)]
+    qq, kk, vv = leaves
+    with sdpa_kernel(SDPBackend.MATH):
+        rows = [
+            F.scaled_dot_product_attention(
+                qq[..., i : i + 1, :], kk[..., : i + 1, :], vv[..., : i + 1, :]
+            )
+            for i in range(q.shape[-2])
+        ]
+    out = torch.cat(rows, dim=-2)
+    if grad_out is None:
+        return [out.detach()]
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+
+
+def torch_flash(q, k, v, grad_out=None, **kwargs):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return _call(F.scaled_dot_product_attention, q, k, v, grad_out, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_causally_hidden_nan_keys_take_no_part(kernel, monkeypatch, dtype):
+    """A NaN score of a key that causal masking hides stays out of the rows before it, as in
+    torch's flash kernel (which, like ours, does not read those keys) and unlike torch's math
+    backend (which adds -inf to them): the output has NaN exactly in rows i >= j, as torch's
+    flash kernel and torch's math over each row's visible keys. With a mask as well, a NaN
+    mask entry at a causally hidden key takes no part either (the float64 reference decides;
+    torch does not take both)."""
+    _skip_same_kernel(kernel, dtype)
+    for seed, (lq, lkv, block_kv) in enumerate(HIDDEN_SHAPES[:4]):
+        q, k, v = _qkv(lq, lkv, dtype, seed=seed)
+        j = min(lkv // 2, lq - 3)
+        k[0, 0, j, 3] = NAN
+        name = f"L={lq} S={lkv}"
+        with monkeypatch.context() as mp:
+            if block_kv is not None:
+                mp.setenv("AIGC_EXT_CPU_BLOCK_KV", str(block_kv))
+            (got,) = ours(q, k, v, is_causal=True)
+            mask = _randn((lq, lkv), dtype, seed + 50)
+            mask[1, 4] = NAN  # causally hidden from row 1
+            mask[lq - 1, lkv - 1] = NAN  # hidden from the last row unless S <= L
+            (got_masked,) = ours(q, k, v, is_causal=True, attn_mask=mask)
+        (want,) = torch_flash(q, k, v, is_causal=True)
+        (visible,) = _math_visible_keys(q, k, v)
+        (ref,) = reference64(q, k, v, is_causal=True)
+        assert torch.equal(visible.isnan(), want.isnan()), "torch's flash kernel changed"
+        assert_same_nonfinite(name, got, want, ref, TOL[dtype])
+        assert got[0, 0].isnan().any(-1).tolist() == [i >= j for i in range(lq)], name
+        assert not got[0, 1].isnan().any(), f"{name}: head 1 has no NaN key"
+        (ref,) = reference64(q, k, v, is_causal=True, attn_mask=mask)
+        assert_same_nonfinite(f"{name} with a mask", got_masked, ref, ref, TOL[dtype])
+        want_rows = [i == lq - 1 and lkv <= lq for i in range(lq)]  # row 1's NaN is hidden
+        assert got_masked[0, 1].isnan().any(-1).tolist() == want_rows, f"{name} with a mask"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_ids)
+def test_causally_hidden_nan_keys_backward(kernel, dtype):
+    """Causal backward with a NaN key: NaN wherever torch's math over each row's visible keys
+    has NaN, and only where torch's causal math has; the rest close to the visible-keys result.
+    Between the two lie the ``0 * NaN`` of the key blocks that the kernels read whole (dS K in
+    dq, dS of NaN rows at hidden keys in dk), block for block as in torch's flash kernel."""
+    _skip_same_kernel(kernel, dtype)
+    tol = {F64: 1e-9, F32: 1e-4, BF16: 6e-2}[dtype]
     for seed, (lq, lkv) in enumerate([(8, 8), (20, 33), (70, 300)]):
         q, k, v = _qkv(lq, lkv, dtype, seed=seed)
-        j = lkv // 2
+        j = min(lkv // 2, lq - 3)
         k[0, 0, j, 3] = NAN
-        for kwargs in (
-            {"is_causal": True},
-            {"attn_mask": torch.ones(lq, lkv, dtype=torch.bool).index_fill(1, torch.tensor(j), 0)},
-        ):
-            if "attn_mask" in kwargs:
-                kwargs["attn_mask"][2] = False  # row 2: no visible key
-                kwargs["attn_mask"][4, j] = True  # row 4: sees the NaN key
-                kwargs["attn_mask"][6] = False  # row 6: sees the NaN key only
-                kwargs["attn_mask"][6, j] = True
-            (got,) = ours(q, k, v, **kwargs)
-            (ref,) = reference64(q, k, v, **kwargs)
-            assert_same_nonfinite(f"L={lq} S={lkv} {list(kwargs)}", got, ref, ref, TOL[dtype])
-            nan_rows = got[0, 0].isnan().any(-1)
-            if "is_causal" in kwargs:
-                assert nan_rows.tolist() == [i >= j for i in range(lq)]
-            else:
-                assert nan_rows.tolist() == [i in (4, 6) for i in range(lq)]
-                assert torch.equal(got[:, :, 2], torch.zeros_like(got[:, :, 2]))
-            assert not got[0, 1].isnan().any(), "head 1 has no NaN key"
+        grad_out = _randn((1, 2, lq, 16), dtype, seed + 70)
+        got = ours(q, k, v, grad_out, is_causal=True)
+        visible = _math_visible_keys(q.double(), k.double(), v.double(), grad_out.double())
+        full = torch_math(q, k, v, grad_out, is_causal=True)
+        for name, g, r, f in zip(("out", "dq", "dk", "dv"), got, visible, full, strict=True):
+            name = f"L={lq} S={lkv} {name}"
+            missing = r.isnan() & ~g.isnan()
+            assert not missing.any(), f"{name}: {int(missing.sum())} NaN of the visible keys lost"
+            extra = g.isnan() & ~f.isnan()
+            assert not extra.any(), f"{name}: {int(extra.sum())} NaN where torch's math has none"
+            keep = ~g.isnan()
+            err = (g[keep].double() - r[keep]).abs().max().item()
+            bound = tol * max(1.0, r[keep].abs().max().item())
+            assert err <= bound, f"{name}: max|ours - visible keys| = {err:.3e} > {bound:.3e}"
+        assert not got[0][0, 0, :j].isnan().any(), "rows before the NaN key are finite"
+        assert got[1][0, 0, :j, :3].isfinite().all() and got[1][0, 0, :j, 4:].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_ids)
+def test_reference_backend_hidden_nan_keys(dtype):
+    """The ``reference`` backend follows the same rules: a NaN score under a bool or float mask
+    makes its row NaN (out and grads with torch's math NaN pattern), a causally hidden one takes
+    no part (torch's math over each row's visible keys), also when a mask is given as well."""
+    lq, lkv = 20, 33
+    j = 16
+    q, k, v = _qkv(lq, lkv, dtype, seed=3)
+    grad_out = _randn((1, 2, lq, 16), dtype, 73)
+
+    def reference(q, k, v, grad_out=None, **kwargs):
+        with aigc_ext.use_backend("reference"):
+            return _call(aigc_ext.scaled_dot_product_attention, q, k, v, grad_out, kwargs)
+
+    for what in ("nan", "inf"):
+        qq, kk = q.clone(), k.clone()
+        _poison_hidden_key(what, qq, kk, j)
+        for mask_kind in ("bool", "float"):
+            mask = _hidden_key_mask(mask_kind, lq, lkv, j, dtype)
+            got = reference(qq, kk, v, grad_out, attn_mask=mask)
+            want = torch_math(qq, kk, v, grad_out, attn_mask=mask)
+            for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+                assert torch.equal(g.isnan(), w.isnan()), f"{mask_kind} {what} {name}: NaN pattern"
+            assert got[0][0, 0].isnan().any(-1).tolist() == (
+                [True] * lq if what == "nan" else (qq[0, 0, :, 7] > 0).tolist()
+            )
+            assert torch.equal(got[0][0, 1, 2], torch.zeros_like(got[0][0, 1, 2]))
+    kk = k.clone()
+    kk[0, 0, j, 3] = NAN
+    got = reference(q, kk, v, grad_out, is_causal=True)
+    visible = _math_visible_keys(q, kk, v, grad_out)
+    full = torch_math(q, kk, v, grad_out, is_causal=True)
+    for name, g, w, f in zip(("out", "dq", "dk", "dv"), got, visible, full, strict=True):
+        missing = w.isnan() & ~g.isnan()
+        assert not missing.any(), f"causal {name}: {int(missing.sum())} NaN lost"
+        assert not (g.isnan() & ~f.isnan()).any(), f"causal {name}: NaN beyond torch's math"
+    assert got[0][0, 0].isnan().any(-1).tolist() == [i >= j for i in range(lq)]
+    mask = _randn((lq, lkv), dtype, 51)
+    mask[1, 4] = NAN  # causally hidden from row 1: no part
+    (got,) = reference(q, k, v, is_causal=True, attn_mask=mask)
+    assert torch.isfinite(got).all()
 
 
 # ---------------------------------------------------------------------------------------------

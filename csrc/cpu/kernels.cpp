@@ -10,6 +10,11 @@
 //   forward.h        the tiled forward
 //   decode.h         the split-KV forward for short queries
 //   backward.h       the backward
+//
+// Non-finite values as in torch: a NaN score makes its row NaN. Masks are added to the scores
+// (a bool mask as 0 / -inf), so a NaN score at a masked key still reaches its row; causally
+// hidden keys are never read and take no part, as in torch's flash kernel. A row whose keys
+// are all hidden gives zeros, lse -inf and zero gradients.
 #include <c10/util/Exception.h>
 
 #include "cpu/attention.h"

@@ -346,8 +346,10 @@ inline void scale_convert_row(A* s, int64_t n, A f, T* out) {
   }
 }
 
-// Applies scale and the user mask to one row of raw scores: s = s*scale + mask (float masks),
-// or s*scale where the bool mask is true and -inf where it is false.
+// Applies scale and the user mask to one row of raw scores: s = s*scale + mask, a bool mask
+// counting as 0 where true and -inf where false. Adding rather than selecting keeps a NaN score
+// at a hidden key NaN (NaN + -inf = NaN), so that it reaches its row as in torch, at the same
+// cost; -inf from the mask alone stays -inf, and a row of them is skipped as empty.
 template <typename T, typename A>
 inline void apply_mask_row(A* s, int64_t n, A scale, const AttentionForwardParams& p,
                            const char* mask_row) {
@@ -355,7 +357,7 @@ inline void apply_mask_row(A* s, int64_t n, A scale, const AttentionForwardParam
   switch (p.mask_kind) {
     case MaskKind::kBool: {
       const bool* m = reinterpret_cast<const bool*>(mask_row);
-      for (int64_t j = 0; j < n; ++j) s[j] = m[j * ms] ? s[j] * scale : neg_inf<A>();
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + (m[j * ms] ? A(0) : neg_inf<A>());
       break;
     }
     case MaskKind::kSameAsInput: {
