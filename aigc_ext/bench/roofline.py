@@ -38,7 +38,7 @@ __all__ = [
     "peak_for",
 ]
 
-CPU_KERNEL_BACKEND = "cpu"  # the backend that runs csrc/cpu/attention_kernel.cpp
+CPU_KERNEL_BACKEND = "cpu"  # the backend that runs csrc/cpu/kernels.cpp
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Hardware for a reduced dtype, widest first: (CPU feature, name shown).
