@@ -1,8 +1,10 @@
 """Small helpers used across the package, each defined once here.
 
 * :func:`warn_once`: a warning shown once per key, e.g. once per fallback reason;
-* :func:`atomic_write_text`: replaces a file's contents so that a reader (or a crash) sees the
-  old file or the new one, never half of one.
+* :func:`atomic_write` / :func:`atomic_write_text`: replace a file so that a reader (or a
+  crash) sees the old file or the new one, never half of one; with :func:`set_default_mode`,
+  :func:`fsync_file` and :func:`fsync_dir`, the durable-write helpers of the training run's
+  files (:mod:`aigc_ext.training.files`) and the benchmark's result files.
 
 This module imports nothing from ``aigc_ext``, so any module may use it.
 """
@@ -13,10 +15,17 @@ import contextlib
 import os
 import tempfile
 import warnings
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "warn_once"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "set_default_mode",
+    "warn_once",
+]
 
 _shown: set[Hashable] = set()  # the keys of warn_once calls that pass no ``seen`` of their own
 
@@ -46,13 +55,30 @@ def warn_once(
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename in ``path`` durable; a no-op where directories cannot be opened."""
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Gives a file or directory the permissions a plain ``open``/``mkdir`` would (safetensors
+    and ``tempfile`` create them private), so others who may read it can."""
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flushes a file's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a directory's entries (a rename in it) to the disk, where the platform can."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory file descriptors
@@ -65,28 +91,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory, renamed over
-    ``path`` with :func:`os.replace`; returns the path.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Replaces ``path`` with the file that ``write(temporary_path)`` creates; returns the path.
 
-    The text is written as given (no newline translation, UTF-8) and flushed to disk before the
-    rename, and the rename itself is flushed, so after a crash ``path`` holds either its old or
-    its new contents. The file gets the permissions a plain ``open`` would give it (``tempfile``
-    creates it private). On any error the temporary file is removed and the error raised; the
-    directory must exist.
+    The temporary file (``.<name>-XXXXXXXX`` beside ``path``) gets the permissions a plain
+    ``open`` would give it and is flushed to disk before it is renamed over ``path`` with
+    :func:`os.replace`; the rename is flushed too. So after a crash ``path`` holds either its
+    old or its new contents. If ``write`` raises, the temporary file is removed and ``path`` is
+    left as it was; the directory must exist.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        write(tmp)
+        set_default_mode(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replaces ``path`` with ``text`` as :func:`atomic_write` does: written as given (UTF-8, no
+    newline translation)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aigc_ext
-from aigc_ext.bench.measure import matmul_peak_gflops, reset_peak_rss, status_kib
+from aigc_ext.bench.measure import reset_peak_rss, status_kib
+from aigc_ext.bench.roofline import cpu_peaks
 
 DTYPES = {
     "fp32": torch.float32,
@@ -301,9 +302,8 @@ def print_machine_info(info: dict) -> None:
     if "sha256" in ext:
         print(f"extension:  {ext['path']} ({ext['mtime']}, sha256 {ext['sha256']})")
     print(f"date:       {info['date']}")
-    if "matmul_gflops" in info:
-        peaks = ", ".join(f"{k} {v:.0f}" for k, v in info["matmul_gflops"].items())
-        print(f"matmul:     2048^3 GFLOP/s now: {peaks}")
+    if "peaks" in info:
+        print(f"peak:       {info['peaks']['summary']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,9 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
     if not args.memory:
-        info["matmul_gflops"] = {
-            name: matmul_peak_gflops(DTYPES[name], reps=5) for name in ("fp32", "bf16")
-        }
+        # The roofline of aigc-ext bench: fp32 FMA probe, a bounded bf16/fp16 matmul only where
+        # the CPU has hardware for the dtype (about a second per probe on any machine).
+        names = [DTYPE_NAMES[d] for d in args.dtypes if DTYPE_NAMES[d] != "fp64"]
+        info["peaks"] = cpu_peaks(list(dict.fromkeys(names)), args.threads).as_dict()
     print_machine_info(info)
     print()
     report: dict = {

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import aigc_ext
 from aigc_ext import bench, cli, hookimpl
-from aigc_ext.bench import runner
+from aigc_ext.bench import measure, runner
 from aigc_ext.bench.config import BenchConfig, UsageError, attention_flop
 from aigc_ext.testing import register_plugin
 
@@ -28,13 +28,15 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _small_probe(monkeypatch):
-    """The matmul peak probe on 128^3 instead of 2048^3: the tests check the plumbing."""
-    probe = runner.matmul_peak_gflops
+    """Peak probes of a few milliseconds (matmuls up to 128^3): the tests check the plumbing."""
+    probe = measure.matmul_peak_gflops
 
-    def small(dtype, device="cpu", n=2048, reps=3):
-        return probe(dtype, device, n=128, reps=1)
+    def small(dtype, device="cpu", n=None, reps=3, budget_s=1.0):
+        return probe(dtype, device, n=128, reps=1, budget_s=0.1)
 
-    monkeypatch.setattr(runner, "matmul_peak_gflops", small)
+    monkeypatch.setattr(measure, "matmul_peak_gflops", small)
+    monkeypatch.setattr(measure, "FMA_SECONDS_PER_CORE", 0.01)
+    monkeypatch.setattr(measure, "FMA_SECONDS_ALL_THREADS", 0.02)
 
 
 def _bench(*args: str) -> int:
@@ -79,7 +81,7 @@ def test_json_and_csv_carry_schema_machine_and_one_record_per_row(tmp_path):
     assert m["torch"] == torch.__version__ and m["aigc_ext"] == aigc_ext.__version__
     assert m["threads"] == torch.get_num_threads()
     assert isinstance(m["cpu"]["model"], str) and isinstance(m["cpu"]["isa"], list)
-    assert m["matmul_peak_gflops"]["fp32"] > 0
+    assert m["peak_gflops"]["fp32"] > 0 and m["peaks"]["dtypes"]["fp32"]["source"]
     assert doc["config"]["seq"] == [16]
 
     rows = doc["rows"]

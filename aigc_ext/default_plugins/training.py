@@ -1,8 +1,8 @@
 """Default plugin: the built-in models, datasets and recipes of ``aigc-ext train``.
 
-The training modules list them (:data:`aigc_ext.training.models.BUILTIN_MODELS`,
-:data:`aigc_ext.training.data.BUILTIN_DATASETS`,
-:data:`aigc_ext.training.recipes.RECIPES_CONFIG`); this plugin registers them through the
+The training modules list them (``BUILTIN_MODELS`` of :mod:`aigc_ext.training.models` and
+:mod:`aigc_ext.training.vision`, ``BUILTIN_DATASETS`` of :mod:`aigc_ext.training.data`,
+``RECIPES_CONFIG`` of :mod:`aigc_ext.training.recipes`); this plugin registers them through the
 ``aigc_register_models`` / ``_datasets`` / ``_recipes`` hooks a third-party plugin implements,
 into the registries the training code looks names up in.
 """
@@ -10,10 +10,20 @@ into the registries the training code looks names up in.
 from __future__ import annotations
 
 import copy
+import importlib
 
 from aigc_ext.hookspecs import hookimpl
 
-__all__ = ["aigc_register_datasets", "aigc_register_models", "aigc_register_recipes"]
+__all__ = [
+    "DATASET_MODULES",
+    "MODEL_MODULES",
+    "aigc_register_datasets",
+    "aigc_register_models",
+    "aigc_register_recipes",
+]
+
+MODEL_MODULES = ("aigc_ext.training.models", "aigc_ext.training.vision")  # BUILTIN_MODELS
+DATASET_MODULES = ("aigc_ext.training.data",)  # BUILTIN_DATASETS
 
 
 def _summary(obj: object) -> str:
@@ -22,22 +32,22 @@ def _summary(obj: object) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def _register_tables(register, modules: tuple[str, ...], table: str) -> None:
+    for module in modules:
+        for name, factory in getattr(importlib.import_module(module), table).items():
+            register(name, factory, description=_summary(factory))
+
+
 @hookimpl
 def aigc_register_models(register):
     """Registers ``gpt``, ``bert-mlm``, ``t5``, ``minilm-classifier`` and ``vit``."""
-    from aigc_ext.training import models
-
-    for name, factory in models.BUILTIN_MODELS.items():
-        register(name, factory, description=_summary(factory))
+    _register_tables(register, MODEL_MODULES, "BUILTIN_MODELS")
 
 
 @hookimpl
 def aigc_register_datasets(register):
     """Registers ``text-corpus``, ``prompt-response``, ``sentiment`` and ``digits``."""
-    from aigc_ext.training import data
-
-    for name, factory in data.BUILTIN_DATASETS.items():
-        register(name, factory, description=_summary(factory))
+    _register_tables(register, DATASET_MODULES, "BUILTIN_DATASETS")
 
 
 @hookimpl

@@ -1,47 +1,11 @@
-// Parameters shared by the operator layer (csrc/ops.cpp) and the per-ISA CPU kernels.
-//
-// The kernels work on raw pointers and element strides so that strided and expanded views
-// (stride 0 on the batch or head dimension) are served without copies. Only the last dimension
-// of every tensor must be contiguous; the operator layer guarantees that.
+// The interface between the operator layer (csrc/ops.cpp) and the per-ISA CPU kernels: their
+// run-time options and entry points. The parameter structs are device-neutral
+// (csrc/attention_params.h).
 #pragma once
 
-#include <c10/core/ScalarType.h>
-
-#include <cstdint>
+#include "attention_params.h"
 
 namespace aigc_ext::cpu {
-
-// How the optional attention mask is stored.
-enum class MaskKind : int { kNone = 0, kBool = 1, kSameAsInput = 2, kFloat32 = 3 };
-
-struct AttentionForwardParams {
-  c10::ScalarType dtype;  // of q, k, v, out
-  int64_t batch, heads_q, heads_kv, len_q, len_kv, head_dim, head_dim_v;
-  const void* q;
-  int64_t q_stride_b, q_stride_h, q_stride_l;
-  const void* k;
-  int64_t k_stride_b, k_stride_h, k_stride_l;
-  const void* v;
-  int64_t v_stride_b, v_stride_h, v_stride_l;
-  // Mask, broadcast to (batch, heads_q, len_q, len_kv) through strides (0 where broadcast).
-  MaskKind mask_kind;
-  const void* mask;
-  int64_t mask_stride_b, mask_stride_h, mask_stride_l, mask_stride_s;
-  bool is_causal;
-  double scale;
-  // Outputs: out (batch, heads_q, len_q, head_dim_v) contiguous; lse (batch, heads_q, len_q)
-  // contiguous, in float32 (float64 for float64 inputs).
-  void* out;
-  void* lse;
-};
-
-struct AttentionBackwardParams {
-  AttentionForwardParams fwd;  // inputs, mask, out and lse as produced by the forward
-  const void* grad_out;        // (batch, heads_q, len_q, head_dim_v) contiguous
-  void* grad_q;                // contiguous, shapes of q, k, v
-  void* grad_k;
-  void* grad_v;
-};
 
 // Run-time options, settable from Python for tests and benchmarks.
 struct KernelOptions {
@@ -49,6 +13,7 @@ struct KernelOptions {
   bool use_amx = true;     // bf16 forward GEMMs through our own AMX tiles where the CPU has them
 };
 
+// One copy of the kernel per instruction set (csrc/cpu/kernels.cpp, compiled per ISA).
 #define AIGC_DECLARE_ISA(ns)                                                           \
   namespace ns {                                                                       \
   void attention_forward(const AttentionForwardParams& p, const KernelOptions& opt);   \

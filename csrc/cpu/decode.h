@@ -1,0 +1,306 @@
+// The forward for short queries (decoding with a KV cache): split-KV over the keys, partial
+// online-softmax states merged through their logsumexps. forward.h hands it calls with
+// L <= kDecodeMaxLen.
+//
+// Part of the per-ISA CPU kernel: included by csrc/cpu/kernels.cpp only, inside
+// aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h).
+#pragma once
+
+#include <cmath>
+
+#include "cpu/gemm.h"
+#include "cpu/kernel_utils.h"
+#include "cpu/softmax_rows.h"
+
+namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Forward for short queries (decoding with a KV cache): split-KV
+// ------------------------------------------------------------------------------------------
+//
+// With L <= kDecodeMaxLen the query tiles are too short to amortise packing K and V, and
+// batch x heads may be smaller than the number of cores. So: one task per (batch, KV head,
+// key split). A task takes every query row of the GQA group at once (group * L rows), so each
+// key and value is read once per group, streams its keys in blocks (converted to fp32 when
+// needed), keeps a partial online-softmax state (m, l, acc) per row, and the partial states
+// of the splits are merged at the end through their logsumexps.
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane j of the result is the sum of the 16 lanes of v[j]: a transpose-and-add tree, 45
+// shuffles and adds for 16 sums instead of a separate horizontal reduction per vector.
+inline __m512 sum16_avx512(const __m512* v) {
+  __m512 w[8], y[4];
+  for (int k = 0; k < 8; ++k) {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = v[2k], b = v[2k+1].
+    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  }
+  for (int k = 0; k < 4; ++k) {
+    // Per 128-bit lane: that lane's partial sums of v[4k], ..., v[4k+3].
+    y[k] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Add the four 128-bit lanes: first in pairs, then the pairs.
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(y[2], y[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The 16 fp32 lanes whose sum is dot(a, b) for rows of length n: fp32 by FMAs, bf16 by
+// vdpbf16ps (pairs multiplied and accumulated in fp32).
+inline __m512 dot_row(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - c)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + c), _mm512_maskz_loadu_ps(mk, b + c), acc);
+  }
+  return acc;
+}
+__attribute__((target("avx512bf16"))) inline __m512 dot_row(const c10::BFloat16* a,
+                                                            const c10::BFloat16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + c),
+                           (__m512bh)_mm512_loadu_si512(b + c));
+  }
+  if (c < n) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (n - c)) - 1);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + c),
+                           (__m512bh)_mm512_maskz_loadu_epi16(tail, b + c));
+  }
+  return acc;
+}
+
+// s[g * lds + j] = dot(q_g, k_j) for fp32 rows, or bf16 rows straight from bf16 (no conversion
+// pass over the keys). Keys go 16 at a time, their 16 dot products summed together by
+// sum16_avx512. Marked avx512bf16 for the bf16 dot product; the fp32 instantiation contains no
+// bf16 instruction.
+template <typename T>
+__attribute__((target("avx512bf16"))) void qk_dot(const T* q, int64_t G, int64_t E, const T* k,
+                                                  int64_t ldk, int64_t nb, float* s, int64_t lds) {
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nb; j0 += 16) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) acc[u] = dot_row(q + g * E, k + (j0 + u) * ldk, E);
+      _mm512_storeu_ps(s + g * lds + j0, sum16_avx512(acc));
+    }
+  }
+  for (int64_t j = j0; j < nb; ++j) {
+    for (int64_t g = 0; g < G; ++g)
+      s[g * lds + j] = _mm512_reduce_add_ps(dot_row(q + g * E, k + j * ldk, E));
+  }
+}
+#endif
+
+constexpr int64_t kDecodeMaxLen = 16;
+constexpr int64_t kDecodeMaxRows = 128;  // group * L
+constexpr int64_t kDecodeBlock = 512;    // keys per block
+constexpr int64_t kDecodeDotRows = 8;    // bf16 scores by dot products up to this many rows
+
+#if defined(CPU_CAPABILITY_AVX512)
+// acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
+// fp32 or bf16 values (widened on the fly). Each 64-column chunk of the rows' accumulators stays
+// in registers across all keys, and bf16 values need no fp32 copy written and read back: a
+// decoding step is bound by memory traffic.
+template <typename T>
+void pv_rows(const float* s, int64_t lds, int64_t G, const T* v, int64_t ldv, int64_t nb,
+             float* acc, int64_t Ev) {
+  for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
+    __mmask16 mk[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t left = std::clamp<int64_t>(Ev - c0 - 16 * u, 0, 16);
+      mk[u] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    __m512 a0[4], a1[4];
+    for (int u = 0; u < 4; ++u) {
+      a0[u] = _mm512_maskz_loadu_ps(mk[u], acc + c0 + 16 * u);
+      a1[u] = G > 1 ? _mm512_maskz_loadu_ps(mk[u], acc + Ev + c0 + 16 * u) : _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* vj = v + j * ldv + c0;
+      const __m512 p0 = _mm512_set1_ps(s[j]);
+      const __m512 p1 = _mm512_set1_ps(G > 1 ? s[lds + j] : 0.f);
+      for (int u = 0; u < 4; ++u) {
+        if (!mk[u]) break;
+        const __m512 x = load16_f32(vj + 16 * u, mk[u]);
+        a0[u] = _mm512_fmadd_ps(p0, x, a0[u]);
+        if (G > 1) a1[u] = _mm512_fmadd_ps(p1, x, a1[u]);
+      }
+    }
+    for (int u = 0; u < 4; ++u) {
+      _mm512_mask_storeu_ps(acc + c0 + 16 * u, mk[u], a0[u]);
+      if (G > 1) _mm512_mask_storeu_ps(acc + Ev + c0 + 16 * u, mk[u], a1[u]);
+    }
+  }
+}
+
+#endif
+
+template <typename T>
+void decode_impl(const AttentionForwardParams& p) {
+  using A = acc_type<T>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv, G = group * L;
+  T* out = static_cast<T*>(p.out);
+  A* lse = static_cast<A*>(p.lse);
+  const size_t mesize = mask_elem_size(p, sizeof(T));
+  const A scale = static_cast<A>(p.scale);
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nblocks = ceil_div(S, kDecodeBlock);
+  int64_t splits = std::min(nblocks, std::max<int64_t>(1, ceil_div(4 * nthreads, B * Hkv)));
+  const int64_t blocks_per_split = ceil_div(nblocks, splits);
+  splits = ceil_div(nblocks, blocks_per_split);
+  const int64_t ntasks = B * Hkv * splits;
+  // Partial states: (B, Hkv, splits, G) rows of m, l and acc (Ev).
+  std::vector<A> part_m(ntasks * G), part_l(ntasks * G), part_acc(ntasks * G * Ev);
+  // One or two fp32 or bf16 rows: P V straight from the values (pv_rows).
+  bool fused_pv = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  fused_pv = (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) && G <= 2;
+#endif
+
+  // Merges the splits of rows [begin, end) of (B, Hkv, G) into the output:
+  // out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
+  const auto merge_rows = [&](int64_t begin, int64_t end) {
+    A* row = thread_buffer<A, 25>(Ev);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bhk = r / G, g = r % G;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
+      A mx = neg_inf<A>();
+      for (int64_t sp = 0; sp < splits; ++sp) mx = max_nan(mx, part_m[(bhk * splits + sp) * G + g]);
+      T* o = out + ((b * Hq + h) * L + i) * Ev;
+      A* lse_out = lse + (b * Hq + h) * L + i;
+      if (mx == neg_inf<A>()) {
+        std::fill(o, o + Ev, T(0));
+        *lse_out = neg_inf<A>();
+        continue;
+      }
+      std::fill(row, row + Ev, A(0));
+      A total = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t t = bhk * splits + sp;
+        const A ms = part_m[t * G + g];
+        if (ms == neg_inf<A>()) continue;
+        const A w = std::exp(ms - mx);
+        total += w * part_l[t * G + g];
+        const A* a = part_acc.data() + (t * G + g) * Ev;
+        for (int64_t e = 0; e < Ev; ++e) row[e] += w * a[e];
+      }
+      row_scale(row, Ev, A(1) / total);
+      convert_row(row, o, Ev);
+      *lse_out = mx + std::log(total);
+    }
+  };
+
+  parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+    A* qf = thread_buffer<A, 20>(G * E);
+    A* sbuf = thread_buffer<A, 21>(G * kDecodeBlock);
+    A* kf = thread_buffer<A, 22>(kReduced<T> ? kDecodeBlock * E : 0);
+    T* qb = thread_buffer<T, 24>(G * E);
+    A* vf = thread_buffer<A, 23>(kReduced<T> && !fused_pv ? kDecodeBlock * Ev : 0);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const int64_t sp = t % splits, bhk = t / splits;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      A* m = part_m.data() + t * G;
+      A* l = part_l.data() + t * G;
+      A* acc = part_acc.data() + t * G * Ev;
+      std::fill(m, m + G, neg_inf<A>());
+      std::fill(l, l + G, A(0));
+      std::fill(acc, acc + G * Ev, A(0));
+      // Row g is query row i = g % L of head h = hk * group + g / L.
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * group + g / L, i = g % L;
+        const T* qrow =
+            static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + i * p.q_stride_l;
+        convert_row(qrow, qf + g * E, E);
+        std::memcpy(qb + g * E, qrow, sizeof(T) * E);
+      }
+      const int64_t s0 = sp * blocks_per_split * kDecodeBlock;
+      const int64_t s1 = std::min(S, s0 + blocks_per_split * kDecodeBlock);
+      for (int64_t n0 = s0; n0 < s1; n0 += kDecodeBlock) {
+        const int64_t nb = std::min(kDecodeBlock, s1 - n0);
+        const A* kb;
+        const A* vb;
+        int64_t ldk, ldv;
+        bool scores_done = false;
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
+          // amortise converting the keys for a GEMM.
+          if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
+            qk_dot(qb, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            scores_done = true;
+          }
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          if (fused_pv) {
+            qk_dot(qf, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            scores_done = true;
+          }
+        }
+#endif
+        if constexpr (kReduced<T>) {
+          for (int64_t j = 0; j < nb; ++j) {
+            if (!scores_done) convert_row(kp + (n0 + j) * p.k_stride_l, kf + j * E, E);
+            if (!fused_pv) convert_row(vp + (n0 + j) * p.v_stride_l, vf + j * Ev, Ev);
+          }
+          kb = kf;
+          vb = vf;
+          ldk = E;
+          ldv = Ev;
+        } else {
+          kb = kp + n0 * p.k_stride_l;
+          vb = vp + n0 * p.v_stride_l;
+          ldk = p.k_stride_l;
+          ldv = p.v_stride_l;
+        }
+        if (!scores_done) {
+          blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeBlock);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * group + g / L, i = g % L;
+          A* s = sbuf + g * kDecodeBlock;
+          const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, nb) : nb;
+          A eff_scale = scale;
+          if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+            apply_mask_row<T, A>(
+                s, valid, scale, p,
+                p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+            eff_scale = 1;
+          }
+          if (online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
+            std::fill(s + valid, s + nb, A(0));
+          } else {
+            std::fill(s, s + nb, A(0));  // nothing visible: P = 0, state unchanged
+          }
+        }
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
+          if (fused_pv) {
+            pv_rows(sbuf, kDecodeBlock, G, vp + n0 * p.v_stride_l, p.v_stride_l, nb, acc, Ev);
+            continue;
+          }
+        }
+#endif
+        blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeBlock, vb, ldv, A(1), acc, Ev);
+      }
+      // A single split needs no merging pass: finish its rows here.
+      if (splits == 1) merge_rows(bhk * G, bhk * G + G);
+    }
+  });
+
+  if (splits > 1) {
+    at::parallel_for(0, B * Hkv * G, 16, merge_rows);
+  }
+}
+
+}  // namespace
+}  // namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE

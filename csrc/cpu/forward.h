@@ -1,0 +1,235 @@
+// The tiled forward: FlashAttention-2 style tiling with an online softmax.
+//
+// Per task = (batch, query head, chunk of query rows):
+//   for each key/value block (BK keys):      pack K^T and V once, reused by every query block
+//     for each query block (BQ rows):        S = Q K^T          (GEMM, fp32 accumulate)
+//                                            online softmax     (running max m, running sum l)
+//                                            acc = acc*alpha + P V   (GEMM)
+//   out = acc / l,  lse = m + log(l)
+// Nothing of size L x S is ever stored; the working set per thread is one BQ x BK score tile
+// plus the chunk's accumulator. Short queries go to decode.h instead.
+//
+// Part of the per-ISA CPU kernel: included by csrc/cpu/kernels.cpp only, inside
+// aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h).
+#pragma once
+
+#include <cmath>
+
+#include "cpu/amx.h"
+#include "cpu/decode.h"
+#include "cpu/gemm.h"
+#include "cpu/kernel_utils.h"
+#include "cpu/softmax_rows.h"
+
+namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+constexpr int64_t kFwdBlockQ = 128;
+// With AMX the GEMMs are fast enough that the score tile's trip through the cache matters:
+// 64 rows (a 64 x 512 fp32 score tile) measured best here.
+constexpr int64_t kFwdBlockQAmx = 64;
+constexpr int64_t kFwdBlockKV = 512;
+// fp32 through the JIT brgemm: the GEMMs run near the FMA peak and the score tile's trips
+// through the cache dominate the rest, so 128 x 128 tiles (64 KiB of scores) measured best.
+constexpr int64_t kFwdBlockKVF32 = 128;
+constexpr int64_t kFwdMaxChunkRows = 4096;
+constexpr float kLazyMax = 8.f;
+
+template <typename T>
+void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
+  using A = acc_type<T>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hkv > 0 ? Hq / Hkv : 1;
+  T* out = static_cast<T*>(p.out);
+  A* lse = static_cast<A*>(p.lse);
+  if (B == 0 || Hq == 0 || L == 0) return;
+  if (S == 0) {
+    std::fill(out, out + B * Hq * L * Ev, T(0));
+    std::fill(lse, lse + B * Hq * L, neg_inf<A>());
+    return;
+  }
+  if (L <= kDecodeMaxLen && group * L <= kDecodeMaxRows) return decode_impl<T>(p);
+  const bool brgemm = kReduced<T> && opt.use_brgemm &&
+                      at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  const bool f32_brgemm = std::is_same_v<T, float> && use_f32_brgemm();
+  bool amx = false;
+#if AIGC_EXT_AMX
+  amx = std::is_same_v<T, c10::BFloat16> && opt.use_amx && cpu_has_amx_bf16();
+#endif
+  // The AMX path computes whole 16-row tiles: blocks of query rows are multiples of 16.
+  const int64_t BQ =
+      round_up(env_int("AIGC_EXT_CPU_BLOCK_Q", amx ? kFwdBlockQAmx : kFwdBlockQ), amx ? 16 : 1);
+  // Key blocks are multiples of 32 so that padded probability rows (to k_align) stay in a row.
+  const int64_t BK =
+      round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", f32_brgemm ? kFwdBlockKVF32 : kFwdBlockKV),
+                        round_up(S, kPackN)),
+               32);
+  const int64_t ev_pad = round_up(Ev, kPackN);
+  const int64_t k_align = amx ? 32 : brgemm ? 2 : 1;
+  const int64_t e_even = round_up(E, k_align);
+  const size_t mesize = mask_elem_size(p, sizeof(T));
+
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nqb = ceil_div(L, BQ);
+  // About 8 tasks per thread: enough that a core slowed down by another tenant (or a causal
+  // chunk that is all diagonal) leaves little idle time at the end; each extra chunk of a head
+  // packs that head's K and V once more.
+  int64_t chunks = std::min(nqb, std::max<int64_t>(1, ceil_div(8 * nthreads, B * Hq)));
+  chunks = std::max(chunks, ceil_div(L, kFwdMaxChunkRows));
+  const int64_t blocks_per_chunk = ceil_div(nqb, chunks);
+  chunks = ceil_div(nqb, blocks_per_chunk);
+  const int64_t chunk_rows = blocks_per_chunk * BQ;
+  const int64_t ntasks = B * Hq * chunks;
+  const A scale = static_cast<A>(p.scale);
+
+  parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+    thread_local Gemm<T> gemm;
+    thread_local PackedB<T> pk, pv;
+    gemm.configure(brgemm, f32_brgemm, amx);
+    // Row strides a little past BK: rows 2^k bytes apart would share a few cache sets.
+    const int64_t lds = BK + 16, ldp = BK + 32;
+    A* sbuf = thread_buffer<A, 0>(BQ * lds);
+    A* acc = thread_buffer<A, 1>(chunk_rows * ev_pad);
+    A* m = thread_buffer<A, 2>(chunk_rows);
+    A* l = thread_buffer<A, 3>(chunk_rows);
+    T* pbuf = thread_buffer<T, 4>(BQ * ldp);
+    T* qpad = thread_buffer<T, 5>(e_even != E || amx ? BQ * e_even : 0);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      // Largest chunks first: with causal masking the last rows carry the most work.
+      const int64_t c = chunks - 1 - t % chunks, bh = t / chunks;
+      const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
+      const int64_t r0 = c * chunk_rows, r1 = std::min(L, r0 + chunk_rows);
+      const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      const int64_t kv_end = p.is_causal ? std::min(r1, S) : S;
+      std::fill(m, m + (r1 - r0), neg_inf<A>());
+      std::fill(l, l + (r1 - r0), A(0));
+      // acc needs no clearing: the first key block (n0 = 0, which every query block visits)
+      // writes it instead of adding to it.
+
+      for (int64_t n0 = 0; n0 < kv_end; n0 += BK) {
+        const int64_t bn = std::min(BK, kv_end - n0);
+        gemm.pack(pk, /*trans=*/true, E, bn, kp + n0 * p.k_stride_l, p.k_stride_l);
+        gemm.pack(pv, /*trans=*/false, bn, Ev, vp + n0 * p.v_stride_l, p.v_stride_l);
+        for (int64_t q0 = r0; q0 < r1; q0 += BQ) {
+          const int64_t q1 = std::min(q0 + BQ, r1), bq = q1 - q0;
+          if (p.is_causal && q1 <= n0) continue;  // every row of this block precedes the keys
+          const T* qa = qp + q0 * p.q_stride_l;
+          int64_t lda = p.q_stride_l;
+          // The AMX tiles read 16 whole rows: a ragged block goes through the padded copy too.
+          const int64_t bq_pad = round_up(bq, amx ? 16 : 1);
+          if (e_even != E || bq_pad != bq) {
+            copy_padded(qa, lda, bq, E, e_even, qpad);
+            std::fill(qpad + bq * e_even, qpad + bq_pad * e_even, T(0));
+            qa = qpad;
+            lda = e_even;
+          }
+          // With causal masking the keys at or beyond q1 are hidden from the whole block.
+          const int64_t bn_q = p.is_causal ? std::min(bn, q1 - n0) : bn;
+          const int64_t bn_q_even = round_up(bn_q, k_align);
+          gemm.run(bq, qa, lda, pk, sbuf, lds, /*add=*/false, bn_q);
+          // Probability rows past bq are read by the AMX tiles: keep them zero.
+          if (bq_pad != bq) std::fill(pbuf + bq * ldp, pbuf + bq_pad * ldp, T(0));
+
+          for (int64_t r = 0; r < bq; ++r) {
+            const int64_t i = q0 + r, ri = i - r0;
+            A* s = sbuf + r * lds;
+            const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn_q) : bn;
+            A eff_scale = scale;
+            if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+              apply_mask_row<T, A>(
+                  s, valid, scale, p,
+                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+              eff_scale = 1;
+            }
+            A* acc_row = acc + ri * ev_pad;
+            if constexpr (!std::is_same_v<T, double>) {
+              // Lazy rescaling: exponentiate against the running maximum m and track the block's
+              // own maximum in the same pass; only when it exceeds m by more than kLazyMax
+              // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
+              // redone against the new maximum and the accumulator rescaled.
+              T* pr = pbuf + r * ldp;
+              A sum = 0;
+              bool visible = valid > 0;
+              if (visible && m[ri] == neg_inf<A>()) {
+                const A bmax = row_max(s, valid) * eff_scale;
+                visible = bmax != neg_inf<A>();
+                if (visible) m[ri] = bmax;
+              }
+              if (visible) {
+                // A NaN m (NaN among the first visible scores) makes every exponential, hence l
+                // and the row's output, NaN; NaN scores in later blocks make their sum NaN.
+                // Huge maxima (|m| > kExactShift) take the non-lazy update instead, which
+                // subtracts them exactly; +inf scores end there too, as an infinite maximum
+                // whose inf - inf makes the row NaN, as in torch's softmax.
+                bool lazy = !(std::abs(m[ri]) > kExactShift<A>);
+                if (lazy) {
+                  float xmax;
+                  sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
+                  if (xmax > kLazyMax) {
+                    const A m_new = m[ri] + xmax;
+                    lazy = !(std::abs(m_new) > kExactShift<A>);
+                    if (lazy) {
+                      const A alpha = std::exp(m[ri] - m_new);
+                      sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
+                      row_scale(acc_row, Ev, alpha);
+                      l[ri] *= alpha;
+                      m[ri] = m_new;
+                    }
+                  }
+                }
+                if (lazy) {
+                  l[ri] += sum;
+                } else {
+                  online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
+                  convert_row(s, pr, valid);
+                }
+                std::fill(pr + valid, pr + bn_q_even, T(0));
+              } else {
+                std::fill(pr, pr + bn_q_even, T(0));  // nothing visible: P = 0, state unchanged
+              }
+            } else {
+              if (online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev)) {
+                std::fill(s + valid, s + bn_q_even, A(0));
+              } else {
+                std::fill(s, s + bn_q_even, A(0));  // nothing visible: P = 0, state unchanged
+              }
+            }
+          }
+          const T* pa;
+          int64_t ldpa;
+          if constexpr (std::is_same_v<T, double>) {
+            pa = sbuf;
+            ldpa = lds;
+          } else {
+            pa = pbuf;
+            ldpa = ldp;
+          }
+          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/n0 > 0, -1, bn_q);
+        }
+      }
+      // Normalise and write out.
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t ri = i - r0;
+        A* acc_row = acc + ri * ev_pad;
+        T* o = out + ((b * Hq + h) * L + i) * Ev;
+        if (l[ri] > A(0) || std::isnan(l[ri])) {  // a NaN l gives a NaN row and lse
+          scale_convert_row(acc_row, Ev, A(1) / l[ri], o);
+          lse[(b * Hq + h) * L + i] = m[ri] + std::log(l[ri]);
+        } else {
+          std::fill(o, o + Ev, T(0));  // no key to attend to: zeros, as torch does
+          lse[(b * Hq + h) * L + i] = neg_inf<A>();
+        }
+      }
+    }
+    gemm.release();
+  });
+}
+
+}  // namespace
+}  // namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE

@@ -1,0 +1,418 @@
+// The GEMM layer of the CPU kernel: every product of the forward and backward goes through
+// Gemm<T>. fp32/fp64 through the BLAS torch links (MKL on x86) or, for fp32 in the AVX-512
+// build, oneDNN's brgemm; bf16/fp16 through torch's brgemm (oneDNN, AMX tiles where the CPU has
+// them) with B packed to VNNI layout, bf16 also through amx.h's micro-kernel, or, where brgemm
+// is unavailable, through fp32 BLAS on converted tiles. Also the operand preparation: packing,
+// transposes and zero padding.
+//
+// Part of the per-ISA CPU kernel: included by csrc/cpu/kernels.cpp only, inside
+// aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h).
+#pragma once
+
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "cpu/amx.h"
+#include "cpu/kernel_utils.h"
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
+namespace {
+
+constexpr int64_t kPackN = 64;  // GEMM outputs (C) are padded to a multiple of this many columns
+
+// fp32 GEMMs through oneDNN's brgemm (JIT AVX-512) rather than BLAS: faster for the small,
+// fixed-shape tiles of this kernel. Only in the AVX-512 build; AIGC_EXT_CPU_F32_BRGEMM=0 opts out.
+inline bool use_f32_brgemm() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool on = [] {
+    const char* v = std::getenv("AIGC_EXT_CPU_F32_BRGEMM");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// GEMM layer
+// ------------------------------------------------------------------------------------------
+
+// Row-major C[M x N] = op(A)[M x K] * op(B)[K x N] + beta * C through column-major BLAS:
+// C^T = op(B)^T op(A)^T.
+template <typename A>
+void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const A* a, int64_t lda,
+               const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) c[i * ldc + j] = beta == A(0) ? A(0) : c[i * ldc + j] * beta;
+    return;
+  }
+  const char transa = tb ? 'T' : 'N';
+  const char transb = ta ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const A alpha = 1;
+  if constexpr (std::is_same_v<A, float>) {
+    sgemm_(&transa, &transb, &m, &n, &k, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&transa, &transb, &m, &n, &k, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  }
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: a transpose, done in 16 x 16
+// blocks so that both the reads and the writes stay within a few cache lines at a time.
+template <typename T>
+void transpose_into(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  constexpr int64_t kB = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kB) {
+    const int64_t i1 = std::min(rows, i0 + kB);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      // 16 source rows at a time: one gather per destination row segment.
+      if (i1 - i0 == kB && lds * rows < (int64_t(1) << 31)) {
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(static_cast<int>(lds)));
+        const float* base = src + i0 * lds;
+        for (int64_t j = 0; j < cols; ++j)
+          _mm512_storeu_ps(dst + j * ldd + i0, _mm512_i32gather_ps(idx, base + j, 4));
+        continue;
+      }
+    }
+#endif
+    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
+      const int64_t j1 = std::min(cols, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* s = src + i * lds;
+        for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = s[j];
+      }
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The transpose of a 16 x 16 block of 32-bit words (pairs of 16-bit elements): word j of
+// source row i (16 rows of T, ld elements apart, starting at src) goes to word i of output
+// row j (16 rows, out_step elements apart). Unpacks and lane shuffles, no memory round trip.
+template <typename T>
+inline void transpose16x16_words(const T* src, int64_t ld, T* out, int64_t out_step) {
+  static_assert(sizeof(T) == 2);
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Now 128-bit lane L of r[4 g + j] holds rows 4g..4g+3 of word column 4 L + j.
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);           // lanes 0 and 2 of groups 0, 1
+    t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // lanes 1 and 3
+    t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // same for groups 2, 3
+    t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm512_storeu_si512(out + j * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_si512(out + (4 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_si512(out + (8 + j) * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));
+    _mm512_storeu_si512(out + (12 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xDD));
+  }
+}
+#endif
+
+// The B operand of a GEMM, prepared once and reused for several A operands.
+template <typename T>
+struct PackedB {
+  int64_t K = 0, N = 0;
+  // BLAS path: the source itself.
+  const T* src = nullptr;
+  int64_t ld = 0;
+  bool trans = false;
+  // brgemm path: VNNI layout, K padded to even and N to a multiple of 16.
+  AlignedVector<T> vnni;
+  int64_t k_even = 0, n_pad = 0;
+  // fallback path for bf16/fp16 without brgemm: fp32 copy, row-major K x N.
+  AlignedVector<float> f32;
+};
+
+// All GEMMs of the kernels go through this class. C always has fp32 (fp64) elements and must
+// have room for round_up(N, 64) columns: the brgemm path writes N rounded up to 16.
+template <typename T>
+class Gemm {
+ public:
+  using acc_t = acc_type<T>;
+  // kBlas: fp32/fp64 BLAS (MKL); kBrgemmF32: fp32 through oneDNN's brgemm (JIT AVX-512);
+  // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS;
+  // kAmx: bf16 through this file's AMX micro-kernel (run() only, padded operands).
+  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx };
+
+  explicit Gemm(bool use_brgemm = false, bool f32_brgemm = false) {
+    configure(use_brgemm, f32_brgemm);
+  }
+  ~Gemm() { release(); }
+
+  void configure(bool use_brgemm, bool f32_brgemm, bool amx = false) {
+    if constexpr (kReduced<T>) {
+      path_ = use_brgemm ? Path::kBrgemm : Path::kConvert;
+      if (std::is_same_v<T, c10::BFloat16> && amx) path_ = Path::kAmx;
+    } else if constexpr (std::is_same_v<T, float>) {
+      path_ = f32_brgemm ? Path::kBrgemmF32 : Path::kBlas;
+    } else {
+      path_ = Path::kBlas;
+    }
+  }
+
+  // Gives back the AMX tile state brgemm configured; call before leaving a parallel region.
+  void release() {
+    if (used_brgemm_) at::native::cpublas::brgemm_release(path_ == Path::kBrgemm);
+    used_brgemm_ = false;
+#if AIGC_EXT_AMX
+    if (amx_configured_) amx_release();
+#endif
+    amx_configured_ = false;
+  }
+
+  // A operands need a zero-padded number of columns that is a multiple of this.
+  int64_t k_align() const { return path_ == Path::kAmx ? 32 : path_ == Path::kBrgemm ? 2 : 1; }
+
+  // B is logical K x N: element (k, n) is src[k * ld + n], or src[n * ld + k] when trans.
+  void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
+    pb.K = K;
+    pb.N = N;
+    if (path_ == Path::kBlas || (path_ == Path::kBrgemmF32 && !trans)) {
+      pb.src = src;
+      pb.ld = ld;
+      pb.trans = trans;
+      return;
+    }
+    if (path_ == Path::kBrgemmF32) {
+      // brgemm takes B row-major: materialise the transpose once.
+      pb.n_pad = round_up(N, 16);
+      pb.f32.resize(std::max<int64_t>(K * pb.n_pad, 1));
+      float* dst = pb.f32.data();
+      if constexpr (std::is_same_v<T, float>) transpose_into(src, ld, N, K, dst, pb.n_pad);
+      pb.src = reinterpret_cast<const T*>(dst);
+      pb.ld = pb.n_pad;
+      pb.trans = false;
+      return;
+    }
+    if (path_ == Path::kConvert) {
+      pb.f32.resize(std::max<int64_t>(K * N, 1));
+      for (int64_t k = 0; k < K; ++k) {
+        if (!trans) {
+          convert_row(src + k * ld, pb.f32.data() + k * N, N);
+        } else {
+          for (int64_t n = 0; n < N; ++n) pb.f32[k * N + n] = static_cast<float>(src[n * ld + k]);
+        }
+      }
+      return;
+    }
+    // VNNI layout for brgemm and AMX: pairs of consecutive k rows interleaved, [K/2][n_pad][2];
+    // rows past K are zero. The AMX path cuts it further into panels of 16 columns,
+    // [n_pad/16][K/2][16][2], so that one B tile is 1 KiB of contiguous memory.
+    pb.k_even = round_up(K, k_align());
+    pb.n_pad = round_up(N, 16);
+    const int64_t np = pb.n_pad;
+    const bool panels = path_ == Path::kAmx;
+    const int64_t panel = pb.k_even * 16;
+    // Offset of the pair (2 kp, 2 kp + 1) of column n; n % 16 == 0 starts 16 contiguous pairs.
+    const auto off = [=](int64_t kp, int64_t n) {
+      return panels ? (n / 16) * panel + kp * 32 + 2 * (n % 16) : kp * 2 * np + 2 * n;
+    };
+    pb.vnni.resize(std::max<int64_t>(pb.k_even * np, 1));
+    T* dst = pb.vnni.data();
+    if (K != pb.k_even || N != np) std::memset(dst, 0, sizeof(T) * pb.k_even * np);
+    if (!trans) {
+      for (int64_t kp = 0; kp < K / 2; ++kp) {
+        const T* r0 = src + (2 * kp) * ld;
+        const T* r1 = r0 + ld;
+        int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        // Interleave 32 elements of each row: permutes pick a[j], b[j] alternately.
+        const __m512i lo =
+            _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                             38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        for (; n + 32 <= N; n += 32) {
+          const __m512i a = _mm512_loadu_si512(r0 + n);
+          const __m512i b = _mm512_loadu_si512(r1 + n);
+          _mm512_storeu_si512(dst + off(kp, n), _mm512_permutex2var_epi16(a, lo, b));
+          _mm512_storeu_si512(dst + off(kp, n + 16), _mm512_permutex2var_epi16(a, hi, b));
+        }
+#endif
+        for (; n < N; ++n) {
+          dst[off(kp, n)] = r0[n];
+          dst[off(kp, n) + 1] = r1[n];
+        }
+      }
+      if (K % 2) {
+        const T* r0 = src + (K - 1) * ld;
+        for (int64_t n = 0; n < N; ++n) dst[off(K / 2, n)] = r0[n];
+      }
+    } else {
+      // B(k, n) = src[n * ld + k]: each source row holds the k pairs for one column n.
+      int64_t n_done = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // Gather one k pair from 16 consecutive rows at a time.
+      const __m512i rows =
+          _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                             _mm512_set1_epi32(static_cast<int>(ld)));
+      // Consecutive output rows (k pairs) of one 16-column group are this many elements apart.
+      const int64_t out_step = off(1, 0) - off(0, 0);
+      for (; n_done + 16 <= N && ld * N < (int64_t(1) << 30); n_done += 16) {
+        const T* base = src + n_done * ld;
+        int64_t kp = 0;
+        // Whole 16 x 16 blocks of pairs: a register transpose of 32-bit words.
+        if constexpr (sizeof(T) == 2) {
+          for (; kp + 16 <= K / 2; kp += 16)
+            transpose16x16_words(base + 2 * kp, ld, dst + off(kp, n_done), out_step);
+        }
+        for (; kp < K / 2; ++kp) {
+          const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(2 * kp)));
+          _mm512_storeu_si512(dst + off(kp, n_done), _mm512_i32gather_epi32(idx, base, 2));
+        }
+        if (K % 2) {
+          for (int64_t j = 0; j < 16; ++j) dst[off(K / 2, n_done + j)] = base[j * ld + K - 1];
+        }
+      }
+#endif
+      for (int64_t n = n_done; n < N; ++n) {
+        const T* row = src + n * ld;
+        for (int64_t kp = 0; kp < K / 2; ++kp) {
+          uint32_t pair;
+          std::memcpy(&pair, row + 2 * kp, sizeof(pair));
+          std::memcpy(dst + off(kp, n), &pair, sizeof(pair));
+        }
+        if (K % 2) dst[off(K / 2, n)] = row[K - 1];
+      }
+    }
+  }
+
+  // C[M x N] (+)= A[M x K] * B. A is row-major with leading dimension lda; on the brgemm path
+  // it must have round_up(K, 2) readable columns, the extra one zero.
+  //
+  // n_use / k_use (when >= 0) restrict the product to the first columns / rows of B, e.g. the
+  // keys a causal query block can see.
+  void run(int64_t M, const T* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
+           bool add, int64_t n_use = -1, int64_t k_use = -1) {
+    const int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
+    if (M == 0 || N == 0) return;
+    if constexpr (!kReduced<T>) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (path_ == Path::kBrgemmF32 && K > 0) {
+          used_brgemm_ = true;
+          at::native::cpublas::brgemm(M, N, K, lda, pb.ld, ldc, add, a, pb.src, c, false);
+          return;
+        }
+      }
+      blas_gemm<acc_t>(false, pb.trans, M, N, K, a, lda, pb.src, pb.ld, add ? 1 : 0, c, ldc);
+    } else {
+      if (path_ == Path::kConvert) {
+        a32_.resize(std::max<int64_t>(M * K, 1));
+        for (int64_t i = 0; i < M; ++i) convert_row(a + i * lda, a32_.data() + i * K, K);
+        blas_gemm<float>(false, false, M, N, K, a32_.data(), K, pb.f32.data(), pb.N,
+                         add ? 1.f : 0.f, c, ldc);
+        return;
+      }
+      if (K == 0) {
+        if (!add)
+          for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
+        return;
+      }
+#if AIGC_EXT_AMX
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (path_ == Path::kAmx) {
+          if (!amx_configured_) {
+            // torch's brgemm may have left its own tile configuration on this thread.
+            at::native::cpublas::brgemm_release(true);
+            amx_configure();
+            amx_configured_ = true;
+          }
+          amx_gemm(round_up(M, 16), std::min(round_up(N, 16), pb.n_pad), ceil_div(K, 32), a, lda,
+                   pb.vnni.data(), pb.k_even * 16, c, ldc, add);
+          return;
+        }
+      }
+#endif
+      used_brgemm_ = true;
+      at::native::cpublas::brgemm(M, std::min(round_up(N, 16), pb.n_pad), round_up(K, 2), lda,
+                                  pb.n_pad, ldc, add, a, pb.vnni.data(), c);
+    }
+  }
+
+  // C[M x N] (+)= op(A) op(B) for operands used once. Not on the kAmx path.
+  void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
+          int64_t ldb, acc_t* c, int64_t ldc, bool add) {
+    TORCH_CHECK(path_ != Path::kAmx, "aigc_ext: internal error: Gemm::mm on the AMX path");
+    if (path_ == Path::kBlas) {
+      if constexpr (!kReduced<T>) {
+        blas_gemm<acc_t>(ta, tb, M, N, K, a, lda, b, ldb, add ? 1 : 0, c, ldc);
+      }
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (path_ == Path::kBrgemmF32 && ta) {
+        a32_.resize(std::max<int64_t>(M * K, 1));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t i = 0; i < M; ++i) a32_[i * K + k] = a[k * lda + i];
+        a = a32_.data();
+        lda = K;
+        ta = false;
+      }
+    }
+    pack(scratch_, tb, K, N, b, ldb);
+    const int64_t ke = round_up(K, k_align());
+    if (path_ != Path::kBrgemmF32 && (ta || ke != K)) {
+      if (static_cast<int64_t>(a_copy_.size()) < M * ke) a_copy_.resize(M * ke);
+      T* dst = a_copy_.data();
+      if (ta) {
+        transpose_into(a, lda, K, M, dst, ke);
+      } else {
+        for (int64_t i = 0; i < M; ++i) std::memcpy(dst + i * ke, a + i * lda, sizeof(T) * K);
+      }
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t k = K; k < ke; ++k) dst[i * ke + k] = T(0);
+      a = dst;
+      lda = ke;
+    }
+    run(M, a, lda, scratch_, c, ldc, add);
+  }
+
+ private:
+  Path path_;
+  bool used_brgemm_ = false;
+  bool amx_configured_ = false;
+  AlignedVector<T> a_copy_;
+  AlignedVector<float> a32_;
+  PackedB<T> scratch_;
+};
+
+// Copies rows [0, m) of a (ld) into dst with width k_even, zero-padding column k.
+template <typename T>
+void copy_padded(const T* a, int64_t ld, int64_t m, int64_t k, int64_t k_even, T* dst) {
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(dst + i * k_even, a + i * ld, sizeof(T) * k);
+    for (int64_t j = k; j < k_even; ++j) dst[i * k_even + j] = T(0);
+  }
+}
+
+}  // namespace
+}  // namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE

@@ -1,0 +1,400 @@
+// Row operations of the online softmax, vectorised over keys: row maxima that keep NaN,
+// vectorised exponentials (AVX-512 polynomials, ATen's elsewhere), fused exp-sum-convert passes,
+// row scaling and down-conversion, and the application of the scale and the user mask.
+//
+// Part of the per-ISA CPU kernel: included by csrc/cpu/kernels.cpp only, inside
+// aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h).
+#pragma once
+
+#include <cmath>
+
+#include "cpu/kernel_utils.h"
+
+namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
+namespace {
+
+// A running maximum m beyond this magnitude is subtracted exactly: the fused exponential
+// passes compute s * scale - m with one FMA, which differs from fl(s * scale) - m by up to
+// about |m| * eps; below the bound that is a few hundredths (a common factor, cancelled by the
+// normalisation), far above it the exponentials overflow or underflow. 2^17 for fp32.
+template <typename A>
+constexpr A kExactShift = A(1) / (64 * std::numeric_limits<A>::epsilon());
+
+// ------------------------------------------------------------------------------------------
+// Row operations of the online softmax (vectorised over keys)
+// ------------------------------------------------------------------------------------------
+
+// The maximum of s[0, n): NaN if any s[i] is NaN, -inf for n = 0 or a row of -inf (all hidden).
+// A NaN maximum keeps a row whose other scores are all masked from being skipped as empty.
+template <typename A>
+inline A row_max(const A* s, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    // Four independent maxima: one chain would wait out vmaxps's latency at every vector.
+    // vmaxps drops NaN, so NaN is tracked beside it: an unordered compare is true where either
+    // operand is NaN, one compare for two vectors.
+    const __m512 lowest = _mm512_set1_ps(neg_inf<float>());
+    __m512 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      const __m512 x0 = _mm512_loadu_ps(s + i), x1 = _mm512_loadu_ps(s + i + 16);
+      const __m512 x2 = _mm512_loadu_ps(s + i + 32), x3 = _mm512_loadu_ps(s + i + 48);
+      m0 = _mm512_max_ps(m0, x0);
+      m1 = _mm512_max_ps(m1, x1);
+      m2 = _mm512_max_ps(m2, x2);
+      m3 = _mm512_max_ps(m3, x3);
+      nan |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x2, x3, _CMP_UNORD_Q);
+    }
+    for (; i < n; i += 16) {
+      const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+      const __m512 x = _mm512_maskz_loadu_ps(k, s + i);
+      m0 = _mm512_mask_max_ps(m0, k, m0, x);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    }
+    if (nan) return std::numeric_limits<float>::quiet_NaN();
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  }
+#endif
+  using Vec = Vectorized<A>;
+  A m = neg_inf<A>();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm(neg_inf<A>());
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      vm = at::vec::maximum(vm, Vec::loadu(s + i));
+    }
+    m = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+  }
+  for (; i < n; ++i) m = max_nan(m, s[i]);
+  return m;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) for 16 floats: x = n*ln2 + r with |r| <= ln2/2 (ln2 split in two for the reduction),
+// e^r by its Taylor polynomial of degree 6 (relative error ~1e-7), 2^n applied with vscalefps.
+// Inputs below -126.5 give exactly 0 (-inf included); NaN propagates. Used where the
+// exponentials are stored in fp32 outside the forward's fused row pass.
+inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-126.5f), x);  // NaN in x is returned as is
+  x = _mm512_min_ps(_mm512_set1_ps(88.5f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// 2^x for 16 floats: x = n + f with |f| <= 1/2, 2^f by a minimax polynomial of degree kDegree
+// (4: relative error 2.7e-6, for probabilities rounded to bf16 next, far below half an ulp;
+// 5: 2.3e-7 evaluated in fp32, for fp32 probabilities), 2^n applied with vscalefps. Inputs
+// below -127 give 0 or a denormal (-inf included); NaN propagates; large inputs give +inf (the
+// caller redoes such rows against a larger maximum).
+template <int kDegree>
+inline __m512 exp2_avx512(__m512 x) {
+  static_assert(kDegree == 4 || kDegree == 5);
+  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // NaN in x is returned as is
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p;
+  if constexpr (kDegree == 4) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.00957008265f), f, _mm512_set1_ps(0.0559178442f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121791f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999285f));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.0013276462f), f, _mm512_set1_ps(0.00967554003f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0555071346f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240221202f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146944f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// The fused row pass of the forward for bf16 (hardware conversion) and fp32 probabilities:
+// out[i] = exp(s[i] * scale - shift) rounded to T, the fp32 sum returned, max(s[i] * scale -
+// shift) in *xmax. Computed as 2^(s * scale * log2e - shift * log2e), which saves the range
+// reduction's multiply. Marked avx512bf16 for the bf16 conversion; the fp32 instantiation
+// contains no bf16 instruction and runs on any AVX-512 CPU.
+template <typename T>
+__attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const float* s, int64_t n,
+                                                                      float scale, float shift,
+                                                                      T* out, float* xmax) {
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  static_assert(kBf16 || std::is_same_v<T, float>);
+  constexpr int kDegree = kBf16 ? 4 : 5;
+  const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
+  // Two sums and two maxima: independent chains for the two halves of each step.
+  __m512 vsum = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vmax1 = vmax;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vscale, vshift);
+    const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vscale, vshift);
+    vmax = _mm512_max_ps(vmax, x0);
+    vmax1 = _mm512_max_ps(vmax1, x1);
+    const __m512 e0 = exp2_avx512<kDegree>(x0);
+    const __m512 e1 = exp2_avx512<kDegree>(x1);
+    vsum = _mm512_add_ps(vsum, e0);
+    vsum1 = _mm512_add_ps(vsum1, e1);
+    if constexpr (kBf16) {
+      _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    } else {
+      _mm512_storeu_ps(out + i, e0);
+      _mm512_storeu_ps(out + i + 16, e1);
+    }
+  }
+  for (; i < n; i += 16) {
+    const int64_t r = std::min<int64_t>(16, n - i);
+    const __mmask16 k = static_cast<__mmask16>((1u << r) - 1);
+    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vscale, vshift);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<kDegree>(x));
+    vsum = _mm512_add_ps(vsum, e);
+    if constexpr (kBf16) {
+      _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    } else {
+      _mm512_mask_storeu_ps(out + i, k, e);
+    }
+  }
+  *xmax = _mm512_reduce_max_ps(_mm512_max_ps(vmax, vmax1)) * kLn2;
+  return _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
+}
+#endif
+
+// exp(x), NaN for NaN x.
+template <typename A>
+inline Vectorized<A> vexp(const Vectorized<A>& x) {
+  if constexpr (std::is_same_v<A, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vectorized<float>(exp_avx512(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // ATen's AVX2 exp_u20 clamps its input with vminps, which turns NaN into e^88.7: put NaN
+    // back (unordered compare and blend, two instructions).
+    const __m256 v = x;
+    return Vectorized<float>(_mm256_blendv_ps(x.exp_u20(), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+#else
+    return x.exp_u20();
+#endif
+  } else {
+    return x.exp();
+  }
+}
+
+// s[i] = exp(s[i] * scale - shift) for i < n; returns the sum.
+template <typename A>
+inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
+  using Vec = Vectorized<A>;
+  const Vec vscale(scale), vshift(shift);
+  Vec vsum(A(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec e = vexp(at::vec::fmsub(Vec::loadu(s + i), vscale, vshift));
+    e.store(s + i);
+    vsum = vsum + e;
+  }
+  A total = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, vsum);
+  for (; i < n; ++i) {
+    const A e = std::exp(s[i] * scale - shift);
+    s[i] = e;
+    total += e;
+  }
+  return total;
+}
+
+// out[i] = exp(s[i] * scale - shift) rounded to T (bf16/fp16), for i < n; returns the fp32 sum
+// and, in *xmax, max(s[i] * scale - shift). Fuses the exponential, the row sum, the row maximum
+// and the down-conversion into one pass over the scores.
+template <typename T>
+inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift, T* out,
+                            float* xmax) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu_has_avx512_bf16()) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
+  }
+  if constexpr (std::is_same_v<T, float>) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
+#endif
+  using fVec = Vectorized<float>;
+  using rVec = Vectorized<T>;
+  const fVec vscale(scale), vshift(shift);
+  fVec vsum(0.f), vmax(neg_inf<float>());
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + fVec::size() <= n; i += fVec::size()) {
+      const fVec x = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
+      vmax = at::vec::maximum(vmax, x);
+      const fVec e = vexp(x);
+      vsum = vsum + e;
+      e.store(out + i);
+    }
+  } else {
+    static_assert(rVec::size() == 2 * fVec::size());
+    for (; i + rVec::size() <= n; i += rVec::size()) {
+      const fVec x0 = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
+      const fVec x1 = at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(x0, x1));
+      const fVec e0 = vexp(x0);
+      const fVec e1 = vexp(x1);
+      vsum = vsum + e0 + e1;
+      at::vec::convert_from_float<T>(e0, e1).store(out + i);
+    }
+  }
+  float total = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, vsum);
+  float mx =
+      at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, vmax);
+  for (; i < n; ++i) {
+    const float x = s[i] * scale - shift;
+    mx = std::max(mx, x);
+    const float e = std::exp(x);
+    out[i] = static_cast<T>(e);
+    total += e;
+  }
+  *xmax = mx;
+  return total;
+}
+
+template <typename A>
+inline void row_scale(A* s, int64_t n, A f) {
+  using Vec = Vectorized<A>;
+  const Vec vf(f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(s + i) * vf).store(s + i);
+  for (; i < n; ++i) s[i] *= f;
+}
+
+// Before exp(s * scale - shift) over s[0, n) with a huge shift (|shift| > kExactShift, see
+// there): scales s in place and sets scale to 1, so that the exponent is fl(s * scale) - shift,
+// which is <= 0 when shift is the maximum of the scaled scores (rounding is monotonic).
+template <typename A>
+inline void exact_scores(A* s, int64_t n, A shift, A& scale) {
+  if (std::abs(shift) > kExactShift<A> && scale != A(1)) {
+    row_scale(s, n, scale);
+    scale = 1;
+  }
+}
+
+// One block of the online softmax for a row with state (m, l) and accumulator acc (Ev):
+// m_new = max(m, max(s * scale)), acc and l scaled by exp(m - m_new), s[0, valid) replaced by
+// exp(s * scale - m_new) and their sum added to l. Returns false, state unchanged, when no score
+// is visible (all -inf). A NaN score makes m_new, hence l and the row's output, NaN; scale > 0.
+template <typename A>
+inline bool online_softmax_block(A* s, int64_t valid, A scale, A& m, A& l, A* acc, int64_t Ev) {
+  const A bmax = valid > 0 ? row_max(s, valid) * scale : neg_inf<A>();
+  const A m_new = max_nan(m, bmax);
+  if (m_new == neg_inf<A>()) return false;
+  const A alpha = std::exp(m - m_new);
+  exact_scores(s, valid, m_new, scale);
+  const A sum = row_exp_sum(s, valid, scale, m_new);
+  if (alpha != A(1)) row_scale(acc, Ev, alpha);
+  l = l * alpha + sum;
+  m = m_new;
+  return true;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((target("avx512bf16"))) inline void scale_to_bf16_avx512(const float* s, int64_t n,
+                                                                       float f,
+                                                                       c10::BFloat16* out) {
+  const __m512 vf = _mm512_set1_ps(f);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_mul_ps(_mm512_loadu_ps(s + i), vf);
+    const __m512 x1 = _mm512_mul_ps(_mm512_loadu_ps(s + i + 16), vf);
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), vf);
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+}
+#endif
+
+// out[i] = s[i] * f rounded to T, for i < n: the forward's final normalisation and down-conversion
+// in one pass (s may be overwritten).
+template <typename A, typename T>
+inline void scale_convert_row(A* s, int64_t n, A f, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    if (cpu_has_avx512_bf16()) return scale_to_bf16_avx512(s, n, f, out);
+  }
+#endif
+  if constexpr (std::is_same_v<A, T>) {
+    using Vec = Vectorized<A>;
+    const Vec vf(f);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(s + i) * vf).store(out + i);
+    for (; i < n; ++i) out[i] = s[i] * f;
+  } else {
+    row_scale(s, n, f);
+    convert_row(s, out, n);
+  }
+}
+
+// Applies scale and the user mask to one row of raw scores: s = s*scale + mask, a bool mask
+// counting as 0 where true and -inf where false. Adding rather than selecting keeps a NaN score
+// at a hidden key NaN (NaN + -inf = NaN), so that it reaches its row as in torch, at the same
+// cost; -inf from the mask alone stays -inf, and a row of them is skipped as empty.
+template <typename T, typename A>
+inline void apply_mask_row(A* s, int64_t n, A scale, const AttentionForwardParams& p,
+                           const char* mask_row) {
+  const int64_t ms = p.mask_stride_s;
+  switch (p.mask_kind) {
+    case MaskKind::kBool: {
+      const bool* m = reinterpret_cast<const bool*>(mask_row);
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + (m[j * ms] ? A(0) : neg_inf<A>());
+      break;
+    }
+    case MaskKind::kSameAsInput: {
+      const T* m = reinterpret_cast<const T*>(mask_row);
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + static_cast<A>(m[j * ms]);
+      break;
+    }
+    case MaskKind::kFloat32: {
+      const float* m = reinterpret_cast<const float*>(mask_row);
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + static_cast<A>(m[j * ms]);
+      break;
+    }
+    case MaskKind::kNone:
+      row_scale(s, n, scale);
+      break;
+  }
+}
+
+inline size_t mask_elem_size(const AttentionForwardParams& p, size_t input_elem) {
+  switch (p.mask_kind) {
+    case MaskKind::kBool:
+      return sizeof(bool);
+    case MaskKind::kSameAsInput:
+      return input_elem;
+    case MaskKind::kFloat32:
+      return sizeof(float);
+    default:
+      return 0;
+  }
+}
+
+// Pointer to mask element (b, h, i, n0) in bytes.
+inline const char* mask_ptr(const AttentionForwardParams& p, size_t esize, int64_t b, int64_t h,
+                            int64_t i, int64_t n0) {
+  return static_cast<const char*>(p.mask) + esize * (b * p.mask_stride_b + h * p.mask_stride_h +
+                                                     i * p.mask_stride_l + n0 * p.mask_stride_s);
+}
+
+}  // namespace
+}  // namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE
