@@ -13,8 +13,8 @@ from torch import nn
 
 from aigc_ext.testing import register_plugin
 from aigc_ext.training import checkpoint as ckpt
+from aigc_ext.training import train
 from aigc_ext.training.checkpoint import CheckpointError
-from aigc_ext.training.runner import train
 
 
 class Tied(nn.Module):

@@ -147,7 +147,7 @@ def test_train_checks_the_forced_backend_before_creating_anything(
 
 
 def test_train_refuses_a_forced_backend_for_another_device(tiny, tmp_path, monkeypatch):
-    from aigc_ext.training.runner import check_backend_override
+    from aigc_ext.training.distributed import check_backend_override
 
     monkeypatch.setenv("AIGC_EXT_BACKEND", "cpu")
     check_backend_override(torch.device("cpu"))

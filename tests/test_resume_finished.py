@@ -10,7 +10,7 @@ import pytest
 from test_training_runner import _toml, base_config, read_metrics, standins
 
 from aigc_ext.cli import main
-from aigc_ext.training.runner import train
+from aigc_ext.training import train
 
 
 @pytest.fixture

@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import save_model
 
 from aigc_ext import dispatch
-from aigc_ext.training import components, data, models
+from aigc_ext.training import components, data, model_weights, tokenizers
 
 TINY_TEXT = {"n_layer": 1, "n_embd": 32, "n_head": 2}
 
 
 @pytest.fixture(scope="module")
 def char_info() -> dict:
-    return data.CharTokenizer().info() | {"max_length": 32}
+    return tokenizers.CharTokenizer().info() | {"max_length": 32}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_builtins_are_registered():
 
 
 def test_char_tokenizer_round_trip_and_normalisation():
-    tok = data.CharTokenizer()
+    tok = tokenizers.CharTokenizer()
     text = "def f(x):\n\treturn {'a': x ** 2}  # ~ok"
     ids = tok.encode(text)
     assert all(tok.cls_token_id < i < tok.sentinel_start_id - tok.num_sentinels + 1 for i in ids)
@@ -63,7 +63,7 @@ def test_char_tokenizer_round_trip_and_normalisation():
 
 
 def test_char_tokenizer_special_and_sentinel_ids():
-    tok = data.CharTokenizer()
+    tok = tokenizers.CharTokenizer()
     info = tok.info()
     assert info["vocab_size"] == 128 and info["pad_token_id"] == 0
     named = ("pad", "unk", "bos", "eos", "mask", "sep", "cls")
@@ -87,7 +87,7 @@ def test_char_tokenizer_special_and_sentinel_ids():
 
 
 def test_tokenizer_bad_input():
-    tok = data.CharTokenizer()
+    tok = tokenizers.CharTokenizer()
     with pytest.raises(TypeError, match="text must be a str"):
         tok.encode(b"bytes")
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -95,15 +95,15 @@ def test_tokenizer_bad_input():
     with pytest.raises(ValueError, match="sentinel index"):
         tok.sentinel_id(25)
     with pytest.raises(ValueError, match="num_sentinels"):
-        data.CharTokenizer(num_sentinels=-1)
+        tokenizers.CharTokenizer(num_sentinels=-1)
     with pytest.raises(
         ValueError, match=r"tokenizer must be one of 'char', 'wordpiece', got 'bpe'"
     ):
-        data.get_tokenizer("bpe")
+        tokenizers.get_tokenizer("bpe")
 
 
 def test_wordpiece_tokenizer_has_sentinels_above_minilm_vocab():
-    tok = data.WordPieceTokenizer(num_sentinels=10)
+    tok = tokenizers.WordPieceTokenizer(num_sentinels=10)
     assert tok.vocab_size == 30522 + 10 and tok.sentinel_start_id == 30531
     ids = tok.encode("The quick brown fox.", add_bos=True, add_eos=True)
     assert ids[0] == 101 and ids[-1] == 102
@@ -525,7 +525,7 @@ def test_init_from_keeps_a_replaced_head_fresh(tmp_path):
     assert torch.equal(target.pos_embed, source.pos_embed)
     assert target.head.weight.shape == (3, 16)
     assert torch.equal(target.head.weight, fresh.head.weight)
-    missing = models.load_weights(fresh, tmp_path)
+    missing = model_weights.load_weights(fresh, tmp_path)
     assert missing == ["head.bias", "head.weight"]
 
 

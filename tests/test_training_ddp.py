@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_training_runner import base_config, read_metrics, standins
 
 from aigc_ext.training import checkpoint as ckpt
-from aigc_ext.training.runner import train
+from aigc_ext.training import train
 
 TESTS = Path(__file__).resolve().parent
 

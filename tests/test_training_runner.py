@@ -25,9 +25,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import aigc_ext
 from aigc_ext import hookimpl
 from aigc_ext.testing import register_plugin
-from aigc_ext.training import components
+from aigc_ext.training import DataOrder, components, lr_multiplier, train
 from aigc_ext.training.config import ConfigError, load_config
-from aigc_ext.training.runner import DataOrder, lr_multiplier, train
 
 VOCAB = 16
 MODEL = "test-tiny-lm"
@@ -676,3 +675,59 @@ def test_cli_exit_codes(registered, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(components.RECIPES, "test-recipe", recipe)
     assert main(["train", "--list-recipes"]) == 0
     assert re.search(r"^test-recipe +a tiny test run$", capsys.readouterr().out, re.M)
+
+
+# --- bf16 on CPUs without bf16 matmul hardware ------------------------------------------------
+
+
+def _autocast_dtypes(monkeypatch) -> list:
+    """Records, at every forward of the stand-in model, the CPU autocast dtype or None."""
+    seen: list = []
+    original = TinyLM.forward
+
+    def forward(self, input_ids):
+        cpu_autocast = torch.is_autocast_enabled("cpu")
+        seen.append(torch.get_autocast_dtype("cpu") if cpu_autocast else None)
+        return original(self, input_ids)
+
+    monkeypatch.setattr(TinyLM, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("has_bf16", "force", "expected"),
+    [(False, False, None), (False, True, torch.bfloat16), (True, False, torch.bfloat16)],
+    ids=["no-bf16-hardware", "no-bf16-hardware-forced", "bf16-hardware"],
+)
+def test_bf16_on_a_cpu_without_bf16_hardware_trains_in_fp32(
+    registered, tmp_path, monkeypatch, caplog, has_bf16, force, expected
+):
+    from aigc_ext.training import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: has_bf16)
+    seen = _autocast_dtypes(monkeypatch)
+    cfg = base_config(tmp_path / "o", max_steps=2, precision="bf16", force_precision=force)
+    with caplog.at_level("WARNING", logger="aigc_ext.training"):
+        train(cfg)
+    assert seen and set(seen) == {expected}
+    warned = [r for r in caplog.records if "no bf16 matmul hardware" in r.getMessage()]
+    assert len(warned) == (1 if expected is None else 0)
+    if warned:
+        assert "run.force_precision" in warned[0].getMessage()
+
+
+def test_force_precision_must_be_a_bool(registered, tmp_path):
+    with pytest.raises(ConfigError, match=r"run.force_precision must be true or false"):
+        load_config(base_config(tmp_path / "o", force_precision="yes"))
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    from aigc_ext.training.distributed import cpu_has_bf16_matmul
+
+    flags = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "")
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags line on this machine")
+    words = set(flags.split(":", 1)[1].split())
+    assert cpu_has_bf16_matmul() == bool(words & {"avx512_bf16", "amx_bf16"})

@@ -20,24 +20,41 @@ only after that, and older checkpoints are deleted only after the new one is com
 Every file of a checkpoint also records its step, so loading notices a file from another
 checkpoint; a truncated or altered file fails its size or SHA-256 check. All problems are a
 :class:`CheckpointError` naming the file.
+
+A run's state beyond the weights: :func:`trainer_state` and :func:`rng_tensors` capture it for
+:func:`save_checkpoint`; :func:`restore_training_state` (model, optimiser, scheduler,
+GradScaler) and :func:`restore_random_state` (Python, NumPy, torch RNGs) put it back on resume.
+The file-level details are in :mod:`aigc_ext.training.checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from aigc_ext.training import checkpoint_files, seeding
+from aigc_ext.training.checkpoint_files import (
+    CheckpointError,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+)
+from aigc_ext.training.config import TrainConfig, config_diff
+from aigc_ext.training.files import atomic_write_text, fsync_dir, set_default_mode
+from aigc_ext.training.outputs import jsonable
+
+if TYPE_CHECKING:
+    from aigc_ext.training.distributed import DistContext
 
 __all__ = [
     "CHECKPOINTS",
@@ -45,13 +62,19 @@ __all__ = [
     "LATEST",
     "CheckpointError",
     "LoadedCheckpoint",
+    "config_changes",
     "find_resume_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "read_latest",
+    "restore_random_state",
+    "restore_training_state",
+    "rng_tensors",
     "save_checkpoint",
+    "saved_metrics",
+    "trainer_state",
     "validate_checkpoint",
 ]
 
@@ -78,29 +101,6 @@ STATE_KEYS = (
 _NAME_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
-# bytes per element of each safetensors dtype
-_DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "I16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "U32": 4,
-    "I32": 4,
-    "F32": 4,
-    "U64": 8,
-    "I64": 8,
-    "F64": 8,
-}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the run."""
-
 
 @dataclass
 class LoadedCheckpoint:
@@ -114,65 +114,6 @@ class LoadedCheckpoint:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def set_default_mode(path: Path) -> None:
-    """Gives a file or directory the permissions a plain ``open``/``mkdir`` would (safetensors
-    and ``tempfile`` create them private), so others who may read the run can read it."""
-    base = 0o777 if path.is_dir() else 0o666
-    os.chmod(path, base & ~_umask())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _write_model(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_model
-
-    save_model(model, str(path), metadata=metadata)
-    set_default_mode(path)
-    _fsync_file(path)
-
-
-def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata=metadata)
-    set_default_mode(path)
-    _fsync_file(path)
-
-
 def _write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=1, sort_keys=True, allow_nan=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -181,78 +122,12 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _json_value(value: Any, where: str) -> Any:
-    """Checks that optimiser metadata is plain data (so no pickling is needed)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v, where) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v, where) for k, v in value.items()}
-    raise CheckpointError(
-        f"cannot store {where} in a checkpoint: {type(value).__name__} {value!r} is not plain data"
-    )
-
-
-def optimizer_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Splits ``optimizer.state_dict()`` into tensors (``state.<index>.<name>``) and plain data
-    (``param_groups`` and non-tensor per-parameter state)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, per_param in state_dict["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value
-            else:
-                scalars.setdefault(str(index), {})[name] = _json_value(
-                    value, f"optimizer state {index}.{name}"
-                )
-    meta = {
-        "param_groups": _json_value(state_dict["param_groups"], "optimizer param_groups"),
-        "scalar_state": scalars,
-    }
-    return tensors, meta
-
-
-def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
-    """The inverse of :func:`optimizer_to_tensors`: a dict for ``optimizer.load_state_dict``."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        parts = key.split(".", 2)
-        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
-            raise ValueError(f"unexpected tensor {key!r} (expected state.<index>.<name>)")
-        state.setdefault(int(parts[1]), {})[parts[2]] = value
-    for index, values in meta.get("scalar_state", {}).items():
-        state.setdefault(int(index), {}).update(values)
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
 def checkpoint_name(step: int) -> str:
     return f"step-{step}"
 
 
 def _write_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        set_default_mode(Path(tmp))
-        os.replace(tmp, root / LATEST)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(root)
+    atomic_write_text(root / LATEST, name + "\n")
 
 
 def _remove_temporaries(root: Path) -> None:
@@ -293,9 +168,9 @@ def save_checkpoint(
     meta = {"format": "aigc_ext.checkpoint", "step": str(step)}
     try:
         set_default_mode(tmp)
-        _write_model(model, tmp / MODEL_FILE, meta)
+        checkpoint_files.write_model(model, tmp / MODEL_FILE, meta)
         tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
-        _write_tensors(
+        checkpoint_files.write_tensors(
             tensors,
             tmp / OPTIMIZER_FILE,
             {
@@ -304,24 +179,24 @@ def save_checkpoint(
                 "scalar_state": json.dumps(opt_meta["scalar_state"]),
             },
         )
-        _write_tensors(rng, tmp / RNG_FILE, meta)
+        checkpoint_files.write_tensors(rng, tmp / RNG_FILE, meta)
         state = dict(trainer_state)
         state.update(
             format_version=FORMAT_VERSION,
             step=step,
-            files={name: _file_record(tmp / name) for name in TENSOR_FILES},
+            files={name: checkpoint_files.file_record(tmp / name) for name in TENSOR_FILES},
         )
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"trainer_state lacks {', '.join(missing)}")
         _write_json(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a leftover of an abandoned run: replace it
             stale = root / f"{_TMP_PREFIX}stale-{final.name}-{os.getpid()}"
             os.rename(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -366,73 +241,13 @@ def read_latest(root: str | os.PathLike) -> Path | None:
     return root / name
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable: {exc}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt") from None
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """Parses and checks a safetensors file's header against the file's size.
-
-    Returns ``(metadata, tensors)``; raises :class:`CheckpointError` for a missing, truncated
-    or malformed file.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
-            length = int.from_bytes(prefix, "little")
-            if 8 + length > size:
-                raise CheckpointError(
-                    f"{path}: truncated (the header needs {8 + length} bytes, the file has {size})"
-                )
-            raw = f.read(length)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable: {exc}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        if stop - begin != nbytes or begin < 0:
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r} (offsets)")
-        end = max(end, stop)
-    if 8 + length + end != size:
-        what = "truncated" if 8 + length + end > size else "has trailing bytes"
-        raise CheckpointError(
-            f"{path}: {what} (the header describes {8 + length + end} bytes, the file has {size})"
-        )
-    return metadata, header
-
-
 def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Checks every file of checkpoint ``path`` without loading tensors; returns its
     trainer state. Raises :class:`CheckpointError` naming the file and the problem."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    state = _read_json(path / STATE_FILE)
+    state = checkpoint_files.read_json(path / STATE_FILE)
     state_path = path / STATE_FILE
     if not isinstance(state, dict):
         raise CheckpointError(f"{state_path}: expected a JSON object")
@@ -453,7 +268,7 @@ def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     files = state["files"]
     for name in TENSOR_FILES:
         file = path / name
-        metadata, tensors = _safetensors_header(file)
+        metadata, tensors = checkpoint_files.safetensors_header(file)
         if metadata.get("step") != str(step):
             raise CheckpointError(
                 f"{file}: written at step {metadata.get('step')!r}, the checkpoint is step {step} "
@@ -462,7 +277,7 @@ def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         record = files.get(name) if isinstance(files, dict) else None
         if not isinstance(record, dict) or "size" not in record or "sha256" not in record:
             raise CheckpointError(f"{state_path}: no size and sha256 recorded for {name}")
-        actual = _file_record(file)
+        actual = checkpoint_files.file_record(file)
         if actual["size"] != record["size"]:
             raise CheckpointError(
                 f"{file}: {actual['size']} bytes, {record['size']} expected (truncated or replaced)"
@@ -551,3 +366,129 @@ def find_resume_checkpoint(
                     stacklevel=2,
                 )
     raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(problems))
+
+
+# --- a run's state -------------------------------------------------------------------------------
+
+_TRAIN_METRICS = ("loss", "lr", "grad_norm")
+
+
+def trainer_state(
+    *,
+    step: int,
+    steps_per_epoch: int,
+    world_size: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    elapsed: float,
+    metrics: Mapping[str, float],
+) -> dict[str, Any]:
+    """The ``trainer_state`` that :func:`save_checkpoint` stores for a run at ``step``.
+
+    Where the run is in its data (epoch, batch in the epoch, steps per epoch and processes:
+    a resume with other values warns that the data order differs), the scheduler's state
+    without its ``lr_lambdas`` (the schedule comes from the configuration), the Python and
+    NumPy RNG states, the GradScaler's state, the configuration and its hash, the training
+    time so far and the last metrics.
+    """
+    schedule = scheduler.state_dict()
+    schedule.pop("lr_lambdas", None)
+    return {
+        "epoch": step // steps_per_epoch,
+        "batch_in_epoch": step % steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world_size,
+        "scheduler": jsonable(schedule),
+        "python_random": seeding.python_random_state(),
+        "numpy_random": seeding.numpy_random_state(),
+        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "config_hash": config.hash(),
+        "config": jsonable(config.to_dict()),
+        "elapsed": elapsed,
+        "metrics": dict(metrics),
+    }
+
+
+def rng_tensors(dist: DistContext, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every process's torch RNG states, ``cpu.<rank>`` (and ``cuda.<rank>`` on CUDA), for
+    :func:`save_checkpoint`'s ``rng``. A collective call under DDP: every process makes it."""
+    rng = {f"cpu.{r}": t for r, t in enumerate(dist.all_gather(torch.get_rng_state()))}
+    if device.type == "cuda":
+        states = dist.all_gather(torch.cuda.get_rng_state(device))
+        rng.update({f"cuda.{r}": t for r, t in enumerate(states)})
+    return rng
+
+
+def restore_training_state(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> LoadedCheckpoint:
+    """Loads checkpoint ``path`` into the model and the optimiser and restores the scheduler
+    and the GradScaler; the random states are left to :func:`restore_random_state`."""
+    loaded = load_checkpoint(path, model=model, optimizer=optimizer, device=device)
+    state = dict(loaded.state["scheduler"])
+    state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(state)
+    if scaler.is_enabled() and loaded.state["grad_scaler"]:
+        scaler.load_state_dict(loaded.state["grad_scaler"])
+    return loaded
+
+
+def restore_random_state(
+    loaded: LoadedCheckpoint, *, rank: int, device: torch.device, seed: int
+) -> None:
+    """Restores the Python, NumPy and torch RNG states of process ``rank`` from ``loaded``.
+
+    A checkpoint without this rank's torch state (written by fewer processes) reseeds
+    dropout from ``(seed, "torch", rank, step)`` with a warning.
+    """
+    state = loaded.state
+    seeding.set_python_random_state(state["python_random"])
+    seeding.set_numpy_random_state(state["numpy_random"])
+    cpu = loaded.rng.get(f"cpu.{rank}")
+    if cpu is None:
+        warnings.warn(
+            f"resume: {loaded.path.name} has no RNG state for rank {rank}; dropout is reseeded",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        seeding.seed_torch(seed, "torch", rank, int(state["step"]))
+    else:
+        torch.set_rng_state(cpu)
+    cuda = loaded.rng.get(f"cuda.{rank}")
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def config_changes(state: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """The dotted keys in which ``config`` differs from the configuration a checkpoint's
+    trainer ``state`` was saved with; none when the hashes agree. ``run.output_dir`` does not
+    count: a moved run is the same run."""
+    changed = config_diff(state.get("config", {}), jsonable(config.to_dict()))
+    changed = [key for key in changed if key != "run.output_dir"]
+    return changed if state["config_hash"] != config.hash() else []
+
+
+def saved_metrics(value: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """``(training, evaluation)`` metrics of a checkpoint's record (its ``name: number``
+    entries), in the order a run reports them: loss, lr, grad_norm, then ``eval/...``."""
+    if not isinstance(value, Mapping):
+        return {}, {}
+    numbers = {
+        str(k): float(v)
+        for k, v in value.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    order = sorted(numbers, key=lambda k: (k.startswith("eval/"), _rank(k), k))
+    train = {k: numbers[k] for k in order if not k.startswith("eval/")}
+    return train, {k: numbers[k] for k in order if k.startswith("eval/")}
+
+
+def _rank(name: str) -> int:
+    return _TRAIN_METRICS.index(name) if name in _TRAIN_METRICS else len(_TRAIN_METRICS)

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.config if args.config is not None else {"recipe": args.recipe}
 
     from aigc_ext.training.checkpoint import CheckpointError
-    from aigc_ext.training.runner import logger, train
+    from aigc_ext.training.loop import logger, train
 
     handler = _console_handler()
     logger.addHandler(handler)

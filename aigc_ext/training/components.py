@@ -121,7 +121,7 @@ def get_recipe(name: str) -> Recipe:
     return _lookup(RECIPES, "recipe", name)
 
 
-BUILTIN_MODULES = ("data", "models", "recipes")
+BUILTIN_MODULES = ("data", "models", "vision", "recipes")
 
 
 def _load_builtins() -> None:

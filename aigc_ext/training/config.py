@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -87,6 +86,9 @@ class RunConfig:
     min_lr_ratio: float = 0.1
     clip_grad_norm: float | None = 1.0
     precision: str = "fp32"
+    # bf16 on a CPU without bf16 matmul hardware trains in fp32 (with a warning) unless this is
+    # set: torch's bf16 matmuls there run at well under 1 GFLOP/s.
+    force_precision: bool = False
     eval_every: int | None = None
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -172,6 +174,7 @@ _RUN_RULES: dict[str, dict] = {
     "min_lr_ratio": _rule("float", lambda v: 0 <= v <= 1, "in [0, 1]"),
     "clip_grad_norm": _rule("float", lambda v: v >= 0, "> 0 (0 or absent: no clipping)", True),
     "precision": _rule("choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+    "force_precision": _rule("bool", allowed="true or false"),
     "eval_every": _rule("int", lambda v: v >= 0, ">= 1 (0 or absent: only at the end)", True),
     "save_every": _rule("int", lambda v: v >= 0, ">= 1 (0 or absent: only at the end)", True),
     "keep_checkpoints": _rule("int", lambda v: v >= 1, ">= 1"),
@@ -213,6 +216,10 @@ def _check_run_value(key: str, value: Any) -> Any:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
         return str(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
     elif kind == "choice" and not isinstance(value, str):
         raise ConfigError(f"{where} must be one of {rule['allowed']}, got {value!r}")
     if rule["test"] is not None and not rule["test"](value):
@@ -500,7 +507,9 @@ def load_config(
     ``recipe = "NAME"`` at the top level starts from that recipe's configuration, which the
     source's values update. ``overrides`` (``["run.lr=1e-3", ...]`` or ``{"run.lr": 1e-3}``)
     come last. ``check_names`` also checks that the model, dataset and strategies named exist
-    (an unknown name lists the available ones). Raises :class:`ConfigError`.
+    (an unknown name lists the available ones) and that their options name parameters of
+    their factories: :func:`aigc_ext.training.build.resolve`, which builds nothing. Raises
+    :class:`ConfigError`.
     """
     if isinstance(source, TrainConfig):
         raw, origin = source.to_dict(), "configuration"
@@ -534,8 +543,10 @@ def load_config(
             _apply_override(raw, key, value)
     raw = _flatten(raw, origin)
     config = _build(raw)
-    if check_names:
-        _check_names(config)
+    if check_names:  # a dry run of the build: names looked up, option keys checked
+        from aigc_ext.training.build import resolve
+
+        resolve(config)
     return config
 
 
@@ -562,40 +573,6 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
     if run.output_dir is None:
         run.output_dir = str(Path("runs") / (config.recipe or config.model.name))
     return config
-
-
-def _check_names(config: TrainConfig) -> None:
-    """Every named component exists and every option names one of its parameters (values
-    are checked when the components are built)."""
-    from aigc_ext.training import components, strategies
-
-    checks = [
-        ("model", components.get_model, config.model, {"skip": 1}),
-        ("data", components.get_dataset, config.data, {"exclude": ("seed",)}),
-    ]
-    families = [("objective", "objectives", config.objective)]
-    families += [
-        (f"augmentations.{i}", "augmentations", a) for i, a in enumerate(config.augmentations)
-    ]
-    if config.finetune is not None:
-        families.append(("finetune", "finetuners", config.finetune))
-    if config.transfer is not None:
-        families.append(("transfer", "transfer_strategies", config.transfer))
-    for section, get, comp, how in checks:
-        try:
-            factory = get(comp.name)
-            label = "dataset" if section == "data" else section
-            strategies.call_options(factory, comp.options, what=f"{label} {comp.name!r}", **how)
-        except ValueError as exc:
-            raise ConfigError(f"[{section}] {exc}") from None
-    for section, family, comp in families:
-        try:
-            obj = strategies.lookup(family, comp.name)
-            label = f"{strategies.FAMILY_LABELS[family]} {comp.name!r}"
-            skip = 0 if inspect.isclass(obj) else strategies.call_time_arguments(obj)
-            strategies.call_options(obj, comp.options, what=label, skip=skip)
-        except ValueError as exc:
-            raise ConfigError(f"[{section}] {exc}") from None
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -1,10 +1,12 @@
 """Builds a strategy (objective, augmentation, finetuner, transfer strategy) from its options.
 
 A plugin registers a class or a function under a name; a configuration names it and gives
-options. :func:`build` looks the name up, checks the options against the constructor's (or the
-function's) parameters, fills parameters the configuration left out from the dataset's ``info``
-(``vocab_size``, ``pad_token_id``, ``num_labels``, ...) and instantiates the class, or binds the
-options to the function with :func:`functools.partial`.
+options. :func:`build` looks the name up (:func:`lookup`); :func:`instantiate` checks the
+options against the constructor's (or the function's) parameters, fills parameters the
+configuration left out from the dataset's ``info`` (``vocab_size``, ``pad_token_id``,
+``num_labels``, ...) and instantiates the class, or binds the options to the function with
+:func:`functools.partial`. :func:`check_options` is the check alone, for validating a
+configuration without building anything.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["FAMILY_LABELS", "build", "call_options", "call_time_arguments", "lookup"]
+__all__ = [
+    "FAMILY_LABELS",
+    "build",
+    "call_options",
+    "call_time_arguments",
+    "check_options",
+    "instantiate",
+    "lookup",
+]
 
 FAMILY_LABELS = {
     "objectives": "objective",
@@ -113,21 +123,28 @@ def call_time_arguments(fn: Callable) -> int:
     return count
 
 
-def build(
-    family: str,
-    name: str,
+def check_options(obj: Callable, options: Mapping[str, Any] | None, *, what: str) -> None:
+    """Checks that every key of ``options`` names a parameter of strategy ``obj`` (a class's
+    constructor, or a function past its call-time arguments); builds nothing. ValueError
+    naming the key and the allowed ones."""
+    skip = 0 if inspect.isclass(obj) else call_time_arguments(obj)
+    call_options(obj, options, what=what, skip=skip)
+
+
+def instantiate(
+    obj: Callable,
     options: Mapping[str, Any] | None = None,
     info: Mapping[str, Any] | None = None,
+    *,
+    what: str,
 ) -> Any:
-    """Instantiates strategy ``name`` of ``family`` with ``options``, filled from ``info``.
+    """Strategy ``obj`` (a registered class or function) with ``options``, filled from ``info``.
 
-    A registered class is called with the keyword arguments; a function (or other callable)
-    is returned as ``functools.partial(obj, **kwargs)``. ValueError for an unknown name (listing
-    the available ones), an unknown option (listing the allowed ones) or a value the strategy
-    rejects (its message, prefixed with the strategy's name).
+    A class is called with the keyword arguments; a function (or other callable) is returned
+    as ``functools.partial(obj, **kwargs)``. ValueError for an unknown option (listing the
+    allowed ones), a required one that is missing, or a value the strategy rejects (its
+    message, prefixed with ``what``).
     """
-    obj = lookup(family, name)
-    what = f"{FAMILY_LABELS.get(family, family)} {name!r}"
     is_class = inspect.isclass(obj)
     skip = 0 if is_class else call_time_arguments(obj)
     kwargs = call_options(obj, options, info, what=what, skip=skip, require=is_class)
@@ -137,3 +154,19 @@ def build(
         return obj(**kwargs)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from exc
+
+
+def build(
+    family: str,
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> Any:
+    """Instantiates strategy ``name`` of ``family`` with ``options``, filled from ``info``.
+
+    :func:`lookup` then :func:`instantiate`: ValueError for an unknown name (listing the
+    available ones), an unknown option (listing the allowed ones) or a value the strategy
+    rejects (its message, prefixed with the strategy's name).
+    """
+    obj = lookup(family, name)
+    return instantiate(obj, options, info, what=f"{FAMILY_LABELS.get(family, family)} {name!r}")
