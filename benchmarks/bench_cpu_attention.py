@@ -14,8 +14,9 @@ ours, ...), so machine noise and whatever one call leaves behind in the caches f
 them alike. The reported time is the median over ``--reps`` repetitions, after ``--warmup``
 untimed rounds.
 
-Throughput counts forward FLOPs as 4*B*H*L*S*E (two matmuls), halved with ``is_causal``;
-forward+backward counts 3.5x the forward (the backward does 2.5x the forward's work).
+Throughput counts FLOPs with :func:`aigc_ext.bench.flops.attention_flop`, FlashAttention's
+convention: forward 4*B*H*L*S*E (two matmuls), halved with ``is_causal``; forward+backward
+counts 3.5x the forward (the backward does 2.5x the forward's work).
 ``ours/flash`` and ``ours/math`` are throughput ratios, above 1 when ours is faster: the median
 over repetitions of the ratio of the two times measured in that repetition. Pairing the times
 of one repetition cancels slow drifts of a shared machine's speed (other tenants, clock
@@ -60,6 +61,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aigc_ext
+from aigc_ext.bench.flops import attention_flop
 from aigc_ext.bench.measure import reset_peak_rss, status_kib
 from aigc_ext.bench.roofline import cpu_peaks
 
@@ -95,7 +97,6 @@ IMPL_ALIASES = {
     "math": "torch-math",
     "torch-math": "torch-math",
 }
-BWD_FACTOR = 3.5  # forward + backward, in units of the forward's FLOPs
 
 QUICK = {
     "dtypes": ["fp32", "bf16"],
@@ -385,20 +386,15 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def forward_flop(batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int, causal: bool):
-    flop = 4.0 * batch * heads * seq_q * seq_kv * head_dim
-    return flop / 2 if causal else flop
-
-
 def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def bench_cell(args, dtype, mode, causal, length, head_dim) -> Row:
     grad = mode == "fwd+bwd"
-    flop = forward_flop(args.batch, args.heads, length, length, head_dim, causal)
-    if grad:
-        flop *= BWD_FACTOR
+    flop = attention_flop(
+        args.batch, args.heads, length, length, head_dim, causal=causal, mode=mode
+    )
     row = Row(
         dtype=DTYPE_NAMES[dtype],
         mode=mode,

@@ -9,7 +9,8 @@ head dims 128 and 64, H = 16, L = S in {1k, 2k, 4k, 8k, 16k} with B * L = 16k to
 and not, forward and forward+backward.
 
 Timing: ``triton.testing.do_bench`` (median; it flushes the L2 cache before every run).
-FLOPs: forward ``4 * B * H * L * S * E`` (halved when causal); forward+backward 3.5x that.
+FLOPs: ``aigc_ext.bench.flops.attention_flop``, forward ``4 * B * H * L * S * E`` (halved when
+causal); forward+backward 3.5x that.
 Every measurement is appended to ``<out>/bench_gpu.jsonl`` at once, so a run cut short by a
 timeout keeps what it measured; ``--time-budget`` stops cleanly before that. The summary
 (``bench_gpu.json`` and a table of TFLOP/s with ours / fastest torch SDPA backend and
@@ -75,12 +76,22 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 
 
+# This script's modes as aigc_ext.bench.flops names them.
+_FLOP_MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
+
+
 def flops(b: int, h: int, lq: int, lkv: int, e: int, causal: bool, mode: str) -> float:
-    """Matmul FLOPs: forward 4 B H L S E (half when causal); forward+backward 3.5x."""
-    f = 4.0 * b * h * lq * lkv * e
-    if causal:
-        f /= 2
-    return f * (3.5 if mode == "fwdbwd" else 1.0)
+    """Matmul FLOPs of one call (``mode`` ``fwd`` or ``fwdbwd``), by the package's FLOP model.
+
+    :func:`aigc_ext.bench.flops.attention_flop`: forward ``4 B H L S E``, half when causal with
+    ``L = S``; forward+backward 3.5x. Imported here, not at the top: ``--dry-run`` turns on
+    Triton's interpreter before anything of aigc_ext is imported.
+    """
+    from aigc_ext.bench.flops import attention_flop
+
+    if mode not in _FLOP_MODES:
+        raise ValueError(f"mode: unknown value {mode!r}; expected one of {', '.join(MODES)}")
+    return attention_flop(b, h, lq, lkv, e, causal=causal, mode=_FLOP_MODES[mode])
 
 
 def _ours(torch):

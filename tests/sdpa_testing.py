@@ -1,7 +1,8 @@
 """Shared test helpers: the device under test, input factories, the fp64 oracle and the error rule.
 
-The error rule is FlashAttention's: a fused kernel in a given dtype may be at most twice as far
-from the float64 reference as PyTorch's own ``scaled_dot_product_attention`` in that dtype, plus a
+The error rule is FlashAttention's (:func:`aigc_ext.testing.check_error_rule`, which
+``aigc-ext bench`` applies too): a fused kernel in a given dtype may be at most twice as far from
+the float64 reference as PyTorch's own ``scaled_dot_product_attention`` in that dtype, plus a
 small absolute slack::
 
     max|ours - ref_fp64| <= 2 * max|torch_same_dtype - ref_fp64| + 1e-5
@@ -27,13 +28,12 @@ import torch.nn.functional as F
 
 import aigc_ext
 from aigc_ext.backends.reference.ops import sdpa_reference
+from aigc_ext.testing import ERROR_ATOL, ERROR_FACTOR, check_error_rule
 from aigc_ext.validation import validate_sdpa_args
 
 # The device the fused backends are tested on ("cpu" unless set, e.g. "cuda").
 DEVICE = os.environ.get("AIGC_EXT_TEST_DEVICE", "cpu")
 
-ERROR_FACTOR = 2.0
-ERROR_ATOL = 1e-5
 FP64_ATOL = 1e-10  # float64: ours vs the float64 reference, absolute
 
 
@@ -120,31 +120,27 @@ def assert_error_rule(
 ) -> None:
     """``max|ours - ref64| <= factor * max|baseline - ref64| + atol`` (FlashAttention's rule).
 
-    ``baseline`` is PyTorch's own result in the dtype under test; entries where it is not finite
-    are left out of its error (ours must still be finite wherever the reference is).
+    The rule is :func:`aigc_ext.testing.check_error_rule`; this raises ``AssertionError`` with
+    the numbers when it fails. ``baseline`` is PyTorch's own result in the dtype under test;
+    entries where it is not finite are left out of its error (ours must still be finite
+    wherever the reference is).
     """
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     assert ours.dtype == baseline.dtype, f"{name}: dtype {ours.dtype} != {baseline.dtype}"
-    o = ours.detach().to(torch.float64)
     r = ref64.detach().to(torch.float64)
     finite = torch.isfinite(r)
-    bad = finite & ~torch.isfinite(o)
+    bad = finite & ~torch.isfinite(ours.detach())
     assert not bad.any(), (
         f"{name}: {int(bad.sum())} non-finite values where the reference is finite"
     )
-    err = max_abs(o - r)
-    base_diff = (baseline.detach().to(torch.float64) - r).abs()
-    base_err = max_abs(base_diff[torch.isfinite(base_diff)])
+    result = check_error_rule(ours, r, baseline, factor=factor, atol=atol)
     # A large torch error would make the rule vacuous: it means the yardstick is broken.
     scale = max(1.0, max_abs(r[finite]))
-    assert base_err <= 2**-4 * scale, (
-        f"{name}: torch's own error {base_err:.3e} is implausibly large (reference max {scale:.3e})"
+    assert result.baseline_error <= 2**-4 * scale, (
+        f"{name}: torch's own error {result.baseline_error:.3e} is implausibly large "
+        f"(reference max {scale:.3e})"
     )
-    bound = factor * base_err + atol
-    assert err <= bound, (
-        f"{name}: max|ours - ref_fp64| = {err:.3e} > {factor:g} * max|torch - ref_fp64| "
-        f"({base_err:.3e}) + {atol:.1e} = {bound:.3e}"
-    )
+    assert result.ok, result.describe(name)
 
 
 def assert_fp64_close(name: str, ours: torch.Tensor, ref64: torch.Tensor, atol: float = FP64_ATOL):

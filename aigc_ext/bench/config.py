@@ -5,6 +5,9 @@ lengths, head dims, dtype, causal, mask kind, mode). Decode rows are the excepti
 step is one new query (``L = 1``) attending to a KV cache of length ``S``, so decode rows take
 their cache lengths from ``decode_seq`` (else ``kv_seq``, else ``seq``) and are never causal
 (the new query sees the whole cache).
+
+A row's FLOPs (:attr:`Case.flop`) follow :func:`aigc_ext.bench.flops.attention_flop`, the FLOP
+model the scripts in ``benchmarks/`` share; ``attention_flop`` is importable from here too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+
+from aigc_ext.bench.flops import attention_flop
 
 __all__ = [
     "DTYPES",
@@ -42,44 +47,9 @@ MAX_HEAD_DIM = 256
 # torch's generators take seeds in [-2**63, 2**64).
 SEED_RANGE = (-(1 << 63), 1 << 64)
 
-# FLOPs of each mode in units of the forward's (FlashAttention's benchmark convention: the
-# backward does 2.5x the forward's matmul work).
-MODE_FLOP_FACTOR = {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-
 
 class UsageError(ValueError):
     """A benchmark configuration that cannot run (the command exits with code 2)."""
-
-
-def attention_flop(
-    batch: int,
-    heads: int,
-    seq_q: int,
-    seq_kv: int,
-    head_dim: int,
-    head_dim_v: int | None = None,
-    causal: bool = False,
-    mode: str = "fwd",
-) -> float:
-    """Floating-point operations of one attention call, counted as FlashAttention does.
-
-    Forward: ``2*B*H*L*S*E`` for ``Q K^T`` plus ``2*B*H*L*S*Ev`` for ``P V`` (``4*B*H*L*S*E``
-    when ``Ev == E``), halved for causal attention with ``L == S``. With ``L != S`` the causal
-    (top-left aligned) mask keeps ``min(i + 1, S)`` keys for query ``i``, and exactly that
-    fraction is counted. ``bwd`` counts 2.5x the forward and ``fwd+bwd`` 3.5x.
-    """
-    if mode not in MODE_FLOP_FACTOR:
-        raise ValueError(f"mode: unknown value {mode!r}; expected one of {', '.join(MODES)}")
-    ev = head_dim if head_dim_v is None else head_dim_v
-    flop = 2.0 * batch * heads * seq_q * seq_kv * (head_dim + ev)
-    if causal and seq_q * seq_kv > 0:
-        if seq_q == seq_kv:
-            flop /= 2
-        else:
-            full = min(seq_q, seq_kv)  # query rows i < S see i + 1 keys, later rows all S
-            visible = full * (full + 1) // 2 + (seq_q - full) * seq_kv
-            flop *= visible / (seq_q * seq_kv)
-    return flop * MODE_FLOP_FACTOR[mode]
 
 
 @dataclass(frozen=True)
@@ -118,6 +88,7 @@ class Case:
 
     @property
     def flop(self) -> float:
+        """FLOPs of the row (:func:`~aigc_ext.bench.flops.attention_flop`)."""
         return attention_flop(
             self.batch,
             self.heads,
