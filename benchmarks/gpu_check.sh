@@ -6,7 +6,7 @@
 # On a machine with one CUDA GPU and torch + Triton already installed (nothing is downloaded):
 #   1. installs this package in place (pip install --no-build-isolation --no-deps --no-index -e .;
 #      builds the C++ CPU extension, about 1-2 minutes);
-#   2. runs the triton tests on the GPU (tests/test_triton*.py and the contract suite's triton
+#   2. runs the triton tests on the GPU (tests/attention/test_triton*.py and the contract suite's triton
 #      cases, AIGC_EXT_TEST_DEVICE=cuda), split over parallel pytest processes because Triton
 #      compiles kernels on one core per process;
 #   3. benchmarks the triton backend against torch's SDPA backends (flash, efficient, cuDNN),
@@ -95,7 +95,7 @@ TEST_SECS=$(allot 170 170)
 SHARDS=${SHARDS:-$(( NPROC > 16 ? 8 : (NPROC + 1) / 2 ))}
 export AIGC_EXT_TEST_DEVICE=cuda
 PYTEST_ARGS=(-p no:cacheprovider -rfEs -v --maxfail=200)
-TEST_SEL=(tests/test_triton.py tests/test_triton_tools.py tests/test_attention_contract.py -k triton)
+TEST_SEL=(tests/attention/test_triton.py tests/attention/test_triton_nonfinite.py tests/attention/test_triton_opcheck.py tests/attention/test_triton_tools.py tests/attention/test_attention_contract.py -k triton)
 if "$PY" -c "import xdist" 2>/dev/null; then
   run tests "$TEST_SECS" "$PY" -m pytest "${TEST_SEL[@]}" "${PYTEST_ARGS[@]}" -n "$SHARDS"
 else

@@ -6,7 +6,7 @@ available fused backend that runs on the device under test (``AIGC_EXT_TEST_DEVI
 
 Without a CUDA device the triton backend is exercised on CPU tensors through Triton's
 interpreter (turned on here, before anything imports Triton); it then runs its own small-shape
-suite (``tests/test_triton.py``) rather than this whole contract suite.
+suite (``tests/attention/test_triton.py``) rather than this whole contract suite.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sdpa_testing import DEVICE, fused_backends  # noqa: E402
 from aigc_ext import dispatch  # noqa: E402
 
 # Backends that run on the device under test only through an interpreter: far too slow for the
-# whole contract suite, they run their own tests on small shapes (tests/test_triton.py) unless
+# whole contract suite, they run their own tests on small shapes (tests/attention/test_triton.py) unless
 # AIGC_EXT_TEST_INTERPRETED=1 asks for the contract suite too.
 INTERPRETED_BACKENDS = (
     {"triton"} if DEVICE == "cpu" and os.environ.get("AIGC_EXT_TEST_INTERPRETED") != "1" else set()

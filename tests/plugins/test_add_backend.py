@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "aigc_ext"
 DOC = ROOT / "docs" / "backends.md"
 TABLE = Path("default_plugins") / "backends.py"

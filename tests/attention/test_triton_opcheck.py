@@ -1,7 +1,7 @@
 """``torch.library.opcheck`` of the Triton operators, and their fake kernels' argument checks.
 
 ``torch.ops.aigc_ext.triton_attention_forward`` / ``_backward`` get the same opcheck as the C++
-operators (``tests/test_ops.py``), on small fp32 and fp16 inputs: schema, autograd registration,
+operators (``tests/attention/test_ops.py``), on small fp32 and fp16 inputs: schema, autograd registration,
 fake tensors and AOT dispatch with dynamic shapes, i.e. every test opcheck runs by default.
 Under Triton's interpreter (no GPU; ``tests/conftest.py`` sets ``TRITON_INTERPRET=1``) the
 operators are opaque ``torch.library.custom_op`` operators with explicit fake kernels, because

@@ -233,7 +233,7 @@ def test_opinfo_cross_rank_samples_triton(dtype):
     """The Triton kernels on the samples whose batch dims broadcast across ranks, one causal and
     one not (through Triton's interpreter on the CPU: it is slow). In bfloat16 they round P and
     dS to bfloat16 as FlashAttention-2 does, which torch's CPU kernels do not: a factor of 4
-    there, as in tests/test_triton.py."""
+    there, as in tests/attention/test_triton.py."""
     if aigc_ext.dispatch.get_backend("triton").why_unavailable() is not None:
         pytest.skip("the triton backend is not available here")
     cross = [i for i, s in enumerate(_SAMPLES) if s.input.dim() != s.args[0].dim()]

@@ -26,7 +26,7 @@ from aigc_ext.testing import (
     within_bound,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F64 = torch.float64
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sdpa_testing import DEVICE, fused_backends
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ptxas_available() -> bool:

@@ -42,7 +42,7 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAN, INF = float("nan"), float("inf")
 ON_GPU = DEVICE == "cuda" and not triton_backend.interpreter_enabled()
 DTYPES = [F32, F16, *([BF16] if ON_GPU else [])]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     TRITON not in fused_backends(DEVICE), reason=f"the triton backend does not run on {DEVICE!r}"

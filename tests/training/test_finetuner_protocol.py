@@ -16,7 +16,7 @@ from aigc_ext.testing import register_plugin
 from aigc_ext.training import train
 from aigc_ext.training.outputs import ADAPTER_DIR
 
-TRAINING = Path(__file__).resolve().parents[1] / "aigc_ext" / "training"
+TRAINING = Path(__file__).resolve().parents[2] / "aigc_ext" / "training"
 
 
 class AdaptsWithoutSaving:

@@ -14,7 +14,7 @@ import torch
 
 import aigc_ext  # noqa: F401  (loads the operators)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "benchmarks" / "fma_probe.cpp"
 # No CPU today exceeds ~350 fp32 GFLOP/s per core (2 x 512-bit FMA units at ~5 GHz).
 PLAUSIBLE_PER_CORE = (0.5, 2000.0)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "aigc_ext"
+PACKAGE = Path(__file__).resolve().parents[2] / "aigc_ext"
 EXTENSIONS = ("aigc_ext._C",)  # compiled modules: no source, no imports
 # Function-level cycles that are known and allowed, as (module, module) edges that close them:
 # load_config(check_names=True) resolves the names with build.resolve, and build imports the
