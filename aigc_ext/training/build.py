@@ -14,6 +14,7 @@ every configuration mistake is a :class:`~aigc_ext.training.ConfigError` naming 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,13 @@ from typing import Any
 import torch
 
 from aigc_ext.training.components import DataBundle
-from aigc_ext.training.config import ComponentConfig, ConfigError, RunConfig, TrainConfig
+from aigc_ext.training.config import (
+    ComponentConfig,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    read_config,
+)
 from aigc_ext.training.schedule import WarmupCosine
 
 __all__ = [
@@ -254,3 +261,19 @@ def build_optimizer(
     )
     fp16 = run.precision == "fp16" and device.type == "cuda"
     return Optimisation(optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=fp16))
+
+
+def load_config(
+    source: TrainConfig | Mapping[str, Any] | str | os.PathLike,
+    *,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    check_names: bool = True,
+) -> TrainConfig:
+    """Reads and checks a training configuration (:func:`~aigc_ext.training.config.read_config`)
+    and, with ``check_names``, does the dry run of the build: :func:`resolve` looks every name up
+    (an unknown one lists the available ones) and checks that the options name parameters of
+    their factories, building nothing. Raises :class:`ConfigError`."""
+    config = read_config(source, overrides=overrides)
+    if check_names:
+        resolve(config)
+    return config

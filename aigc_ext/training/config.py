@@ -47,8 +47,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "config_diff",
-    "load_config",
     "parse_override",
+    "read_config",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -494,22 +494,19 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_config(
+def read_config(
     source: TrainConfig | Mapping[str, Any] | str | os.PathLike,
     *,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
-    check_names: bool = True,
 ) -> TrainConfig:
-    """Reads and checks a training configuration.
+    """Reads and checks a training configuration, without looking its names up.
 
     ``source`` is a TOML file (or a JSON file with the same layout, such as the ``config.json``
     a run writes), a dict, or a :class:`TrainConfig`.
     ``recipe = "NAME"`` at the top level starts from that recipe's configuration, which the
     source's values update. ``overrides`` (``["run.lr=1e-3", ...]`` or ``{"run.lr": 1e-3}``)
-    come last. ``check_names`` also checks that the model, dataset and strategies named exist
-    (an unknown name lists the available ones) and that their options name parameters of
-    their factories: :func:`aigc_ext.training.build.resolve`, which builds nothing. Raises
-    :class:`ConfigError`.
+    come last. :func:`aigc_ext.training.build.load_config` adds the check that the model,
+    dataset and strategies named exist and take the options given. Raises :class:`ConfigError`.
     """
     if isinstance(source, TrainConfig):
         raw, origin = source.to_dict(), "configuration"
@@ -542,12 +539,7 @@ def load_config(
         if key != "recipe":
             _apply_override(raw, key, value)
     raw = _flatten(raw, origin)
-    config = _build(raw)
-    if check_names:  # a dry run of the build: names looked up, option keys checked
-        from aigc_ext.training.build import resolve
-
-        resolve(config)
-    return config
+    return _build(raw)
 
 
 def _build(raw: dict[str, Any]) -> TrainConfig:

@@ -28,7 +28,7 @@ import torch
 from aigc_ext import lifecycle
 from aigc_ext.training import build, distributed, outputs
 from aigc_ext.training import checkpoint as ckpt
-from aigc_ext.training.config import ConfigError, TrainConfig, load_config
+from aigc_ext.training.config import ConfigError, TrainConfig, read_config
 from aigc_ext.training.distributed import check_backend_override, resolve_device
 from aigc_ext.training.outputs import RunResult
 from aigc_ext.training.resume import finished_result, resume_or_start
@@ -91,7 +91,7 @@ def train(
     backend among them) and :class:`~aigc_ext.training.CheckpointError` when no checkpoint can
     be resumed from.
     """
-    cfg = load_config(config, overrides=overrides, check_names=False)
+    cfg = read_config(config, overrides=overrides)
     return _Run(build.resolve(cfg), resume).execute()
 
 

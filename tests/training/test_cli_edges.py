@@ -21,7 +21,8 @@ from aigc_ext.bench import measure, runner
 from aigc_ext.bench.config import MAX_HEAD_DIM, BenchConfig, UsageError
 from aigc_ext.cli import main
 from aigc_ext.testing import register_plugin
-from aigc_ext.training.config import MAX_CONFIG_BYTES, ConfigError, load_config, parse_override
+from aigc_ext.training import load_config
+from aigc_ext.training.config import MAX_CONFIG_BYTES, ConfigError, parse_override
 
 DEEP = 20_000  # nesting far beyond Python's recursion limit
 

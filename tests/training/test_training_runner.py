@@ -25,8 +25,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import aigc_ext
 from aigc_ext import hookimpl
 from aigc_ext.testing import register_plugin
-from aigc_ext.training import DataOrder, components, lr_multiplier, train
-from aigc_ext.training.config import ConfigError, load_config
+from aigc_ext.training import DataOrder, components, load_config, lr_multiplier, train
+from aigc_ext.training.config import ConfigError
 
 VOCAB = 16
 MODEL = "test-tiny-lm"
