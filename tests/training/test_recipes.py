@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from aigc_ext import cli
-from aigc_ext.training import components, recipes, train
-from aigc_ext.training.config import load_config
+from aigc_ext.training import components, load_config, recipes, train
 
 RECIPES = (
     "clm-pretrain",
