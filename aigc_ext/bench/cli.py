@@ -27,6 +27,7 @@ List options take space- or comma-separated values; options given with --quick o
 override the preset. Exit codes: 0 ok, 1 a row fails the error rule (or an aigc_ext backend
 raised), 2 usage error, 130 interrupted.
 Compare two runs: aigc-ext bench compare A.json B.json [--threshold 0.05].
+FlashAttention features instead of the sweep: aigc-ext bench --feature all [--quick].
 """
 
 _SWEEP_INT = {
@@ -102,6 +103,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of throughput vs length")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--feature",
+        nargs="+",
+        metavar="NAME",
+        help="instead of the sweep, benchmark FlashAttention features of the CPU operators: "
+        "varlen window softcap paged-decode, or all (takes --quick --dtype --mode --reps "
+        "--warmup --threads --seed --json; see docs/benchmarking.md)",
+    )
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -240,6 +249,10 @@ def _error(message: str) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "bench_command", None) == "compare":
         return _compare(args)
+    if getattr(args, "feature", None) is not None:
+        from aigc_ext.bench.features.cli import run_command
+
+        return run_command(args)
     return _bench(args)
 
 
