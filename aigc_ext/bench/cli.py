@@ -109,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="instead of the sweep, benchmark FlashAttention features of the CPU operators: "
         "varlen window softcap paged-decode, or all (takes --quick --dtype --mode --reps "
-        "--warmup --threads --seed --json; see docs/benchmarking.md)",
+        "--warmup --threads --seed --max-time --json; see docs/benchmarking.md)",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,22 @@ def test_alternate_times_every_contender_once_per_run_in_rotating_order():
     runs = [calls[3 + 3 * r : 6 + 3 * r] for r in range(4)]
     assert runs == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert all(len(t) == 4 and min(t) >= 0 for t in times.values())
+
+
+def test_a_time_limit_stops_the_runs_but_not_below_three():
+    def slow() -> None:
+        time.sleep(0.002)
+
+    limited = timing.alternate({"a": slow, "b": slow}, reps=10, max_time_s=1e-3)
+    assert [len(t) for t in limited.values()] == [timing.MIN_REPS] * 2
+    few = timing.alternate({"a": slow}, reps=2, max_time_s=1e-3)
+    assert len(few["a"]) == 2
+    unlimited = timing.alternate({"a": slow}, reps=5, max_time_s=60.0)
+    assert len(unlimited["a"]) == 5
+    checked = timing.Timing(reps=2, warmup=1)
+    calls: list[int] = []
+    checked.run({"a": lambda: calls.append(1)}, checked=True)
+    assert len(calls) == 2  # the check call was the warm-up round
 
 
 @pytest.mark.parametrize("reps, warmup", [(0, 0), (2, -1)])
@@ -278,7 +295,7 @@ def test_command_prints_tables_and_writes_json(tiny_quick, tmp_path, capsys):
     out = tmp_path / "features.json"
     code = _bench(
         "--feature", "softcap,paged-decode", "--quick", "--dtype", "fp32", "--reps", "2",
-        "--no-progress", "--json", str(out),
+        "--max-time", "30", "--no-progress", "--json", str(out),
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -291,6 +308,7 @@ def test_command_prints_tables_and_writes_json(tiny_quick, tmp_path, capsys):
     assert [r["feature"] for r in doc["rows"]] == ["softcap"] * 2 + ["paged-decode"] * 2
     assert all(r["ratio"]["n"] == 2 and r["holds"] in (True, False) for r in doc["rows"])
     assert doc["config"]["features"] == ["softcap", "paged-decode"]
+    assert doc["config"]["max_time_s"] == 30.0 and doc["config"]["preset"] == "quick"
 
 
 def test_failed_output_check_exits_1(tiny_quick, monkeypatch, capsys):
@@ -313,6 +331,8 @@ def test_failed_output_check_exits_1(tiny_quick, monkeypatch, capsys):
         (["--feature", "all", "--reps", "0"], "--reps"),
         (["--feature", "all", "--threads", "0"], "--threads"),
         (["--feature", "all", "--device", "cuda"], "--device"),
+        (["--feature", "all", "--max-time", "0"], "--max-time"),
+        (["--feature", "all", "--plot", "x.png"], "--plot"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(args, names, capsys):

@@ -1,8 +1,8 @@
 """``aigc-ext bench --feature NAME``: the feature benchmarks from the bench command line.
 
 The options it takes are the bench command's ``--quick`` (and ``--full``, the default sizes),
-``--dtype``, ``--mode``, ``--reps``, ``--warmup``, ``--threads``, ``--seed``, ``--json`` and
-``--no-progress``; every sweep option (``--seq``, ``--backends``, ...) is a usage error here.
+``--dtype``, ``--mode``, ``--reps``, ``--warmup``, ``--threads``, ``--seed``, ``--max-time``,
+``--json`` and ``--no-progress``; every sweep option (``--seq``, ``--backends``, ...) is a usage error here.
 Exit codes: 0 every row ran and passed its output check (a missed target is reported, not an
 error), 1 a check failed or an operator raised, 2 usage error, 130 interrupted.
 """
@@ -31,6 +31,7 @@ ACCEPTED_OPTIONS = (
     "--warmup",
     "--threads",
     "--seed",
+    "--max-time",
     "--json",
     "--no-progress",
 )
@@ -49,7 +50,6 @@ _SWEEP_ONLY = (
     "backends",
     "shape",
     "flex_compile_budget",
-    "max_time",
     "no_memory",
     "csv",
     "plot",
@@ -79,9 +79,15 @@ def config_from_args(args: argparse.Namespace) -> FeatureConfig:
         over["dtypes"] = tuple(_DTYPE_ALIASES.get(d.lower(), d.lower()) for d in _split(args.dtype))
     if getattr(args, "mode", None):
         over["modes"] = tuple(m.lower() for m in _split(args.mode))
-    for name in ("reps", "warmup", "threads", "seed"):
-        if getattr(args, name, None) is not None:
-            over[name] = getattr(args, name)
+    for option, name in (
+        ("reps", "reps"),
+        ("warmup", "warmup"),
+        ("threads", "threads"),
+        ("seed", "seed"),
+        ("max_time", "max_time_s"),
+    ):
+        if getattr(args, option, None) is not None:
+            over[name] = getattr(args, option)
     config = config.with_overrides(**over)
     config.validate()
     return config

@@ -176,6 +176,9 @@ class FeatureConfig:
     bf16_fallback: Sizes = QUICK_SIZES
     reps: int = 5
     warmup: int = 1
+    # A comparison stops timing once its runs add up to this (after at least 3 runs; None: all
+    # ``reps`` runs): the forward+backward of a padded batch takes seconds per run.
+    max_time_s: float | None = 40.0
     seed: int = 0
     threads: int | None = None  # None: torch's current thread count
     preset: str = "full"
@@ -207,6 +210,13 @@ class FeatureConfig:
             raise UsageError(f"reps (--reps): must be an integer >= 1, got {self.reps!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise UsageError(f"warmup (--warmup): must be an integer >= 0, got {self.warmup!r}")
+        if self.max_time_s is not None and not (
+            isinstance(self.max_time_s, int | float) and 0 < self.max_time_s < float("inf")
+        ):
+            raise UsageError(
+                f"max_time_s (--max-time): must be a finite number of seconds > 0, "
+                f"got {self.max_time_s!r}"
+            )
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UsageError(f"threads (--threads): must be an integer >= 1, got {self.threads!r}")
         low, high = SEED_RANGE
@@ -250,10 +260,13 @@ def parse_features(values: list[str]) -> tuple[str, ...]:
 
 
 def full_feature_config() -> FeatureConfig:
-    """The tracked problems, 5 runs per row (a few minutes on 2 cores)."""
+    """The tracked problems, 5 runs per comparison or fewer (at least 3) past 40 s of timed
+    runs: a few minutes on 2 cores."""
     return FeatureConfig()
 
 
 def quick_feature_config() -> FeatureConfig:
-    """Smaller problems and 3 runs per row: about a minute on 2 cores."""
-    return FeatureConfig(sizes=QUICK_SIZES, bf16_fallback=QUICK_SIZES, reps=3, preset="quick")
+    """Smaller problems and 3 runs per comparison: about a minute on 2 cores."""
+    return FeatureConfig(
+        sizes=QUICK_SIZES, bf16_fallback=QUICK_SIZES, reps=3, max_time_s=None, preset="quick"
+    )

@@ -18,7 +18,7 @@ import torch
 from aigc_ext.bench.features.common import OUTPUT_TOLERANCE, flash_ops, max_abs_diff, randn
 from aigc_ext.bench.features.config import PagedSizes
 from aigc_ext.bench.features.rows import FeatureRow, Target, timed_row
-from aigc_ext.bench.features.timing import alternate, paired_ratio
+from aigc_ext.bench.features.timing import Timing, paired_ratio
 
 __all__ = ["TARGET", "describe", "measure_paged_decode", "paged_copy"]
 
@@ -58,8 +58,7 @@ def measure_paged_decode(
     sizes: PagedSizes,
     dtype: torch.dtype,
     dtype_name: str,
-    reps: int,
-    warmup: int,
+    timing: Timing,
     seed: int,
     problem: str | None = None,
 ) -> list[FeatureRow]:
@@ -84,7 +83,7 @@ def measure_paged_decode(
 
         calls[f"paged{size}"] = paged
     outputs = {name: call() for name, call in calls.items()}
-    times = alternate(calls, reps, max(warmup - 1, 0))
+    times = timing.run(calls, checked=True)
     rows = []
     for size in sizes.page_sizes:
         rows.append(

@@ -20,8 +20,8 @@ __all__ = ["SCHEMA", "document", "machine_line", "print_feature_tables", "write_
 SCHEMA = "aigc_ext.bench.features/1"
 
 CAPTION = (
-    "ms: median (min-max) over the timed runs; in every run each contender runs once, one after "
-    "another, in rotating order. value: median (min-max) of the per-run ratios. holds: the "
+    "ms: median (min-max) over the timed runs (runs: how many); in every run each contender runs "
+    "once, one after another, in rotating order. value: median (min-max) of the per-run ratios. holds: the "
     "median against the target. max|diff|: max |measured - against| over the output, where "
     "both compute the same attention."
 )
@@ -110,6 +110,7 @@ def print_feature_tables(
             ("ms", None),
             ("against", 12),
             ("ms ", None),
+            ("runs", None),
             ("ratio", 10),
             ("value", None),
             ("target", None),
@@ -136,6 +137,7 @@ def print_feature_tables(
                 _ms(r.subject_ms),
                 Text(r.baseline),
                 _ms(r.baseline_ms),
+                "-" if r.ratio is None else str(r.ratio.n),
                 Text(r.ratio_name),
                 _ratio(r.ratio),
                 "-" if r.target is None else str(r.target),

@@ -11,6 +11,7 @@ import torch
 from aigc_ext.bench.features import paged_decode, softcap, varlen, window
 from aigc_ext.bench.features.config import DTYPES, FeatureConfig, Sizes
 from aigc_ext.bench.features.rows import FeatureRow, error_row
+from aigc_ext.bench.features.timing import Timing
 
 __all__ = ["BF16_WARNING", "Job", "exit_code", "plan", "run_features"]
 
@@ -71,7 +72,7 @@ def plan(config: FeatureConfig, bf16_hardware: bool | None = None) -> list[Job]:
 def _measure(job: Job, config: FeatureConfig) -> list[FeatureRow]:
     dtype = DTYPES[job.dtype]
     args = (dtype, job.dtype)
-    timing = (config.reps, config.warmup, config.seed)
+    timing = (Timing(config.reps, config.warmup, config.max_time_s), config.seed)
     problem = job.problem(config.seed)
     if job.feature == "varlen":
         return varlen.measure_varlen(job.sizes.varlen, *args, job.modes, *timing, problem)

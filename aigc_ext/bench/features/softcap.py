@@ -12,7 +12,7 @@ import torch
 from aigc_ext.bench.features.common import flash_ops, randn
 from aigc_ext.bench.features.config import SoftcapSizes
 from aigc_ext.bench.features.rows import FeatureRow, Target, timed_row
-from aigc_ext.bench.features.timing import alternate, paired_ratio
+from aigc_ext.bench.features.timing import Timing, paired_ratio
 
 __all__ = ["TARGET", "describe", "measure_softcap"]
 
@@ -31,8 +31,7 @@ def measure_softcap(
     sizes: SoftcapSizes,
     dtype: torch.dtype,
     dtype_name: str,
-    reps: int,
-    warmup: int,
+    timing: Timing,
     seed: int,
     problem: str | None = None,
 ) -> list[FeatureRow]:
@@ -50,7 +49,7 @@ def measure_softcap(
         def plain(causal: bool = causal) -> torch.Tensor:
             return forward(q, k, v, scale=scale, causal=causal)[0]
 
-        times = alternate({"softcap": capped, "plain": plain}, reps, warmup)
+        times = timing.run({"softcap": capped, "plain": plain})
         what = "causal" if causal else "non-causal"
         rows.append(
             timed_row(

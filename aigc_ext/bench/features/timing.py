@@ -15,7 +15,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Stats", "alternate", "paired_ratio"]
+__all__ = ["MIN_REPS", "Stats", "Timing", "alternate", "paired_ratio"]
+
+# The fewest timed runs a comparison gets when a time limit stops it early (fewer only when
+# fewer are asked for).
+MIN_REPS = 3
 
 
 @dataclass(frozen=True)
@@ -42,19 +46,26 @@ class Stats:
 
 
 def alternate(
-    contenders: Mapping[str, Callable[[], object]], reps: int, warmup: int = 0
+    contenders: Mapping[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 0,
+    max_time_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Times every contender once per run, ``reps`` runs, after ``warmup`` untimed rounds.
 
     Returns the seconds of each run per contender name, in run order, so that entry ``i`` of
     two contenders was measured in the same run. Run ``r`` starts with contender
-    ``r % len(contenders)``. The garbage collector is paused while timing (tensors are freed
-    by reference counting; a collection would land in one contender's time).
+    ``r % len(contenders)``. With ``max_time_s``, runs stop once the timed runs add up to
+    that many seconds, after at least ``min(reps, MIN_REPS)`` runs. The garbage collector is
+    paused while timing (tensors are freed by reference counting; a collection would land in
+    one contender's time).
     """
     if reps < 1:
         raise ValueError(f"alternate: reps must be >= 1, got {reps}")
     if warmup < 0:
         raise ValueError(f"alternate: warmup must be >= 0, got {warmup}")
+    if max_time_s is not None and not max_time_s > 0:
+        raise ValueError(f"alternate: max_time_s must be > 0, got {max_time_s!r}")
     names = list(contenders)
     if not names:
         raise ValueError("alternate: no contenders")
@@ -65,6 +76,7 @@ def alternate(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        spent = 0.0
         for r in range(reps):
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
@@ -72,10 +84,31 @@ def alternate(
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                spent += times[name][-1]
+            if max_time_s is not None and spent >= max_time_s and r + 1 >= min(reps, MIN_REPS):
+                break
     finally:
         if was_enabled:
             gc.enable()
     return times
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How each comparison is timed: at most ``reps`` runs (fewer once they add up to
+    ``max_time_s``), after ``warmup`` untimed rounds."""
+
+    reps: int = 5
+    warmup: int = 1
+    max_time_s: float | None = None
+
+    def run(
+        self, contenders: Mapping[str, Callable[[], object]], checked: bool = False
+    ) -> dict[str, list[float]]:
+        """:func:`alternate` with these settings; ``checked``: every contender was just called
+        once (for the output check), which counts as the first warm-up round."""
+        warmup = max(self.warmup - 1, 0) if checked else self.warmup
+        return alternate(contenders, self.reps, warmup, self.max_time_s)
 
 
 def paired_ratio(

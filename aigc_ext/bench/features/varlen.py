@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from aigc_ext.bench.features.common import OUTPUT_TOLERANCE, flash_ops, max_abs_diff, randn
 from aigc_ext.bench.features.config import VarlenSizes
 from aigc_ext.bench.features.rows import FeatureRow, Target, timed_row
-from aigc_ext.bench.features.timing import alternate, paired_ratio
+from aigc_ext.bench.features.timing import Timing, paired_ratio
 
 __all__ = ["TARGET", "VarlenBatch", "draw_lengths", "make_batch", "measure_varlen"]
 
@@ -155,8 +155,7 @@ def measure_varlen(
     dtype: torch.dtype,
     dtype_name: str,
     modes: tuple[str, ...],
-    reps: int,
-    warmup: int,
+    timing: Timing,
     seed: int,
     problem: str | None = None,
 ) -> list[FeatureRow]:
@@ -176,7 +175,7 @@ def measure_varlen(
             ours = calls["ours"]()
             padded = batch.unpad(calls["padded"]())
             loop = torch.cat([o[0].transpose(0, 1) for o in calls["loop"]()], dim=0)
-            times = alternate(calls, reps, max(warmup - 1, 0))
+            times = timing.run(calls, checked=True)
             tol = OUTPUT_TOLERANCE[dtype]
             common = dict(feature="varlen", problem=problem, dtype=dtype_name, mode=mode, note=NOTE)
             rows.append(

@@ -28,7 +28,7 @@ import torch
 from aigc_ext.bench.features.common import OUTPUT_TOLERANCE, flash_ops, max_abs_diff, randn
 from aigc_ext.bench.features.config import WindowSizes
 from aigc_ext.bench.features.rows import FeatureRow, Target, timed_row
-from aigc_ext.bench.features.timing import alternate, paired_ratio
+from aigc_ext.bench.features.timing import Timing, paired_ratio
 
 __all__ = [
     "FULL_TARGET",
@@ -74,8 +74,7 @@ def measure_window(
     sizes: WindowSizes,
     dtype: torch.dtype,
     dtype_name: str,
-    reps: int,
-    warmup: int,
+    timing: Timing,
     seed: int,
     problem: str | None = None,
 ) -> list[FeatureRow]:
@@ -97,7 +96,7 @@ def measure_window(
     windowed, full, short = (calls[name]() for name in ("window", "full", "short"))
     diff = max(max_abs_diff(windowed[:, :w], short), max_abs_diff(full[:, :w], short))
     del windowed, full, short
-    times = alternate(calls, reps, max(warmup - 1, 0))
+    times = timing.run(calls, checked=True)
     tol = OUTPUT_TOLERANCE[dtype]
     common = dict(
         feature="window",
