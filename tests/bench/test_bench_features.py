@@ -122,6 +122,14 @@ def test_target_and_check_status():
     assert check_status(None, None) == "ok"
 
 
+def test_milliseconds_print_without_exponents():
+    from aigc_ext.bench.features.report import _ms
+
+    assert _ms(timing.Stats(11283.4, 11110.2, 13220.9, 3)) == "11283 (11110-13221)"
+    assert _ms(timing.Stats(12.34, 0.01234, 99.96, 3)) == "12.3 (0.0123-100)"
+    assert _ms(None) == "-"
+
+
 # ----------------------------------------------------------------------------- problems
 
 

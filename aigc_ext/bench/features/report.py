@@ -49,10 +49,17 @@ def machine_line(doc: dict | None = None) -> str:
     )
 
 
+def _num(x: float) -> str:
+    """Milliseconds with three or four significant digits and no exponent."""
+    if x >= 99.95:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if x >= 9.995 else f"{x:.3g}"
+
+
 def _ms(s: Stats | None) -> str:
     if s is None:
         return "-"
-    return f"{s.median:.4g} ({s.min:.4g}-{s.max:.4g})"
+    return f"{_num(s.median)} ({_num(s.min)}-{_num(s.max)})"
 
 
 def _ratio(s: Stats | None) -> str:
