@@ -11,7 +11,8 @@ copies), and is differentiable by autograd in q, k, v and sinks.
 ``lse``, ``D = rowsum(dO * O)``, the dropout mask regenerated): what ``flash_backward``
 computes, checked against autograd through :func:`flash_reference`.
 
-Each function validates its arguments first (:mod:`aigc_ext.flash.checks`, values included).
+Each function validates its arguments first (:mod:`aigc_ext.flash.checks`, values included),
+so it also serves to check a call's arguments before they reach a kernel.
 """
 
 from __future__ import annotations
@@ -21,14 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from aigc_ext.flash.checks import check_flash_backward, check_flash_forward, lse_dtype
 from aigc_ext.flash.philox import dropout_keep_mask
 
 __all__ = ["dropout_keep_mask", "flash_reference", "flash_reference_backward", "lse_dtype"]
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The contract's logsumexp dtype for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -194,15 +191,6 @@ def _attend(qb, kb, vb, seq: _Sequence, opts: _Options):
     return torch.einsum("hls,shd->lhd", p, v_rep), lse
 
 
-def _validate(**kwargs) -> None:
-    """The few checks the reference needs to pick a layout (the full checks come with the
-    operators' argument checks)."""
-    if (kwargs["cu_seqlens_q"] is None) != (kwargs["cu_seqlens_k"] is None):
-        raise ValueError("flash_reference: cu_seqlens_q and cu_seqlens_k are given together")
-    if kwargs.get("dropout_p", 0.0) > 0 and kwargs.get("rng_state") is None:
-        raise ValueError("flash_reference: dropout_p > 0 needs rng_state [seed, offset]")
-
-
 def flash_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,7 +221,7 @@ def flash_reference(
     too, for float64 gradient checks); ``lse`` is float32, or float64 for float64 inputs.
     ``max_seqlen_*`` and ``num_splits`` only size a kernel's work: they are validated, not used.
     """
-    _validate(
+    check_flash_forward(
         q=q,
         k=k,
         v=v,
@@ -255,6 +243,9 @@ def flash_reference(
         rng_state=rng_state,
         sinks=sinks,
         num_splits=num_splits,
+        check_values=True,
+        float64_params=True,
+        op="flash_reference",
     )
     opts = _options(
         q,
@@ -319,11 +310,28 @@ def flash_reference_backward(
     ``dS = P * (dP - D)``, with the dropout mask regenerated from ``rng_state`` and the softcap's
     derivative ``1 - tanh^2`` applied before the scale.
     """
-    _validate(
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
+    check_flash_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        rng_state,
+        check_values=True,
+        float64_params=True,
+        op="flash_reference_backward",
     )
     opts = _options(
         q,
