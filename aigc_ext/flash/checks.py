@@ -160,16 +160,11 @@ def _check_qkv(c: _Checker, q, k, v, varlen: bool, paged: bool) -> tuple[int, in
         )
     if not (q.device == k.device == v.device):
         c.fail(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
-    q_dims = 3 if varlen else 4
-    kv_dims = 4 if paged or not varlen else 3
+    q_dims = kv_dims = 3 if varlen else 4
     q_form = "(total_q, Hq, D)" if varlen else "(B, Lq, Hq, D)"
-    kv_form = (
-        "(num_pages, page_size, Hkv, D)"
-        if paged
-        else "(total_k, Hkv, D)"
-        if varlen
-        else "(B, S, Hkv, D)"
-    )
+    kv_form = "(total_k, Hkv, D)" if varlen else "(B, S, Hkv, D)"
+    if paged:
+        kv_form = "(num_pages, page_size, Hkv, D)"
     if q.dim() != q_dims:
         c.fail(f"q must be {q_dims}-D {q_form}; got shape {_shape(q)}")
     for name, t in (("k", k), ("v", v)):
@@ -242,7 +237,7 @@ def _check_params(c, q, batch, heads_q, alibi_slopes, dropout_p, rng_state, sink
         c.fail(f"dropout_p = {dropout_p} needs rng_state (an int64 tensor [seed, offset])")
 
 
-def _check_cu_values(c, name, cu, packed: int | None, packed_name: str, max_seqlen: int):
+def _check_cu_values(c, name, cu, packed: int, packed_name: str, max_seqlen: int):
     """``cu`` starts at 0, does not decrease, ends within the packed rows, and no length
     exceeds ``max_seqlen``; returns the lengths."""
     vals = cu.tolist()
@@ -251,7 +246,7 @@ def _check_cu_values(c, name, cu, packed: int | None, packed_name: str, max_seql
     lengths = [b - a for a, b in itertools.pairwise(vals)]
     if any(n < 0 for n in lengths):
         c.fail(f"{name} must be non-decreasing; got {_values(cu)}")
-    if packed is not None and vals[-1] > packed:
+    if vals[-1] > packed:
         c.fail(
             f"{name}[-1] = {vals[-1]} is past the end of {packed_name} ({packed} rows); got "
             f"{_values(cu)}"
@@ -266,192 +261,173 @@ def _check_cu_values(c, name, cu, packed: int | None, packed_name: str, max_seql
     return lengths
 
 
-def _check_cache_values(
-    c, layout: FlashLayout, k, lengths_k, seqused_k, leftpad_k, kv_batch_idx, block_table
-) -> None:
+class _Ints(NamedTuple):
+    """The integer tensors of a call and the lengths they go with."""
+
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seqused_k: torch.Tensor | None
+    leftpad_k: torch.Tensor | None
+    kv_batch_idx: torch.Tensor | None
+    block_table: torch.Tensor | None
+
+    def cache(self) -> list[str]:
+        """The KV-cache arguments given."""
+        names = ("seqused_k", "leftpad_k", "kv_batch_idx", "block_table")
+        return [name for name in names if getattr(self, name) is not None]
+
+
+def _check_cache_values(c, layout: FlashLayout, k, a: _Ints) -> None:
     """seqused_k within the cache and >= leftpad_k; kv_batch_idx and the pages in use in range."""
-    batch = layout.batch
+    batch, table = layout.batch, a.block_table
     if layout.paged:
         page_size, num_pages = k.shape[1], k.shape[0]
-        capacity = torch.full((batch,), block_table.shape[1] * page_size, dtype=torch.int64)
-        where = f"the cache (block_table {_shape(block_table)} x page_size {page_size})"
-    elif layout.varlen:
-        capacity = torch.tensor(lengths_k, dtype=torch.int64)
-        where = "the sequence's keys (cu_seqlens_k)"
+        capacity = torch.full((batch,), table.shape[1] * page_size, dtype=torch.int64)
+        where = f"the cache (block_table {_shape(table)} x page_size {page_size})"
     else:
         capacity = torch.full((batch,), k.shape[1], dtype=torch.int64)
         where = f"the cache (k {_shape(k)}, dim 1)"
-    left = leftpad_k.long() if leftpad_k is not None else torch.zeros(batch, dtype=torch.int64)
+    left = a.leftpad_k.long() if a.leftpad_k is not None else torch.zeros(batch, dtype=torch.int64)
     if bool((left < 0).any()):
-        c.fail(f"leftpad_k must be >= 0; got {_values(leftpad_k)}")
-    end = seqused_k.long() if seqused_k is not None else capacity
-    if seqused_k is not None:
-        bad = end > capacity
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0])
-            c.fail(
-                f"seqused_k[{b}] = {int(end[b])} is larger than {where}: {int(capacity[b])} "
-                f"positions; seqused_k = {_values(seqused_k)}"
-            )
+        c.fail(f"leftpad_k must be >= 0; got {_values(a.leftpad_k)}")
+    end = a.seqused_k.long() if a.seqused_k is not None else capacity
+    bad = end > capacity
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        c.fail(
+            f"seqused_k[{b}] = {int(end[b])} is larger than {where}: {int(capacity[b])} "
+            f"positions; seqused_k = {_values(a.seqused_k)}"
+        )
     bad = end < left
     if bool(bad.any()):
         b = int(bad.nonzero()[0])
-        what = "seqused_k" if seqused_k is not None else "the cache length"
+        what = "seqused_k" if a.seqused_k is not None else "the cache length"
         c.fail(
             f"{what} of batch {b} ({int(end[b])}) is smaller than leftpad_k[{b}] = "
-            f"{int(left[b])}; leftpad_k = {_values(leftpad_k)}"
+            f"{int(left[b])}; leftpad_k = {_values(a.leftpad_k)}"
         )
-    if kv_batch_idx is not None:
+    if a.kv_batch_idx is not None:
         rows = k.shape[0]
-        bad = (kv_batch_idx < 0) | (kv_batch_idx >= rows)
-        if bool(bad.any()):
+        if bool(((a.kv_batch_idx < 0) | (a.kv_batch_idx >= rows)).any()):
             c.fail(
                 f"kv_batch_idx must be in [0, {rows}) (k {_shape(k)}, dim 0); got "
-                f"{_values(kv_batch_idx)}"
+                f"{_values(a.kv_batch_idx)}"
             )
-    if block_table is not None:
-        page_size = k.shape[1]
+    if table is not None:
         first = left // page_size
         last = (end + page_size - 1) // page_size  # one past the last page in use
-        cols = torch.arange(block_table.shape[1]).view(1, -1)
+        cols = torch.arange(table.shape[1]).view(1, -1)
         in_use = (cols >= first.view(-1, 1)) & (cols < last.view(-1, 1))
-        entries = block_table.long()
+        entries = table.long()
         bad = in_use & ((entries < 0) | (entries >= num_pages))
         if bool(bad.any()):
             b, col = (int(x) for x in bad.nonzero()[0])
             c.fail(
                 f"block_table[{b}, {col}] = {int(entries[b, col])} points past the cache: "
                 f"pages must be in [0, {num_pages}) (k {_shape(k)}); block_table[{b}] = "
-                f"{_values(block_table[b])}"
+                f"{_values(table[b])}"
             )
 
 
-def _check_layout(
-    c,
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seqused_k,
-    leftpad_k,
-    kv_batch_idx,
-    block_table,
-) -> FlashLayout:
+def _check_layout(c, q, k, v, a: _Ints) -> FlashLayout:
     """Shapes, dtypes and devices of the tensors that fix the layout (values not read)."""
-    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
-        given, missing = (
-            ("cu_seqlens_q", "cu_seqlens_k")
-            if cu_seqlens_k is None
-            else ("cu_seqlens_k", "cu_seqlens_q")
-        )
+    if (a.cu_seqlens_q is None) != (a.cu_seqlens_k is None):
+        given, missing = ("cu_seqlens_q", "cu_seqlens_k")
+        if a.cu_seqlens_q is None:
+            given, missing = missing, given
         c.fail(f"{given} is given but {missing} is not: variable-length calls need both")
-    varlen = cu_seqlens_q is not None
-    c.tensor("block_table", block_table, optional=True)
-    paged = block_table is not None
+    varlen = a.cu_seqlens_q is not None
+    c.tensor("block_table", a.block_table, optional=True)
+    paged = a.block_table is not None
     heads_q, heads_kv, head_dim, head_dim_v = _check_qkv(c, q, k, v, varlen, paged)
     device = q.device
-    c.integer("max_seqlen_q", max_seqlen_q, 0)
-    c.integer("max_seqlen_k", max_seqlen_k, 0)
+    c.integer("max_seqlen_q", a.max_seqlen_q, 0)
+    c.integer("max_seqlen_k", a.max_seqlen_k, 0)
     if varlen:
-        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        for name in ("cu_seqlens_q", "cu_seqlens_k"):
+            cu = getattr(a, name)
             c.int_tensor(name, cu, torch.int32, 1, device)
             if cu.numel() < 1:
                 c.fail(f"{name} must hold at least one entry (B + 1 values); got {_shape(cu)}")
-        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        if a.cu_seqlens_q.shape != a.cu_seqlens_k.shape:
             c.fail(
                 f"cu_seqlens_q and cu_seqlens_k must both be (B + 1,); got "
-                f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}"
+                f"{_shape(a.cu_seqlens_q)} and {_shape(a.cu_seqlens_k)}"
             )
-        batch = cu_seqlens_q.shape[0] - 1
+        batch = a.cu_seqlens_q.shape[0] - 1
     else:
         batch = q.shape[0]
-    for name, t in (
-        ("seqused_k", seqused_k),
-        ("leftpad_k", leftpad_k),
-        ("kv_batch_idx", kv_batch_idx),
-    ):
+    for name in ("seqused_k", "leftpad_k", "kv_batch_idx"):
+        t = getattr(a, name)
         c.int_tensor(name, t, torch.int32, 1, device)
         if t is not None and t.shape[0] != batch:
             c.fail(f"{name} must have shape ({batch},) (one entry per batch row); got {_shape(t)}")
+    if varlen and a.cache():
+        c.fail(
+            f"the KV-cache arguments ({', '.join(a.cache())}) do not combine with cu_seqlens_q "
+            "/ cu_seqlens_k: a cache is read with the dense layout of q"
+        )
     if paged:
-        c.int_tensor("block_table", block_table, torch.int32, 2, device)
-        if block_table.shape[0] != batch:
+        c.int_tensor("block_table", a.block_table, torch.int32, 2, device)
+        if a.block_table.shape[0] != batch:
             c.fail(
                 f"block_table must have shape ({batch}, max_pages) (one row per batch row); "
-                f"got {_shape(block_table)}"
+                f"got {_shape(a.block_table)}"
             )
         if k.shape[1] < 1:
             c.fail(f"the page size (dim 1 of k) must be at least 1; got k {_shape(k)}")
-        if kv_batch_idx is not None:
+        if a.kv_batch_idx is not None:
             c.fail("kv_batch_idx applies to a dense cache only; it cannot go with block_table")
-    elif varlen:
-        if kv_batch_idx is not None:
-            c.fail("kv_batch_idx applies to a dense cache only; it cannot go with cu_seqlens_k")
-    elif k.shape[0] != batch and kv_batch_idx is None:
+    elif not varlen and k.shape[0] != batch and a.kv_batch_idx is None:
         c.fail(
             f"k and v must have the batch size of q ({batch}) unless kv_batch_idx or "
             f"block_table is given; got q {_shape(q)}, k {_shape(k)}"
         )
     if varlen:
-        out_shape = (q.shape[0], heads_q, head_dim_v)
-        lse_shape = (heads_q, q.shape[0])
+        out_shape, lse_shape = (q.shape[0], heads_q, head_dim_v), (heads_q, q.shape[0])
     else:
         out_shape = (batch, q.shape[1], heads_q, head_dim_v)
         lse_shape = (batch, heads_q, q.shape[1])
     return FlashLayout(
-        varlen,
-        paged,
-        batch,
-        heads_q,
-        heads_kv,
-        head_dim,
-        head_dim_v,
-        out_shape,
-        lse_shape,
+        varlen, paged, batch, heads_q, heads_kv, head_dim, head_dim_v, out_shape, lse_shape,
         lse_dtype(q.dtype),
-    )
+    )  # fmt: skip
 
 
-def _check_values(
-    c,
-    layout,
-    q,
-    k,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seqused_k,
-    leftpad_k,
-    kv_batch_idx,
-    block_table,
-) -> None:
-    lengths_k = None
+def _check_values(c, layout: FlashLayout, q, k, a: _Ints) -> None:
     if layout.varlen:
-        _check_cu_values(
-            c, "cu_seqlens_q", cu_seqlens_q, q.shape[0], f"q {_shape(q)}", max_seqlen_q
+        shape_q, shape_k = f"q {_shape(q)}", f"k {_shape(k)}"
+        _check_cu_values(c, "cu_seqlens_q", a.cu_seqlens_q, q.shape[0], shape_q, a.max_seqlen_q)
+        _check_cu_values(c, "cu_seqlens_k", a.cu_seqlens_k, k.shape[0], shape_k, a.max_seqlen_k)
+    elif a.cache():
+        _check_cache_values(c, layout, k, a)
+
+
+def _check_mask(c, attn_mask, layout: FlashLayout, q, k, a: _Ints) -> None:
+    """``attn_mask``: dense layout without a cache; bool, float32 or q's dtype; broadcasts to
+    ``(B, Hq, Lq, S)``."""
+    c.tensor("attn_mask", attn_mask, optional=True)
+    if attn_mask is None:
+        return
+    if layout.varlen or a.cache():
+        c.fail(
+            "attn_mask combines only with the dense layout (no cu_seqlens, seqused_k, "
+            f"leftpad_k, kv_batch_idx or block_table); got attn_mask {_shape(attn_mask)}"
         )
-        packed_k = None if layout.paged else k.shape[0]
-        lengths_k = _check_cu_values(
-            c, "cu_seqlens_k", cu_seqlens_k, packed_k, f"k {_shape(k)}", max_seqlen_k
+    if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+        c.fail(
+            f"attn_mask must be bool, float32 or the dtype of q ({q.dtype}); got {attn_mask.dtype}",
+            FlashTypeError,
         )
-        if layout.paged and seqused_k is None:
-            # the keys of each sequence are its cu_seqlens_k length: they must fit its pages
-            capacity = block_table.shape[1] * k.shape[1]
-            for b, n in enumerate(lengths_k):
-                if n > capacity:
-                    c.fail(
-                        f"sequence {b} has {n} keys (cu_seqlens_k), more than its "
-                        f"{block_table.shape[1]} pages of {k.shape[1]} hold"
-                    )
-            seqused_k = torch.tensor(lengths_k, dtype=torch.int32)
-    if any(t is not None for t in (seqused_k, leftpad_k, kv_batch_idx, block_table)):
-        _check_cache_values(
-            c, layout, k, lengths_k, seqused_k, leftpad_k, kv_batch_idx, block_table
-        )
+    if attn_mask.device != q.device:
+        c.fail(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    target = (layout.batch, layout.heads_q, q.shape[1], k.shape[1])
+    shape = tuple(attn_mask.shape)
+    pairs = zip(reversed(shape), reversed(target), strict=False)
+    if len(shape) > 4 or not all(m in (1, t) for m, t in pairs):
+        c.fail(f"attn_mask {_shape(attn_mask)} does not broadcast to (B, Hq, Lq, S) = {target}")
 
 
 def check_flash_forward(
@@ -476,6 +452,7 @@ def check_flash_forward(
     rng_state: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     num_splits: int = 0,
+    attn_mask: torch.Tensor | None = None,
     *,
     check_values: bool | None = None,
     float64_params: bool = False,
@@ -491,49 +468,19 @@ def check_flash_forward(
     prefixes the messages.
     """
     c = _Checker(op)
-    layout = _check_layout(
-        c,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        seqused_k,
-        leftpad_k,
-        kv_batch_idx,
-        block_table,
-    )
+    a = _Ints(
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, leftpad_k,
+        kv_batch_idx, block_table,
+    )  # fmt: skip
+    layout = _check_layout(c, q, k, v, a)
     _check_options(c, scale, causal, window_left, window_right, softcap, dropout_p)
-    _check_params(
-        c,
-        q,
-        layout.batch,
-        layout.heads_q,
-        alibi_slopes,
-        dropout_p,
-        rng_state,
-        sinks,
-        float64_params,
-    )
+    batch, heads = layout.batch, layout.heads_q
+    _check_params(c, q, batch, heads, alibi_slopes, dropout_p, rng_state, sinks, float64_params)
     c.integer("num_splits", num_splits, 0)
+    _check_mask(c, attn_mask, layout, q, k, a)
     ints = (cu_seqlens_q, cu_seqlens_k, seqused_k, leftpad_k, kv_batch_idx, block_table)
     if check_values or (check_values is None and _readable(*ints)):
-        _check_values(
-            c,
-            layout,
-            q,
-            k,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            seqused_k,
-            leftpad_k,
-            kv_batch_idx,
-            block_table,
-        )
+        _check_values(c, layout, q, k, a)
     return layout
 
 
@@ -556,6 +503,7 @@ def check_flash_backward(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     rng_state: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
     *,
     check_values: bool | None = None,
     float64_params: bool = False,
@@ -566,32 +514,16 @@ def check_flash_backward(
     logsumexp shape and dtype. Returns the :class:`FlashLayout` (the KV-cache forms have no
     backward, so it is dense or variable-length)."""
     layout = check_flash_forward(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        scale=scale,
-        causal=causal,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-        check_values=check_values,
-        float64_params=float64_params,
-        op=op,
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+        causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
+        alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
+        attn_mask=attn_mask, check_values=check_values, float64_params=float64_params, op=op,
+    )  # fmt: skip
     c = _Checker(op)
     for name, t in (("grad_out", grad_out), ("out", out)):
         c.tensor(name, t)
         if tuple(t.shape) != tuple(layout.out_shape):
-            c.fail(
-                f"{name} must have the output's shape {tuple(layout.out_shape)}; got {_shape(t)}"
-            )
+            c.fail(f"{name} must have the output's shape {layout.out_shape}; got {_shape(t)}")
         if t.dtype != q.dtype:
             c.fail(f"{name} must have the dtype of q ({q.dtype}); got {t.dtype}", FlashTypeError)
         if t.device != q.device:

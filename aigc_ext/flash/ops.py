@@ -45,15 +45,16 @@ FORWARD_SCHEMA = (
     "int max_seqlen_q=0, int max_seqlen_k=0, Tensor? seqused_k=None, Tensor? leftpad_k=None, "
     "Tensor? kv_batch_idx=None, Tensor? block_table=None, float scale=1.0, bool causal=False, "
     "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "
-    "float dropout_p=0.0, Tensor? rng_state=None, Tensor? sinks=None, int num_splits=0) "
-    "-> (Tensor out, Tensor lse)"
+    "float dropout_p=0.0, Tensor? rng_state=None, Tensor? sinks=None, int num_splits=0, "
+    "Tensor? attn_mask=None) -> (Tensor out, Tensor lse)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
     "int max_seqlen_k=0, float scale=1.0, bool causal=False, int window_left=-1, "
     "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
-    "Tensor? rng_state=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
+    "Tensor? rng_state=None, Tensor? attn_mask=None) -> (Tensor grad_q, Tensor grad_k, "
+    "Tensor grad_v)"
 )
 
 # backend name -> (forward, backward) operator names in the aigc_ext namespace
@@ -65,8 +66,7 @@ BACKEND_OPERATORS: dict[str, tuple[str, str]] = {
 _TRITON_MODULE = "aigc_ext.backends.triton.flash_ops"  # defines the triton pair when imported
 
 # positions in the forward schema
-_SEQUSED, _LEFTPAD, _KV_BATCH, _BLOCK_TABLE, _SINKS = 7, 8, 9, 10, 19
-_N_FORWARD_ARGS = 21
+_SEQUSED, _LEFTPAD, _KV_BATCH, _BLOCK_TABLE, _SINKS, _MASK = 7, 8, 9, 10, 19, 21
 
 _registered: set[str] = set()
 _warned: set = set()
@@ -141,7 +141,9 @@ def register_flash_operator(forward: str, backward: str) -> None:
             if inputs[i] is not None
         ]
         alibi, rng = inputs[16], inputs[18]
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng, sinks)
+        mask = inputs[_MASK] if len(inputs) > _MASK else None
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng, sinks, mask)
         ctx.options = (max_q, max_k, *inputs[11:16])  # scale .. softcap
         ctx.dropout_p = inputs[17]
         ctx.mark_non_differentiable(lse)
@@ -152,31 +154,16 @@ def register_flash_operator(forward: str, backward: str) -> None:
                 f"{forward}: no backward for the KV-cache forms (given: "
                 f"{', '.join(ctx.kv_cache)}); they are inference only, as in FlashAttention"
             )
-        q, k, v, out, lse, cu_q, cu_k, alibi, rng, sinks = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi, rng, sinks, mask = ctx.saved_tensors
         max_q, max_k, scale, causal, left, right, softcap = ctx.options
         grad_out = grad_out.contiguous()
         backward_op = getattr(torch.ops.aigc_ext, backward)
+        masked = {} if mask is None else {"attn_mask": mask}  # a schema without it: no mask
         dq, dk, dv = backward_op(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            cu_q,
-            cu_k,
-            max_q,
-            max_k,
-            scale,
-            causal,
-            left,
-            right,
-            softcap,
-            alibi,
-            ctx.dropout_p,
-            rng,
-        )
-        grads: list[Any] = [dq, dk, dv] + [None] * (_N_FORWARD_ARGS - 3)
+            grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, left, right,
+            softcap, alibi, ctx.dropout_p, rng, **masked,
+        )  # fmt: skip
+        grads: list[Any] = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
         if sinks is not None and ctx.needs_input_grad[_SINKS]:
             grads[_SINKS] = _sinks_grad(sinks, grad_out, out, lse, cu_q is not None)
         return tuple(grads)
@@ -273,6 +260,13 @@ def _operator(device_type: str, backend: str | None):
     return getattr(torch.ops.aigc_ext, BACKEND_OPERATORS[backend][0])
 
 
+def _last_dim_contiguous(t):
+    """``t`` with a contiguous last dim (a copy only when it is not), as FlashAttention does."""
+    if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
 def new_rng_state() -> torch.Tensor:
     """A fresh ``[seed, offset]`` (int64, CPU) from torch's default generator, so dropout is
     reproducible under ``torch.manual_seed``."""
@@ -301,42 +295,29 @@ def flash_attention(
     rng_state: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     num_splits: int = 0,
+    attn_mask: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention by the FlashAttention contract: ``(out, lse)`` in the contract's layouts.
 
     The arguments are the operators' (``docs/flash-contract.md``), except that ``scale``
-    defaults to ``D ** -0.5`` and that ``dropout_p > 0`` without ``rng_state`` draws a fresh
-    one (:func:`new_rng_state`). ``backend``: ``None`` picks by device (CPU tensors: the C++
+    defaults to ``D ** -0.5``, that ``dropout_p > 0`` without ``rng_state`` draws a fresh one
+    (:func:`new_rng_state`) and that q, k, v whose last dim is strided are copied first. ``backend``: ``None`` picks by device (CPU tensors: the C++
     operator, or the reference with a one-time warning where the build lacks it; CUDA: the
     Triton operator), or ``"cpu"``, ``"triton"`` (on CPU tensors under ``TRITON_INTERPRET=1``),
     ``"reference"``. Differentiable in q, k, v and sinks except for the KV-cache forms.
     """
-    if scale is None:
+    if scale is None and isinstance(q, torch.Tensor):
         scale = q.shape[-1] ** -0.5
-    if dropout_p > 0 and rng_state is None:
+    if isinstance(dropout_p, (int, float)) and dropout_p > 0 and rng_state is None:
         rng_state = new_rng_state()
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     args = [
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        seqused_k,
-        leftpad_k,
-        kv_batch_idx,
-        block_table,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        alibi_slopes,
-        dropout_p,
-        rng_state,
-        sinks,
-        num_splits,
-    ]
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, leftpad_k,
+        kv_batch_idx, block_table, scale, causal, window_left, window_right, softcap,
+        alibi_slopes, dropout_p, rng_state, sinks, num_splits, attn_mask,
+    ]  # fmt: skip
     check_flash_forward(q, k, v, *args, op="flash_attention")
     for i in (8, 12, 14):  # scale, softcap, dropout_p: the schema's floats
         args[i] = float(args[i])

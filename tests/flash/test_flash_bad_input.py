@@ -180,6 +180,31 @@ CASES = {
     "cache_batch_without_index": (
         change(cache, kv_batch_idx=None), FlashArgumentError, "batch", True,
     ),
+    "cache_with_varlen": (
+        change(varlen, seqused_k=torch.tensor([2, 3], dtype=I32)),
+        FlashArgumentError, "seqused_k", True,
+    ),
+    "block_table_with_varlen": (
+        change(varlen, block_table=torch.zeros((2, 1), dtype=I32)),
+        FlashArgumentError, "block_table", True,
+    ),
+    # attn_mask
+    "mask_with_varlen": (
+        change(varlen, attn_mask=torch.ones(7, 9, dtype=torch.bool)),
+        FlashArgumentError, "attn_mask", True,
+    ),
+    "mask_with_cache": (
+        change(cache, attn_mask=torch.ones(1, 10, dtype=torch.bool)),
+        FlashArgumentError, "attn_mask", True,
+    ),
+    "mask_not_broadcasting": (
+        change(dense, attn_mask=torch.ones(5, 5, dtype=torch.bool)),
+        FlashArgumentError, "attn_mask", True,
+    ),
+    "mask_int": (
+        change(dense, attn_mask=torch.ones(5, 6, dtype=torch.int32)),
+        FlashTypeError, "attn_mask", True,
+    ),
     # scalar options
     "window_left_below_minus_one": (
         change(dense, window_left=-2), FlashArgumentError, "window_left", True,
@@ -300,9 +325,31 @@ def test_the_reference_rejects_it(case):
 
 
 @pytest.mark.parametrize("backend", ops.available_flash_backends())
-@pytest.mark.parametrize("case", [c for c in CASES if c != "dropout_without_rng_state"])
+# (flash_attention draws a missing rng_state, and copies q, k, v to a contiguous last dim)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c not in ("dropout_without_rng_state", "last_dim_not_contiguous")]
+)
 def test_flash_attention_rejects_it(case, backend):
     _expect(case, ops.flash_attention, backend=backend)
+
+
+# What an operator accepts beyond the contract, called directly: the C++ operator copies q, k,
+# v to a contiguous last dim and takes head dims above 256.
+BEYOND_THE_CONTRACT = {"cpu": {"last_dim_not_contiguous", "head_dim_over_256"}}
+
+
+@pytest.mark.parametrize("backend", ops.available_flash_backends())
+@pytest.mark.parametrize("case", [c for c, s in CASES.items() if s[3] and c != "not_a_tensor"])
+def test_operators_reject_it_without_the_entry_point(case, backend):
+    """Called directly, every operator refuses the shape errors too: with its own checks (the
+    C++ operator words them itself) and, on meta tensors, with the fake kernel's."""
+    build, cls, name, _ = CASES[case]
+    op = getattr(torch.ops.aigc_ext, ops.BACKEND_OPERATORS[backend][0])
+    if case not in BEYOND_THE_CONTRACT.get(backend, ()):
+        with pytest.raises((ValueError, RuntimeError)):
+            _call(op, build())
+    with pytest.raises(cls, match=name):
+        _call(op, _meta(build()))
 
 
 def test_flash_attention_draws_the_missing_rng_state():
