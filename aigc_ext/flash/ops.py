@@ -172,21 +172,28 @@ def register_flash_operator(forward: str, backward: str) -> None:
     _registered.add(forward)
 
 
+def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """float16/bfloat16 tensors in float32: the reference operators accumulate in float32, as
+    the kernels do."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def _define_reference_operators() -> None:
-    """``aigc_ext::flash_reference_forward`` / ``_backward``: the reference as operators."""
+    """``aigc_ext::flash_reference_forward`` / ``_backward``: the reference as operators,
+    computing in float32 for float16/bfloat16 inputs (float32 and float64 as they are)."""
     forward, backward = BACKEND_OPERATORS["reference"]
     if _has_op(forward):
         return
 
     def forward_impl(q, k, v, *args):
         with torch.no_grad():
-            out, lse = reference.flash_reference(q, k, v, *args)
-        return out.contiguous(), lse.contiguous()
+            out, lse = reference.flash_reference(*_upcast(q, k, v), *args)
+        return out.to(q.dtype).contiguous(), lse.contiguous()
 
     def backward_impl(grad_out, q, k, v, out, lse, *args):
         with torch.no_grad():
-            grads = reference.flash_reference_backward(grad_out, q, k, v, out, lse, *args)
-        return tuple(g.contiguous() for g in grads)
+            grads = reference.flash_reference_backward(*_upcast(grad_out, q, k, v, out), lse, *args)
+        return tuple(g.to(q.dtype).contiguous() for g in grads)
 
     torch.library.custom_op(
         _qualname(forward), forward_impl, mutates_args=(), schema=FORWARD_SCHEMA
