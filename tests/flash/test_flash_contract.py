@@ -15,14 +15,11 @@ on CPU tensors under ``TRITON_INTERPRET=1``, fp32/fp16 and small shapes only).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
-from flash_testing import cu_seqlens, rand
+from flash_testing import cpu_ready, cu_seqlens, rand, triton_ready
 
 from aigc_ext.flash import ops
 from aigc_ext.flash.reference import dropout_keep_mask, flash_reference
@@ -32,35 +29,12 @@ F64 = torch.float64
 CUDA = torch.cuda.is_available()
 
 
-def _cpu_ready() -> bool:
-    if "cpu" not in ops.available_flash_backends():
-        return False
-    q = torch.zeros(1, 1, 1, 8)
-    try:
-        torch.ops.aigc_ext.flash_forward(q, q, q)
-    except (NotImplementedError, RuntimeError) as exc:
-        return "not implemented" not in str(exc).lower()
-    return True
-
-
-def _triton_ready() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        ops._load_triton()
-    except Exception:
-        return False
-    return True
-
-
 BACKENDS = [
     pytest.param("reference"),
-    pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_ready(), reason="no C++ flash op")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not cpu_ready(), reason="no C++ flash op")),
     pytest.param(
         "triton",
-        marks=pytest.mark.skipif(not _triton_ready(), reason="Triton flash operators not loaded"),
+        marks=pytest.mark.skipif(not triton_ready(), reason="Triton flash operators not loaded"),
     ),
 ]
 INTERPRETED = not CUDA  # triton on CPU tensors: the interpreter (slow; no bf16 tl.dot)
