@@ -31,7 +31,7 @@ import torch
 
 from aigc_ext.flash import reference
 from aigc_ext.flash.checks import FlashArgumentError, FlashTypeError, check_flash_forward
-from aigc_ext.flash.ops import flash_attention, new_rng_state
+from aigc_ext.flash.ops import flash_attention, new_rng_state, run_flash_operator
 
 __all__ = [
     "flash_attn_func",
@@ -56,6 +56,10 @@ def _window(window_size: Sequence[int], where: str) -> tuple[int, int]:
             f"{window_size!r}"
         ) from None
     return left, right
+
+
+def _strided_last_dim(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1
 
 
 def _fa_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -420,24 +424,32 @@ def flash_attn_with_kvcache(
         seqused = cache_seqlens + k.shape[1]
         if seqused.dtype != cache_seqlens.dtype:
             seqused = seqused.to(cache_seqlens.dtype)
-    kwargs = dict(
-        seqused_k=seqused, leftpad_k=cache_leftpad, kv_batch_idx=cache_batch_idx,
-        block_table=block_table, scale=scale, causal=causal, window_left=left,
-        window_right=right, softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if _strided_last_dim(cache):  # it is written in place: a copy would lose the append
+            raise FlashArgumentError(
+                f"{where}: {name} must be contiguous in its last dim; got strides "
+                f"{tuple(cache.stride())}"
+            )
+    if _strided_last_dim(q):
+        q = q.contiguous()
+    args = (
+        None, None, 0, 0, seqused, cache_leftpad, cache_batch_idx, block_table, scale, causal,
+        left, right, softcap, alibi_slopes, 0.0, None, None, num_splits,
     )  # fmt: skip
     try:  # every index checked before the cache is written
-        check_flash_forward(q, k_cache, v_cache, **kwargs, op=where)
+        check_flash_forward(q, k_cache, v_cache, *args, op=where)
     except FlashArgumentError as exc:
         raise _in_fa_names(exc) from None
     if rotary_cos is not None:
-        q = _rotated_queries(q, rotary_cos, rotary_sin, cache_seqlens, causal or (left, right)
-                             != (-1, -1), rotary_interleaved)  # fmt: skip
+        per_token = causal or (left, right) != (-1, -1)  # else every query at cache_seqlens
+        q = _rotated_queries(q, rotary_cos, rotary_sin, cache_seqlens, per_token,
+                             rotary_interleaved)  # fmt: skip
     if k is not None:
         positions = cache_seqlens.long().view(-1, 1) + torch.arange(k.shape[1], device=q.device)
         if rotary_cos is not None:
             k = _rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
         _append(k_cache, v_cache, k, v, positions, cache_batch_idx, block_table)
-    out, lse = flash_attention(q, k_cache, v_cache, **kwargs)
+    out, lse = run_flash_operator(q, k_cache, v_cache, *args)
     return (out, _fa_lse(lse)) if return_softmax_lse else out
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "flash_attention",
     "new_rng_state",
     "register_flash_operator",
+    "run_flash_operator",
 ]
 
 FORWARD_SCHEMA = (
@@ -326,7 +327,19 @@ def flash_attention(
         alibi_slopes, dropout_p, rng_state, sinks, num_splits, attn_mask,
     ]  # fmt: skip
     check_flash_forward(q, k, v, *args, op="flash_attention")
+    return run_flash_operator(q, k, v, *args, backend=backend)
+
+
+def run_flash_operator(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calls the forward operator for arguments already validated with
+    :func:`~aigc_ext.flash.checks.check_flash_forward` (``args``: the schema's, after q, k, v,
+    in order): :func:`flash_attention` without its checks and defaults, for callers that ran
+    the checks themselves (``flash_attn_with_kvcache`` checks before it writes the cache)."""
+    args = list(args)
     for i in (8, 12, 14):  # scale, softcap, dropout_p: the schema's floats
-        args[i] = float(args[i])
+        if i < len(args):
+            args[i] = float(args[i])
     op = _operator(q.device.type, backend)
     return op(q, k, v, *args)
