@@ -43,6 +43,7 @@ struct FlashOptions {
   const std::optional<at::Tensor>& rng_state;
   const std::optional<at::Tensor>& sinks;
   int64_t num_splits;
+  const std::optional<at::Tensor>& attn_mask;
 };
 
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -84,7 +85,7 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
 
 // The checked tensors and params of one call.
 struct FlashCall {
-  at::Tensor q, k, v, alibi, sinks;
+  at::Tensor q, k, v, alibi, sinks, mask;
   std::vector<int32_t> cu_q, cu_k, seqused, leftpad, batch_idx, table;
   at::Tensor cu_q_t, cu_k_t, seqused_t, leftpad_t, batch_idx_t, table_t;  // host int32 copies
   AttentionForwardParams params{};
@@ -289,6 +290,36 @@ inline FlashCall prepare_flash(const char* op, const at::Tensor& query, const at
       c.batch_idx_t = host_int32(c.batch_idx);
       f.kv_batch_idx = c.batch_idx_t.data_ptr<int32_t>();
     }
+  }
+  if (given(o.attn_mask)) {
+    // Dense layout only: broadcast to (B, Hq, Lq, S), bool (True = takes part) or added.
+    TORCH_CHECK(
+        !c.varlen && !paged && !given(o.seqused_k) && !given(o.leftpad_k) && !given(o.kv_batch_idx),
+        op, ": attn_mask combines only with the dense layout (no cu_seqlens or cache)");
+    const at::Tensor& m = *o.attn_mask;
+    TORCH_CHECK(m.device() == q.device(), op, ": attn_mask is on ", m.device(), " but q is on ",
+                q.device());
+    TORCH_CHECK(
+        m.scalar_type() == at::kBool || m.scalar_type() == dt || m.scalar_type() == at::kFloat, op,
+        ": attn_mask must be bool, float32 or the dtype of q (", dt, "); got ", m.scalar_type());
+    const std::vector<int64_t> target{B, Hq, p.len_q, k.size(1)};
+    bool ok = m.dim() <= 4;
+    for (int64_t d = 0; ok && d < m.dim(); ++d) {
+      const int64_t md = m.size(m.dim() - 1 - d), td = target[3 - d];
+      ok = md == td || md == 1;
+    }
+    TORCH_CHECK(ok, op, ": attn_mask ", shape_str(m),
+                " does not broadcast to (B, Hq, Lq, S) = ", at::IntArrayRef(target));
+    c.mask = m.expand(target);
+    if (c.mask.stride(3) != 0 && c.mask.stride(3) != 1) c.mask = c.mask.contiguous();
+    p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool
+                  : m.scalar_type() == dt      ? MaskKind::kSameAsInput
+                                               : MaskKind::kFloat32;
+    p.mask = c.mask.data_ptr();
+    p.mask_stride_b = c.mask.stride(0);
+    p.mask_stride_h = c.mask.stride(1);
+    p.mask_stride_l = c.mask.stride(2);
+    p.mask_stride_s = c.mask.stride(3);
   }
   if (given(o.alibi_slopes)) {
     check_float_vector(op, "alibi_slopes", *o.alibi_slopes, {{Hq}, {B, Hq}}, q);

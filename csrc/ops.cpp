@@ -158,11 +158,12 @@ std::tuple<Tensor, Tensor> flash_forward_cpu(
     const OptTensor& seqused_k, const OptTensor& leftpad_k, const OptTensor& kv_batch_idx,
     const OptTensor& block_table, double scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const OptTensor& alibi_slopes, double dropout_p,
-    const OptTensor& rng_state, const OptTensor& sinks, int64_t num_splits) {
+    const OptTensor& rng_state, const OptTensor& sinks, int64_t num_splits,
+    const OptTensor& attn_mask) {
   const op_utils::FlashOptions o{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                  leftpad_k,    kv_batch_idx, block_table,  scale,        causal,
                                  window_left,  window_right, softcap,      alibi_slopes, dropout_p,
-                                 rng_state,    sinks,        num_splits};
+                                 rng_state,    sinks,        num_splits,   attn_mask};
   op_utils::FlashCall c =
       op_utils::prepare_flash(op_utils::kFlashForwardOp, q, k, v, o, true, c10::kCPU);
   auto [out, lse] = op_utils::flash_outputs(c);
@@ -175,13 +176,14 @@ std::tuple<Tensor, Tensor, Tensor> flash_backward_cpu(
     const Tensor& lse, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const OptTensor& alibi_slopes, double dropout_p,
-    const OptTensor& rng_state) {
+    const OptTensor& rng_state, const OptTensor& attn_mask) {
   const char* op = op_utils::kFlashBackwardOp;
   const OptTensor none;
   const op_utils::FlashOptions o{
       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, none,        none,
       none,         none,         scale,        causal,       window_left, window_right,
-      softcap,      alibi_slopes, dropout_p,    rng_state,    none,        0};
+      softcap,      alibi_slopes, dropout_p,    rng_state,    none,        0,
+      attn_mask};
   op_utils::check_devices(op, {{"grad_out", grad_out}, {"out", out}, {"lse", lse}}, q, c10::kCPU);
   op_utils::FlashCall c = op_utils::prepare_flash(op, q, k, v, o, false, c10::kCPU);
   std::vector<int64_t> out_shape(c.q.sizes().begin(), c.q.sizes().end());
@@ -286,13 +288,14 @@ TORCH_LIBRARY(aigc_ext, m) {
       "Tensor? seqused_k=None, Tensor? leftpad_k=None, Tensor? kv_batch_idx=None, "
       "Tensor? block_table=None, float scale=1.0, bool causal=False, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
-      "Tensor? rng_state=None, Tensor? sinks=None, int num_splits=0) -> (Tensor, Tensor)");
+      "Tensor? rng_state=None, Tensor? sinks=None, int num_splits=0, Tensor? attn_mask=None) -> "
+      "(Tensor, Tensor)");
   m.def(
       "flash_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
       "int max_seqlen_k=0, float scale=1.0, bool causal=False, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
-      "Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? rng_state=None, Tensor? attn_mask=None) -> (Tensor, Tensor, Tensor)");
   m.def("_cpu_kernel_config(str? isa=None, bool? use_brgemm=None, bool? use_amx=None) -> str",
         &cpu_kernel_config);
 }

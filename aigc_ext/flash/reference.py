@@ -11,7 +11,8 @@ copies), and is differentiable by autograd in q, k, v and sinks.
 ``lse``, ``D = rowsum(dO * O)``, the dropout mask regenerated): what ``flash_backward``
 computes, checked against autograd through :func:`flash_reference`.
 
-Each function validates its arguments first (:mod:`aigc_ext.flash.checks`, values included).
+Each function validates its arguments first (:mod:`aigc_ext.flash.checks`, values included),
+so it also serves to check a call's arguments before they reach a kernel.
 """
 
 from __future__ import annotations
@@ -21,14 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from aigc_ext.flash.checks import check_flash_backward, check_flash_forward, lse_dtype
 from aigc_ext.flash.philox import dropout_keep_mask
 
 __all__ = ["dropout_keep_mask", "flash_reference", "flash_reference_backward", "lse_dtype"]
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The contract's logsumexp dtype for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -44,6 +41,7 @@ class _Options:
     rng_state: torch.Tensor | None
     sinks: torch.Tensor | None
     heads_q: int
+    attn_mask: torch.Tensor | None  # expanded to (B, Hq, Lq, S), or None
 
 
 @dataclass(frozen=True)
@@ -62,34 +60,31 @@ def _ints(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else [int(x) for x in t.tolist()]
 
 
-def _sequences(
-    q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, leftpad_k, kv_batch_idx, block_table
-) -> list[_Sequence]:
+def _sequences(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, leftpad_k, kv_batch_idx,
+               block_table) -> list[_Sequence]:  # fmt: skip
     """The sequences of a call, from its layout (the arguments are valid: see checks)."""
-    cu_q, cu_k = _ints(cu_seqlens_q), _ints(cu_seqlens_k)
+    if cu_seqlens_q is not None:  # packed: no cache arguments
+        cu_q, cu_k = _ints(cu_seqlens_q), _ints(cu_seqlens_k)
+        return [
+            _Sequence(
+                b,
+                slice(cu_q[b], cu_q[b + 1]),
+                cu_k[b],
+                None,
+                cu_q[b + 1] - cu_q[b],
+                cu_k[b + 1] - cu_k[b],
+            )
+            for b in range(len(cu_q) - 1)
+        ]
     used, left, rows = _ints(seqused_k), _ints(leftpad_k), _ints(kv_batch_idx)
-    varlen = cu_q is not None
-    batch = len(cu_q) - 1 if varlen else q.shape[0]
     paged = block_table is not None
-    capacity = block_table.shape[1] * k.shape[1] if paged else (None if varlen else k.shape[1])
+    capacity = block_table.shape[1] * k.shape[1] if paged else k.shape[1]
     out = []
-    for b in range(batch):
+    for b in range(q.shape[0]):
         first = left[b] if left is not None else 0
-        if varlen:
-            q_index = slice(cu_q[b], cu_q[b + 1])
-            len_q = cu_q[b + 1] - cu_q[b]
-            end = cu_k[b + 1] - cu_k[b]
-        else:
-            q_index, len_q, end = b, q.shape[1], capacity
-        if used is not None:
-            end = used[b]
-        if paged:
-            kv_row, kv_first = None, first
-        elif varlen:
-            kv_row, kv_first = None, cu_k[b] + first
-        else:
-            kv_row, kv_first = (rows[b] if rows is not None else b), first
-        out.append(_Sequence(b, q_index, kv_first, kv_row, len_q, max(0, end - first)))
+        end = used[b] if used is not None else capacity
+        row = None if paged else (rows[b] if rows is not None else b)
+        out.append(_Sequence(b, b, first, row, q.shape[1], end - first))
     return out
 
 
@@ -104,8 +99,11 @@ def _keys(k: torch.Tensor, seq: _Sequence, block_table: torch.Tensor | None) -> 
     return k[pages, pos % page_size]
 
 
-def _options(q, scale, causal, window_left, window_right, softcap, alibi, p, rng, sinks):
+def _options(q, k, scale, causal, window_left, window_right, softcap, alibi, p, rng, sinks,
+             attn_mask) -> _Options:  # fmt: skip
     heads_q = q.shape[-2]
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(q.shape[0], heads_q, q.shape[1], k.shape[1])
     return _Options(
         scale=float(scale),
         left=int(window_left),
@@ -116,6 +114,7 @@ def _options(q, scale, causal, window_left, window_right, softcap, alibi, p, rng
         rng_state=rng,
         sinks=sinks,
         heads_q=heads_q,
+        attn_mask=attn_mask,
     )
 
 
@@ -133,8 +132,9 @@ def _allowed(len_q: int, len_k: int, opts: _Options, device) -> torch.Tensor:
 
 
 def _scores(qb, kb, seq: _Sequence, opts: _Options):
-    """``(x_raw, x, allowed)``: the scaled scores ``(H, L, S)`` before and after softcap and
-    ALiBi (before masking), and the window mask ``(L, S)``."""
+    """``(x_raw, x, allowed)``: the scaled scores ``(H, L, S)`` before and after softcap,
+    ALiBi and a float ``attn_mask`` (before the window), and the keys that take part: the
+    window ``(L, S)``, and with a bool ``attn_mask`` ``(H, L, S)``."""
     groups = opts.heads_q // kb.shape[1]
     k_rep = kb.repeat_interleave(groups, dim=1) if groups > 1 else kb
     raw = torch.einsum("lhd,shd->hls", qb, k_rep) * opts.scale
@@ -148,23 +148,25 @@ def _scores(qb, kb, seq: _Sequence, opts: _Options):
         j = torch.arange(seq.len_k, device=x.device).view(1, -1)
         dist = (i + (seq.len_k - seq.len_q) - j).abs().to(x.dtype)
         x = x - slopes.view(-1, 1, 1) * dist
-    return raw, x, _allowed(seq.len_q, seq.len_k, opts, x.device)
+    allowed = _allowed(seq.len_q, seq.len_k, opts, x.device)
+    if opts.attn_mask is not None:
+        mask = opts.attn_mask[seq.b].to(x.device)
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            x = x + mask.to(x.dtype)
+    return raw, x, allowed
 
 
 def _keep(seq: _Sequence, opts: _Options, device) -> torch.Tensor | None:
     """The dropout keep mask ``(H, L, S)`` of ``seq``, or None without dropout."""
     if opts.dropout_p <= 0:
         return None
+    heads = range(opts.heads_q)
     return dropout_keep_mask(
-        opts.rng_state,
-        seq.b,
-        range(opts.heads_q),
-        seq.len_q,
-        seq.len_k,
-        opts.dropout_p,
-        opts.heads_q,
+        opts.rng_state, seq.b, heads, seq.len_q, seq.len_k, opts.dropout_p, opts.heads_q,
         device=device,
-    )
+    )  # fmt: skip
 
 
 def _attend(qb, kb, vb, seq: _Sequence, opts: _Options):
@@ -176,31 +178,22 @@ def _attend(qb, kb, vb, seq: _Sequence, opts: _Options):
         x = torch.cat([x, sink.expand(-1, seq.len_q, 1)], dim=-1)
         empty = None  # the sink is always there
     else:
-        empty = ~allowed.any(dim=-1)  # (L,): rows with no key at all
+        empty = (x == -math.inf).all(dim=-1, keepdim=True)  # (H, L, 1): rows with no key
         if not bool(empty.any()):
             empty = None
     if empty is not None:  # keep -inf away from logsumexp's backward (0 * nan)
-        x = x.masked_fill(empty.view(1, -1, 1), 0.0)
+        x = x.masked_fill(empty, 0.0)
     lse = torch.logsumexp(x, dim=-1)
     p = torch.exp(x - lse.unsqueeze(-1))[..., : seq.len_k]
     if empty is not None:
-        p = p.masked_fill(empty.view(1, -1, 1), 0.0)
-        lse = lse.masked_fill(empty.view(1, -1), -math.inf)
+        p = p.masked_fill(empty, 0.0)
+        lse = lse.masked_fill(empty.squeeze(-1), -math.inf)
     keep = _keep(seq, opts, p.device)
     if keep is not None:
         p = p * keep / (1.0 - opts.dropout_p)
     groups = opts.heads_q // vb.shape[1]
     v_rep = vb.repeat_interleave(groups, dim=1) if groups > 1 else vb
     return torch.einsum("hls,shd->lhd", p, v_rep), lse
-
-
-def _validate(**kwargs) -> None:
-    """The few checks the reference needs to pick a layout (the full checks come with the
-    operators' argument checks)."""
-    if (kwargs["cu_seqlens_q"] is None) != (kwargs["cu_seqlens_k"] is None):
-        raise ValueError("flash_reference: cu_seqlens_q and cu_seqlens_k are given together")
-    if kwargs.get("dropout_p", 0.0) > 0 and kwargs.get("rng_state") is None:
-        raise ValueError("flash_reference: dropout_p > 0 needs rng_state [seed, offset]")
 
 
 def flash_reference(
@@ -225,6 +218,7 @@ def flash_reference(
     rng_state: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     num_splits: int = 0,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_forward`` in plain PyTorch: ``(out, lse)`` in the contract's layouts.
 
@@ -233,41 +227,16 @@ def flash_reference(
     too, for float64 gradient checks); ``lse`` is float32, or float64 for float64 inputs.
     ``max_seqlen_*`` and ``num_splits`` only size a kernel's work: they are validated, not used.
     """
-    _validate(
-        q=q,
-        k=k,
-        v=v,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        seqused_k=seqused_k,
-        leftpad_k=leftpad_k,
-        kv_batch_idx=kv_batch_idx,
-        block_table=block_table,
-        scale=scale,
-        causal=causal,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-        sinks=sinks,
-        num_splits=num_splits,
-    )
+    check_flash_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, leftpad_k,
+        kv_batch_idx, block_table, scale, causal, window_left, window_right, softcap,
+        alibi_slopes, dropout_p, rng_state, sinks, num_splits, attn_mask, check_values=True,
+        float64_params=True, op="flash_reference",
+    )  # fmt: skip
     opts = _options(
-        q,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        alibi_slopes,
-        dropout_p,
-        rng_state,
-        sinks,
-    )
+        q, k, scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+        rng_state, sinks, attn_mask,
+    )  # fmt: skip
     seqs = _sequences(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, leftpad_k, kv_batch_idx, block_table
     )
@@ -311,6 +280,7 @@ def flash_reference_backward(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     rng_state: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``flash_backward`` in plain PyTorch: ``(grad_q, grad_k, grad_v)``.
 
@@ -319,24 +289,16 @@ def flash_reference_backward(
     ``dS = P * (dP - D)``, with the dropout mask regenerated from ``rng_state`` and the softcap's
     derivative ``1 - tanh^2`` applied before the scale.
     """
-    _validate(
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-    )
+    check_flash_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
+        attn_mask, check_values=True,
+        float64_params=True, op="flash_reference_backward",
+    )  # fmt: skip
     opts = _options(
-        q,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        alibi_slopes,
-        dropout_p,
-        rng_state,
-        None,
-    )
+        q, k, scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+        rng_state, None, attn_mask,
+    )  # fmt: skip
     seqs = _sequences(q, k, cu_seqlens_q, cu_seqlens_k, None, None, None, None)
     grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     varlen = cu_seqlens_q is not None

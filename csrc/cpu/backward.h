@@ -164,6 +164,9 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
                 if (mods) {
                   score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0,
                                     softcap ? tbuf + r * BK : nullptr);
+                  if (p.mask_kind != MaskKind::kNone)
+                    apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
+                                         mask_ptr(p, mesize, b, h, i, n0 + lo));
                   eff_scale = 1;
                 } else if (p.mask_kind != MaskKind::kNone) {
                   apply_mask_row<T, A>(s, valid, scale, p, mask_ptr(p, mesize, b, h, i, n0));

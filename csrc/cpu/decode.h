@@ -298,6 +298,9 @@ void decode_impl(const AttentionForwardParams& p) {
           A eff_scale = scale;
           if (mods) {
             score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0, nullptr);
+            if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
+              apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
+                                   mask_ptr(p, mesize, b, h, i, n0 + lo));
             eff_scale = 1;
           } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
             apply_mask_row<T, A>(

@@ -58,9 +58,11 @@ def naive_dense(
     sinks=None,
     keep=None,
     dropout_p=0.0,
+    attn_mask=None,
 ):
     """Dense ``(out, lse)`` from the contract's text: q ``(B, L, H, D)``, k/v ``(B, S, Hkv, D)``;
-    ``keep`` a bool ``(B, H, L, S)`` dropout mask."""
+    ``keep`` a bool ``(B, H, L, S)`` dropout mask; ``attn_mask`` bool (True = takes part) or
+    float (added), broadcast to ``(B, H, L, S)``."""
     batch, len_q, heads, _ = q.shape
     len_k, heads_kv = k.shape[1], k.shape[2]
     rep = heads // heads_kv
@@ -76,7 +78,11 @@ def naive_dense(
         i = torch.arange(len_q).view(-1, 1)
         j = torch.arange(len_k).view(1, -1)
         x = x - slopes[:, :, None, None] * (i + len_k - len_q - j).abs().to(x.dtype)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        x = x + attn_mask.to(x.dtype)
     allowed = window_mask(len_q, len_k, window[0], window[1], causal)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
     x = x.masked_fill(~allowed, -math.inf)
     if sinks is not None:
         col = sinks.to(x.dtype).view(1, heads, 1, 1).expand(batch, heads, len_q, 1)

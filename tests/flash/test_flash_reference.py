@@ -233,31 +233,26 @@ def test_paged_cache_equals_contiguous(page_size):
     torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
 
 
-def test_varlen_queries_on_a_paged_cache():
-    lens_q, lens_k = [2, 3], [5, 7]
-    q = rand((5, 2, 4), seed=1)
-    cache_k, cache_v = rand((2, 7, 1, 4), seed=2), rand((2, 7, 1, 4), seed=3)
-    pool_k, table = paged(cache_k, 4, seed=1)
-    pool_v, _ = paged(cache_v, 4, seed=1)
-    out, _ = flash_reference(
-        q,
-        pool_k,
-        pool_v,
-        cu_seqlens(lens_q),
-        cu_seqlens(lens_k),
-        3,
-        7,
-        block_table=table,
-        causal=True,
-    )
-    for b, (lo, hi) in enumerate([(0, 2), (2, 5)]):
-        ref, _ = naive_dense(
-            q[None, lo:hi],
-            cache_k[b : b + 1, : lens_k[b]],
-            cache_v[b : b + 1, : lens_k[b]],
-            causal=True,
-        )
-        torch.testing.assert_close(out[lo:hi], ref[0], atol=1e-12, rtol=0)
+@pytest.mark.parametrize("kind", ["bool", "float", "float_minus_inf", "same_dtype"])
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (5, 7), (2, 1, 1, 7)])
+def test_attn_mask_equals_the_oracle(kind, shape):
+    q, k, v = qkv(lq=5, lk=7, hq=4, hkv=2)
+    gen = torch.Generator().manual_seed(len(shape))
+    if kind == "bool":
+        mask = torch.rand(shape, generator=gen) > 0.4
+        mask[..., -1, :] = False  # a fully masked row where the shape has rows
+    else:
+        mask = torch.randn(shape, generator=gen)
+        if kind == "float_minus_inf":
+            mask = mask.masked_fill(torch.rand(shape, generator=gen) > 0.6, -math.inf)
+            mask[..., 0, :] = -math.inf
+        mask = mask.to(F64 if kind == "same_dtype" else torch.float32)
+    kw = dict(causal=True, softcap=2.0)
+    out, lse = flash_reference(q, k, v, scale=0.5, attn_mask=mask, **kw)
+    ref_out, ref_lse = naive_dense(q, k, v, scale=0.5, attn_mask=mask, **kw)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
+    assert bool(torch.isfinite(out).all())
 
 
 def test_low_precision_inputs_compute_in_their_dtype():
@@ -275,6 +270,8 @@ BACKWARD_CASES = {
     "window_softcap": {"window_left": 2, "window_right": 1, "softcap": 1.0},
     "alibi_dropout": {"alibi": True, "dropout_p": 0.4, "causal": True},
     "sinks": {"sinks": True, "causal": True},
+    "bool_mask": {"mask": "bool", "softcap": 2.0},
+    "float_mask": {"mask": "float", "dropout_p": 0.2},
 }
 
 
@@ -285,9 +282,18 @@ def test_explicit_backward_equals_autograd(case, varlen):
     hq, hkv = 4, 2
     if opts.pop("alibi", None):
         opts["alibi_slopes"] = rand((hq,), torch.float32, seed=5).abs()
+    sinks = rand((hq,), F64, seed=6).requires_grad_(True) if opts.pop("sinks", None) else None
+    mask_kind = opts.pop("mask", None)
+    if mask_kind and varlen:
+        pytest.skip("attn_mask goes with the dense layout only")
+    if mask_kind == "bool":
+        opts["attn_mask"] = (
+            torch.rand((2, 1, 5, 6), generator=torch.Generator().manual_seed(0)) > 0.3
+        )
+    elif mask_kind == "float":
+        opts["attn_mask"] = rand((5, 6), torch.float32, seed=7)
     if opts.get("dropout_p"):
         opts["rng_state"] = torch.tensor([31, 4], dtype=torch.int64)
-    sinks = rand((hq,), F64, seed=6).requires_grad_(True) if opts.pop("sinks", None) else None
     if varlen:
         lens_q, lens_k = [4, 0, 3], [5, 3, 0]
         q = rand((7, hq, 6), seed=1)
