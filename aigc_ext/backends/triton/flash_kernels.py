@@ -81,9 +81,9 @@ _LIBDEVICE = tl.constexpr(not INTERPRET)
 
 # Tiles under the interpreter: the tests' sequences of a few dozen tokens still span several
 # query and key blocks, ragged tails, window edges and (with 16-row pages) paged blocks.
-INTERPRET_FWD = (32, 16)
-INTERPRET_DKDV = (16, 32)
-INTERPRET_DQ = (32, 16)
+INTERPRET_FWD = (64, 32)
+INTERPRET_DKDV = (32, 64)
+INTERPRET_DQ = (64, 32)
 
 # The forward and dQ add tiles of 16 and 32 rows: a decoding step has one query token per
 # head, so a group of heads (or a single head) fills only a small tile.
@@ -158,19 +158,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _philox_round(c0, c1, c2, c3, k0, k1):
-    """One Philox4x32 round on uint32 words: ``(hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3
-    ^ k1, lo(M0*c0))`` with ``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``."""
-    m0 = tl.full(c0.shape, 0xD2511F53, tl.uint32)
-    m1 = tl.full(c0.shape, 0xCD9E8D57, tl.uint32)
-    hi0 = tl.umulhi(m0, c0)
-    lo0 = m0 * c0
-    hi1 = tl.umulhi(m1, c2)
-    lo1 = m1 * c2
-    return hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-
-
-@triton.jit
 def _dropout_keep(
     i, stream, start_n, seed_lo, seed_hi, rng_offset, threshold, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -179,7 +166,9 @@ def _dropout_keep(
     positions ``i`` with streams ``b * Hq + h`` (``(BLOCK_M,)`` each), columns the keys
     ``start_n + [0, BLOCK_N)`` (``start_n`` a multiple of 4).
 
-    Philox4x32-10 runs on ``(BLOCK_M, BLOCK_N / 4)`` counters ``(j >> 2, i, stream, offset)``;
+    Philox4x32-10 (multipliers ``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``; key increments
+    ``0x9E3779B9``, ``0xBB67AE85``) runs on ``(BLOCK_M, BLOCK_N / 4)`` counters
+    ``(j >> 2, i, stream, offset)``;
     its four words are interleaved into the columns (word ``w`` of counter ``g`` is key
     ``4 g + w``), and a key is kept iff its word's top 24 bits are ``>= threshold``.
     """
@@ -188,13 +177,23 @@ def _dropout_keep(
     c1 = zero + i.to(tl.uint32)[:, None]
     c2 = zero + stream.to(tl.uint32)[:, None]
     c3 = zero + rng_offset
+    m0 = tl.full([BLOCK_M, BLOCK_N // 4], 0xD2511F53, tl.uint32)
+    m1 = tl.full([BLOCK_M, BLOCK_N // 4], 0xCD9E8D57, tl.uint32)
     k0 = seed_lo
     k1 = seed_hi
     for r in tl.static_range(_ROUNDS):
-        if r > 0:
+        if r > 0:  # the key is bumped between rounds
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
-        c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, k0, k1)
+        # (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0))
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
     # join(join(w0, w2), join(w1, w3)) has shape (.., 2, 2) with word 2 * a + b at [.., a, b]:
     # flattened, the four words of each counter come out in order.
     u = tl.join(tl.join(c0, c2), tl.join(c1, c3))
@@ -410,7 +409,7 @@ def _fwd_loop(
 )
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def flash_fwd(
-    Q, K, V, Out, LSE, CU_Q, CU_K, SEQUSED, LEFTPAD, KV_IDX, BLOCK_TABLE, ALIBI, RNG, SINKS, M,
+    Q, K, V, Out, LSE, CU_Q, CU_K, SEQUSED, LEFTPAD, KV_IDX, BLOCK_TABLE, SLOPES, RNG, SINKS, M,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -474,7 +473,7 @@ def flash_fwd(
         v_head = V + kv_off_v + hk64 * stride_vh
         bt_base = BLOCK_TABLE
     if ALIBI:
-        slope = tl.load(ALIBI + b64 * stride_ab + h, mask=row_ok, other=0.0)
+        slope = tl.load(SLOPES + b64 * stride_ab + h, mask=row_ok, other=0.0)
     else:
         slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if MASK_MODE == 1:  # a key vector: the same for every row
@@ -687,7 +686,7 @@ def _dkdv_loop(
 )
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def flash_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG, M,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, M,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -776,7 +775,7 @@ def flash_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     stream_base = b * H
-    slope_base = ALIBI + b64 * stride_ab
+    slope_base = SLOPES + b64 * stride_ab
     dk, dv = _dkdv_loop(
         dk, dv, k, v, j, j_ok, start_n, q_seq, do_seq, lse_seq, delta_seq, m_cols, stream_base,
         slope_base, start, e1, len_q, d, hk, GROUP, stride_ql, stride_qh, stride_qd, stride_dol,
@@ -881,7 +880,7 @@ def _dq_loop(
 )
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def flash_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG, M,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, M,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -944,7 +943,7 @@ def flash_bwd_dq(
     k_head = K + kb * stride_kb + kv_first.to(tl.int64) * stride_ks + hk64 * stride_kh
     v_head = V + kb * stride_vb + kv_first.to(tl.int64) * stride_vs + hk64 * stride_vh
     if ALIBI:
-        slope = tl.load(ALIBI + b64 * stride_ab + h, mask=row_ok, other=0.0)
+        slope = tl.load(SLOPES + b64 * stride_ab + h, mask=row_ok, other=0.0)
     else:
         slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if MASK_MODE == 1:
