@@ -48,11 +48,11 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from aigc_ext.backends.triton.kernels import (
+    AUTOTUNE_MODE,
     DKDV_CONFIGS,
     DQ_CONFIGS,
     FWD_CONFIGS,
     INTERPRET,
-    AUTOTUNE_MODE,
     _cfg,
     _dot,
     _exp2_prob,
@@ -128,9 +128,11 @@ def _pruner(streamed: str, rows_key: str | None, block: str):
 
 
 # Sizes and scalar options are runtime values (not specialised): one compiled kernel per
-# config serves every length, window, softcap and dropout rate.
+# config serves every length, window, softcap and dropout rate. The head dims are constexprs:
+# a padded head dim's load mask is then known in groups of 8 or 16 elements, which keeps the
+# loads vectorised and the key/value stream pipelined (asynchronous copies).
 _NO_SPECIALIZE = [
-    "H", "GROUP", "L", "S_CAP", "T_Q", "T_K", "KV_ROWS", "E", "EV",
+    "H", "GROUP", "L", "S_CAP", "T_Q", "T_K", "KV_ROWS",
     "window_left", "window_right", "threshold", "L_KEY", "S_KEY",
 ]  # fmt: skip
 _FEATURES = [
@@ -416,11 +418,11 @@ def flash_fwd(
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lb, stride_lh, stride_btb, stride_ab,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    H, GROUP, L, S_CAP, T_Q, T_K, KV_ROWS, E, EV,
+    H, GROUP, L, S_CAP, T_Q, T_K, KV_ROWS,
     scale, qk_scale, softcap, inv_softcap, window_left, window_right, threshold, drop_scale,
     L_KEY, S_KEY,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    VARLEN: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, VARLEN: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_SEQUSED: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_KV_IDX: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, SINKS_ON: tl.constexpr,
@@ -695,11 +697,11 @@ def flash_bwd_dkdv(
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh, stride_ab,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    H, GROUP, L, S_CAP, T_Q, T_K, KV_ROWS, E, EV,
+    H, GROUP, L, S_CAP, T_Q, T_K, KV_ROWS,
     scale, qk_scale, softcap, inv_softcap, window_left, window_right, threshold, drop_scale,
     L_KEY, S_KEY,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    VARLEN: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, VARLEN: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
     WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, MASK_MODE: tl.constexpr, MASK_BOOL: tl.constexpr,
     PRECISE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -888,11 +890,11 @@ def flash_bwd_dq(
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
     stride_lb, stride_lh, stride_ab,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    H, GROUP, L, S_CAP, T_Q, T_K, KV_ROWS, E, EV,
+    H, GROUP, L, S_CAP, T_Q, T_K, KV_ROWS,
     scale, qk_scale, softcap, inv_softcap, window_left, window_right, threshold, drop_scale,
     L_KEY, S_KEY,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    VARLEN: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, VARLEN: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
     WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, MASK_MODE: tl.constexpr, MASK_BOOL: tl.constexpr,
     PRECISE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

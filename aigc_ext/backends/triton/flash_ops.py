@@ -57,8 +57,7 @@ def _check_backend(op: str, q: torch.Tensor) -> None:
     """What the Triton kernels add to the contract's checks: dtype and device."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise FlashTypeError(
-            f"{op}: q has dtype {q.dtype}; the Triton kernels support float16, bfloat16 and "
-            "float32"
+            f"{op}: q has dtype {q.dtype}; the Triton kernels support float16, bfloat16 and float32"
         )
     if q.device.type != "cuda" and not K.INTERPRET and q.device.type != "meta":
         raise FlashArgumentError(
@@ -198,12 +197,12 @@ def _forward(
         q4, k4, v4, out4, lse, cu_q, cu_k, used, left, kv_idx, table, alibi, rng, sink, mask,
         *q_strides, *k4.stride(), *v4.stride(), *o_strides, *lse_strides, stride_btb, stride_ab,
         *m_strides,
-        heads, group, length_q, s_cap, t_q, t_k, kv_rows, e, ev,
+        heads, group, length_q, s_cap, t_q, t_k, kv_rows,
         float(scale), float(scale) * K.LOG2E, opts["softcap"], opts["inv_softcap"],
         opts["window_left"], opts["window_right"], opts["threshold"], opts["drop_scale"],
         triton.next_power_of_2(rows), triton.next_power_of_2(max(1, s_cap)),
-        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=e == block_d, EVEN_DV=ev == block_dv,
-        VARLEN=varlen, PAGED=paged, PAGE_SIZE=page_size,
+        E=e, EV=ev, BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=e == block_d,
+        EVEN_DV=ev == block_dv, VARLEN=varlen, PAGED=paged, PAGE_SIZE=page_size,
         HAS_SEQUSED=seqused_k is not None, HAS_LEFTPAD=leftpad_k is not None,
         HAS_KV_IDX=kv_batch_idx is not None,
         WINDOW_LEFT=opts["WINDOW_LEFT"], WINDOW_RIGHT=opts["WINDOW_RIGHT"],
@@ -276,6 +275,8 @@ def _backward(
     block_d, block_dv = _block_d(e), _block_d(ev)
     rows = length_q * group
     common = {
+        "E": e,
+        "EV": ev,
         "BLOCK_D": block_d,
         "BLOCK_DV": block_dv,
         "EVEN_D": e == block_d,
@@ -293,7 +294,7 @@ def _backward(
         "UPCAST": opts["UPCAST"],
     }
     scalars = (
-        heads, group, length_q, s_cap, t_q, t_k, 1 if varlen else k.shape[0], e, ev,
+        heads, group, length_q, s_cap, t_q, t_k, 1 if varlen else k.shape[0],
         float(scale), float(scale) * K.LOG2E, opts["softcap"], opts["inv_softcap"],
         opts["window_left"], opts["window_right"], opts["threshold"], opts["drop_scale"],
         triton.next_power_of_2(rows), triton.next_power_of_2(max(1, s_cap)),
