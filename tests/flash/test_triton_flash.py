@@ -66,6 +66,10 @@ def _dev(t):
     return t.to(DEVICE) if isinstance(t, torch.Tensor) else t
 
 
+def _cpu(t):
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
 def _as(t, dtype):
     """Floating tensors cast to ``dtype`` (float32 parameters stay float32 below float64)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -433,3 +437,58 @@ def test_bad_input_is_rejected_before_any_kernel():
         FWD(*(_dev(t) for t in (q, k, v)), window_left=-3)
     with pytest.raises(FlashArgumentError, match="softcap"):
         FWD(*(_dev(t) for t in (q, k, v)), softcap=-1.0)
+
+
+# -- registration: opcheck, the flash_attention entry point, torch.compile ----------------
+
+
+def _small_packed(grad=False):
+    lens_q, lens_k = (3, 6), (7, 4)
+    q = rand((sum(lens_q), 2, 16), F32, seed=1)
+    k = rand((sum(lens_k), 1, 16), F32, seed=2)
+    v = rand((sum(lens_k), 1, 16), F32, seed=3)
+    layout = (cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q), max(lens_k))
+    tensors = [_dev(t).requires_grad_(grad) for t in (q, k, v)]
+    return tensors, tuple(_dev(t) for t in layout)
+
+
+def test_opcheck():
+    """Schema, fake kernels, autograd registration and tracing of both operators."""
+    (q, k, v), layout = _small_packed(grad=True)
+    opts = {"scale": 0.25, "causal": True, "softcap": 5.0}
+    torch.library.opcheck(FWD.default, (q, k, v, *layout), opts)
+    out, lse = FWD(q, k, v, *layout, **opts)
+    grad_out = torch.ones_like(out)
+    torch.library.opcheck(
+        BWD.default, (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, *layout),
+        opts,
+    )  # fmt: skip
+
+
+def test_flash_attention_serves_the_triton_backend():
+    from aigc_ext.flash.ops import flash_attention
+
+    (q, k, v), layout = _small_packed()
+    ours, lse = flash_attention(q, k, v, *layout, causal=True, backend="triton")
+    ref, ref_lse = flash_reference(
+        *(t.cpu() for t in (q, k, v)), *(_cpu(t) for t in layout), scale=16**-0.5, causal=True
+    )
+    torch.testing.assert_close(ours.cpu(), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-6, rtol=0)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    (q, k, v), layout = _small_packed(grad=True)
+    sinks = _dev(torch.tensor([0.3, -0.4])).requires_grad_(True)
+
+    def fn(q, k, v, sinks):
+        return FWD(q, k, v, *layout, scale=0.25, window_left=2, sinks=sinks)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(q, k, v, sinks)
+    expected, expected_lse = fn(q, k, v, sinks)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    grads = torch.autograd.grad(out.sum(), [q, k, v, sinks])
+    expected_grads = torch.autograd.grad(expected.sum(), [q, k, v, sinks])
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert torch.equal(g, e)

@@ -86,10 +86,18 @@ def _mask_view(attn_mask, batch, heads, len_q, len_k):
     return m, strides, 1 if vector else 2, is_bool
 
 
-def _options(causal, window_left, window_right, softcap, alibi_slopes, dropout_p, q) -> dict:
-    """The scalar arguments and feature switches shared by the three main kernels."""
+def _options(
+    causal, window_left, window_right, softcap, alibi_slopes, dropout_p, q, span: int
+) -> dict:
+    """The scalar arguments and feature switches shared by the three main kernels.
+
+    ``span`` bounds query plus key positions (the longest query length plus the key capacity):
+    a window side at least that wide hides nothing and is dropped, which also keeps the
+    kernels' int32 window arithmetic far from overflow."""
     right = 0 if causal else int(window_right)
     left = int(window_left)
+    left = -1 if left > span else left
+    right = -1 if right > span else right
     p = float(dropout_p)
     softcap = float(softcap)
     return {
@@ -169,7 +177,9 @@ def _forward(
         k4, v4 = k, v
         page_size, s_cap, t_k, kv_rows = 1, k.shape[1], k.shape[1], k.shape[0]
 
-    opts = _options(causal, window_left, window_right, softcap, alibi_slopes, dropout_p, q)
+    opts = _options(
+        causal, window_left, window_right, softcap, alibi_slopes, dropout_p, q, length_q + s_cap
+    )
     alibi = _param(alibi_slopes, q, torch.float32)
     stride_ab = alibi.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     rng = _param(rng_state if opts["DROPOUT"] else None, q)
@@ -261,7 +271,9 @@ def _backward(
         BLOCK_M=_PREPROCESS_BLOCK, BLOCK_DV=_block_d(ev),
     )  # fmt: skip
 
-    opts = _options(causal, window_left, window_right, softcap, alibi_slopes, dropout_p, q)
+    opts = _options(
+        causal, window_left, window_right, softcap, alibi_slopes, dropout_p, q, length_q + s_cap
+    )
     alibi = _param(alibi_slopes, q, torch.float32)
     stride_ab = alibi.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     rng = _param(rng_state if opts["DROPOUT"] else None, q)
