@@ -196,6 +196,44 @@ def test_rows_without_keys_get_zeros_and_minus_inf():
     assert torch.equal(grads[0].cpu()[:, :31], torch.zeros_like(q[:, :31]))
 
 
+def test_window_skips_key_blocks_outside_it():
+    """Keys that no query's window reaches are never read: NaN there (keys and values) leaves
+    the output, the lse and the gradients finite and equal to the reference on the finite
+    keys, and those keys' gradients zero. (A visited block would carry NaN through P V.)"""
+    len_q, len_k, left = 8, 200, 10
+    q, k, v = qkv(len_q=len_q, len_k=len_k, heads=2, heads_kv=1)
+    first_seen = len_k - len_q - left  # the smallest key any query's window reaches
+    # up to the start of that key's block for key tiles of up to 128 (32 and 64 under
+    # the interpreter): masked keys inside a visited block see NaN in their own values
+    poisoned = (first_seen // 128) * 128
+    k[:, :poisoned] = float("nan")
+    v[:, :poisoned] = float("nan")
+    kwargs = {"scale": 0.2, "causal": True, "window_left": left}
+    out, lse = FWD(*(_dev(t) for t in (q, k, v)), **kwargs)
+    # the reference on the finite keys only (bottom-right alignment keeps the same windows)
+    finite = (t[:, poisoned:].double() for t in (k, v))
+    ref_out, ref_lse = flash_reference(q.double(), *finite, **kwargs)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=0)
+    grads = BWD(*(_dev(t) for t in (torch.ones_like(out), q, k, v, out, lse)), **kwargs)
+    dq, dk, dv = (g.cpu() for g in grads)
+    assert bool(torch.isfinite(dq).all()) and bool(torch.isfinite(dk).all())
+    assert torch.equal(dk[:, :poisoned], torch.zeros_like(dk[:, :poisoned]))
+    assert torch.equal(dv[:, :poisoned], torch.zeros_like(dv[:, :poisoned]))
+
+
+def test_strided_inputs_equal_contiguous():
+    """q, k, v as transposed views of (B, H, L, D) tensors: the kernels read them through
+    their strides, with the same result as contiguous copies."""
+    q = rand((2, 2, 37, 24), F32, seed=1).transpose(1, 2)
+    k = rand((2, 1, 45, 24), F32, seed=2).transpose(1, 2)
+    v = rand((2, 1, 45, 24), F32, seed=3).transpose(1, 2)
+    strided = FWD(*(_dev(t) for t in (q, k, v)), scale=0.2, causal=True)
+    dense = FWD(*(_dev(t.contiguous()) for t in (q, k, v)), scale=0.2, causal=True)
+    assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
+
+
 @pytest.mark.parametrize("dims", [(200, 256), (256, 8)], ids=["d200_dv256", "d256_dv8"])
 def test_large_head_dims(dims):
     dim, dim_v = dims
@@ -420,18 +458,18 @@ def test_bad_input_is_rejected_before_any_kernel():
     q, k, v = qkv()
     with pytest.raises(FlashTypeError, match="float16, bfloat16 and float32"):
         FWD(*(_dev(t.double()) for t in (q, k, v)))
-    qp = rand((10, 2, 24), seed=1)
-    kp = rand((12, 1, 24), seed=2)
+    qp = rand((10, 2, 24), F32, seed=1)
+    kp = rand((12, 1, 24), F32, seed=2)
     bad_cu = torch.tensor([0, 6, 4, 10], dtype=torch.int32)
     good_cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
     if DEVICE == "cpu":  # index values are read on the host for CPU tensors
         with pytest.raises(FlashArgumentError, match="cu_seqlens_q"):
             FWD(qp, kp, kp, cu_seqlens_q=bad_cu, cu_seqlens_k=good_cu, max_seqlen_q=6,
                 max_seqlen_k=4)  # fmt: skip
-        pages = rand((4, 16, 1, 24), seed=3)
+        pages = rand((4, 16, 1, 24), F32, seed=3)
         table = torch.tensor([[0, 1], [2, 7]], dtype=torch.int32)
         with pytest.raises(FlashArgumentError, match="block_table"):
-            FWD(rand((2, 1, 2, 24)), pages, pages, block_table=table,
+            FWD(rand((2, 1, 2, 24), F32), pages, pages, block_table=table,
                 seqused_k=torch.tensor([20, 30], dtype=torch.int32))  # fmt: skip
     with pytest.raises(FlashArgumentError, match="window_left"):
         FWD(*(_dev(t) for t in (q, k, v)), window_left=-3)
