@@ -280,52 +280,52 @@ class _Ints(NamedTuple):
 
 
 def _check_cache_values(c, layout: FlashLayout, k, a: _Ints) -> None:
-    """seqused_k within the cache and >= leftpad_k; kv_batch_idx and the pages in use in range."""
+    """seqused_k within the cache and >= leftpad_k; kv_batch_idx and the pages in use in range.
+
+    The per-batch values are read as Python lists (a batch is small: a few list operations cost
+    less than many small tensor operations); the block table is checked with one masked
+    comparison, however many pages it has."""
     batch, table = layout.batch, a.block_table
     if layout.paged:
         page_size, num_pages = k.shape[1], k.shape[0]
-        capacity = torch.full((batch,), table.shape[1] * page_size, dtype=torch.int64)
+        capacity = table.shape[1] * page_size
         where = f"the cache (block_table {_shape(table)} x page_size {page_size})"
     else:
-        capacity = torch.full((batch,), k.shape[1], dtype=torch.int64)
+        capacity = k.shape[1]
         where = f"the cache (k {_shape(k)}, dim 1)"
-    left = a.leftpad_k.long() if a.leftpad_k is not None else torch.zeros(batch, dtype=torch.int64)
-    if bool((left < 0).any()):
-        c.fail(f"leftpad_k must be >= 0; got {_values(a.leftpad_k)}")
-    end = a.seqused_k.long() if a.seqused_k is not None else capacity
-    bad = end > capacity
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0])
-        c.fail(
-            f"seqused_k[{b}] = {int(end[b])} is larger than {where}: {int(capacity[b])} "
-            f"positions; seqused_k = {_values(a.seqused_k)}"
-        )
-    bad = end < left
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0])
-        what = "seqused_k" if a.seqused_k is not None else "the cache length"
-        c.fail(
-            f"{what} of batch {b} ({int(end[b])}) is smaller than leftpad_k[{b}] = "
-            f"{int(left[b])}; leftpad_k = {_values(a.leftpad_k)}"
-        )
+    left = a.leftpad_k.tolist() if a.leftpad_k is not None else [0] * batch
+    end = a.seqused_k.tolist() if a.seqused_k is not None else [capacity] * batch
+    for b in range(batch):
+        if left[b] < 0:
+            c.fail(f"leftpad_k must be >= 0; got {_values(a.leftpad_k)}")
+        if end[b] > capacity:
+            c.fail(
+                f"seqused_k[{b}] = {end[b]} is larger than {where}: {capacity} positions; "
+                f"seqused_k = {_values(a.seqused_k)}"
+            )
+        if end[b] < left[b]:
+            what = "seqused_k" if a.seqused_k is not None else "the cache length"
+            c.fail(
+                f"{what} of batch {b} ({end[b]}) is smaller than leftpad_k[{b}] = {left[b]}; "
+                f"leftpad_k = {_values(a.leftpad_k)}"
+            )
     if a.kv_batch_idx is not None:
         rows = k.shape[0]
-        if bool(((a.kv_batch_idx < 0) | (a.kv_batch_idx >= rows)).any()):
+        if any(not 0 <= r < rows for r in a.kv_batch_idx.tolist()):
             c.fail(
                 f"kv_batch_idx must be in [0, {rows}) (k {_shape(k)}, dim 0); got "
                 f"{_values(a.kv_batch_idx)}"
             )
     if table is not None:
-        first = left // page_size
-        last = (end + page_size - 1) // page_size  # one past the last page in use
+        first = torch.tensor([x // page_size for x in left]).view(-1, 1)
+        last = torch.tensor([-(-x // page_size) for x in end]).view(-1, 1)  # one past the last
         cols = torch.arange(table.shape[1]).view(1, -1)
-        in_use = (cols >= first.view(-1, 1)) & (cols < last.view(-1, 1))
-        entries = table.long()
-        bad = in_use & ((entries < 0) | (entries >= num_pages))
+        outside = (table < 0) | (table >= num_pages)
+        bad = outside & (cols >= first) & (cols < last)
         if bool(bad.any()):
             b, col = (int(x) for x in bad.nonzero()[0])
             c.fail(
-                f"block_table[{b}, {col}] = {int(entries[b, col])} points past the cache: "
+                f"block_table[{b}, {col}] = {int(table[b, col])} points past the cache: "
                 f"pages must be in [0, {num_pages}) (k {_shape(k)}); block_table[{b}] = "
                 f"{_values(table[b])}"
             )

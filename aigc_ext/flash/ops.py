@@ -38,6 +38,7 @@ __all__ = [
     "flash_attention",
     "new_rng_state",
     "register_flash_operator",
+    "run_flash_operator",
 ]
 
 FORWARD_SCHEMA = (
@@ -172,21 +173,28 @@ def register_flash_operator(forward: str, backward: str) -> None:
     _registered.add(forward)
 
 
+def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """float16/bfloat16 tensors in float32: the reference operators accumulate in float32, as
+    the kernels do."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def _define_reference_operators() -> None:
-    """``aigc_ext::flash_reference_forward`` / ``_backward``: the reference as operators."""
+    """``aigc_ext::flash_reference_forward`` / ``_backward``: the reference as operators,
+    computing in float32 for float16/bfloat16 inputs (float32 and float64 as they are)."""
     forward, backward = BACKEND_OPERATORS["reference"]
     if _has_op(forward):
         return
 
     def forward_impl(q, k, v, *args):
         with torch.no_grad():
-            out, lse = reference.flash_reference(q, k, v, *args)
-        return out.contiguous(), lse.contiguous()
+            out, lse = reference.flash_reference(*_upcast(q, k, v), *args)
+        return out.to(q.dtype).contiguous(), lse.contiguous()
 
     def backward_impl(grad_out, q, k, v, out, lse, *args):
         with torch.no_grad():
-            grads = reference.flash_reference_backward(grad_out, q, k, v, out, lse, *args)
-        return tuple(g.contiguous() for g in grads)
+            grads = reference.flash_reference_backward(*_upcast(grad_out, q, k, v, out), lse, *args)
+        return tuple(g.to(q.dtype).contiguous() for g in grads)
 
     torch.library.custom_op(
         _qualname(forward), forward_impl, mutates_args=(), schema=FORWARD_SCHEMA
@@ -319,7 +327,19 @@ def flash_attention(
         alibi_slopes, dropout_p, rng_state, sinks, num_splits, attn_mask,
     ]  # fmt: skip
     check_flash_forward(q, k, v, *args, op="flash_attention")
+    return run_flash_operator(q, k, v, *args, backend=backend)
+
+
+def run_flash_operator(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calls the forward operator for arguments already validated with
+    :func:`~aigc_ext.flash.checks.check_flash_forward` (``args``: the schema's, after q, k, v,
+    in order): :func:`flash_attention` without its checks and defaults, for callers that ran
+    the checks themselves (``flash_attn_with_kvcache`` checks before it writes the cache)."""
+    args = list(args)
     for i in (8, 12, 14):  # scale, softcap, dropout_p: the schema's floats
-        args[i] = float(args[i])
+        if i < len(args):
+            args[i] = float(args[i])
     op = _operator(q.device.type, backend)
     return op(q, k, v, *args)

@@ -25,7 +25,13 @@ import torch
 from aigc_ext.flash.checks import check_flash_backward, check_flash_forward, lse_dtype
 from aigc_ext.flash.philox import dropout_keep_mask
 
-__all__ = ["dropout_keep_mask", "flash_reference", "flash_reference_backward", "lse_dtype"]
+__all__ = [
+    "dropout_keep_mask",
+    "flash_reference",
+    "flash_reference_backward",
+    "flash_reference_probs",
+    "lse_dtype",
+]
 
 
 @dataclass(frozen=True)
@@ -169,8 +175,8 @@ def _keep(seq: _Sequence, opts: _Options, device) -> torch.Tensor | None:
     )  # fmt: skip
 
 
-def _attend(qb, kb, vb, seq: _Sequence, opts: _Options):
-    """One sequence's forward: ``out`` ``(L, H, Dv)`` and ``lse`` ``(H, L)``."""
+def _probabilities(qb, kb, seq: _Sequence, opts: _Options):
+    """One sequence's softmax ``p`` ``(H, L, S)`` (before dropout) and ``lse`` ``(H, L)``."""
     _, x, allowed = _scores(qb, kb, seq, opts)
     x = x.masked_fill(~allowed, -math.inf)
     if opts.sinks is not None:
@@ -188,6 +194,12 @@ def _attend(qb, kb, vb, seq: _Sequence, opts: _Options):
     if empty is not None:
         p = p.masked_fill(empty, 0.0)
         lse = lse.masked_fill(empty.squeeze(-1), -math.inf)
+    return p, lse
+
+
+def _attend(qb, kb, vb, seq: _Sequence, opts: _Options):
+    """One sequence's forward: ``out`` ``(L, H, Dv)`` and ``lse`` ``(H, L)``."""
+    p, lse = _probabilities(qb, kb, seq, opts)
     keep = _keep(seq, opts, p.device)
     if keep is not None:
         p = p * keep / (1.0 - opts.dropout_p)
@@ -259,6 +271,38 @@ def flash_reference(
     outs.append(q.new_zeros((tail, heads, dv)))
     lses.append(q.new_full((heads, tail), -math.inf))
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1).to(lse_t)
+
+
+def flash_reference_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          **kwargs) -> torch.Tensor:  # fmt: skip
+    """The attention probabilities of a call (the arguments of :func:`flash_reference`):
+    ``(B, Hq, Lq, S)``, per sequence ``b`` in ``[:, :, :Lq_b, :S_b]`` and zero elsewhere, as
+    FlashAttention's ``return_attn_probs`` reports them: the softmax before dropout, negated
+    where dropout drops the score (a dropped zero stays zero). For tests and debugging: it
+    materialises every score."""
+    check_flash_forward(q, k, v, **kwargs, check_values=True, float64_params=True,
+                        op="flash_reference_probs")  # fmt: skip
+    get = kwargs.get
+    opts = _options(
+        q, k, get("scale", 1.0), get("causal", False), get("window_left", -1),
+        get("window_right", -1), get("softcap", 0.0), get("alibi_slopes"), get("dropout_p", 0.0),
+        get("rng_state"), get("sinks"), get("attn_mask"),
+    )  # fmt: skip
+    table = get("block_table")
+    seqs = _sequences(
+        q, k, get("cu_seqlens_q"), get("cu_seqlens_k"), get("seqused_k"), get("leftpad_k"),
+        get("kv_batch_idx"), table,
+    )  # fmt: skip
+    len_q = max((seq.len_q for seq in seqs), default=0)
+    len_k = max((seq.len_k for seq in seqs), default=0)
+    probs = q.new_zeros((len(seqs), opts.heads_q, len_q, len_k))
+    for seq in seqs:
+        p, _ = _probabilities(q[seq.q_index], _keys(k, seq, table), seq, opts)
+        keep = _keep(seq, opts, p.device)
+        if keep is not None:
+            p = torch.where(keep, p, -p)
+        probs[seq.b, :, : seq.len_q, : seq.len_k] = p
+    return probs
 
 
 def flash_reference_backward(

@@ -8,9 +8,49 @@ reducing them to dense calls (one per sequence) that it can check.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
+
+from aigc_ext.flash import ops
+
+
+def cpu_ready() -> bool:
+    """Whether this build has the C++ flash operators, implemented."""
+    if "cpu" not in ops.available_flash_backends():
+        return False
+    q = torch.zeros(1, 1, 1, 8)
+    try:
+        torch.ops.aigc_ext.flash_forward(q, q, q)
+    except (NotImplementedError, RuntimeError) as exc:
+        return "not implemented" not in str(exc).lower()
+    return True
+
+
+def triton_ready() -> bool:
+    """Whether the Triton flash operators load here (a GPU, or CPU tensors under
+    ``TRITON_INTERPRET=1``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        ops._load_triton()
+    except Exception:
+        return False
+    return True
+
+
+def flash_backends() -> list[str]:
+    """The backends whose flash operators run here: reference always, cpu and triton when ready."""
+    names = ["reference"]
+    if cpu_ready():
+        names.append("cpu")
+    if triton_ready():
+        names.append("triton")
+    return names
 
 
 def generator(seed: int) -> torch.Generator:

@@ -69,11 +69,11 @@ def test_mask_matches_the_contract_text():
 
 
 def test_keep_fraction_of_a_large_mask():
-    for p, n in ((0.1, 2048), (0.5, 1024)):
+    for p, n in ((0.1, 1024), (0.5, 512)):
         mask = dropout_keep_mask([2024, 0], 0, 0, n, n, p, 1)
         kept = mask.double().mean().item()
         assert abs(kept - (1 - p)) < 0.01 * (1 - p), (p, kept)
-        assert abs(kept - (1 - p)) < 2e-3  # 1M-4M draws: the mean is within about 5e-4
+        assert abs(kept - (1 - p)) < 3e-3  # 0.25M-1M draws: the mean is within about 1e-3
 
 
 def test_no_dropout_keeps_everything_and_threshold():
