@@ -226,14 +226,15 @@ def _sequence(
     row of the packed k; dense: position in the cache row; paged: cache position, i.e. its
     left padding); ``len_k``: its number of keys. Lengths are clamped to the tensors."""
     if VARLEN:
-        q_start = tl.load(CU_Q + b)
+        q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), T_Q)
         len_q = tl.maximum(tl.minimum(tl.load(CU_Q + b + 1), T_Q) - q_start, 0)
         k_start = tl.load(CU_K + b)
-        end = tl.load(CU_K + b + 1) - k_start
-        if PAGED:
+        if PAGED:  # cu_seqlens_k only gives the lengths
             cap = S_CAP
-        else:
+        else:  # rows of the packed k
+            k_start = tl.minimum(tl.maximum(k_start, 0), T_K)
             cap = T_K - k_start
+        end = tl.load(CU_K + b + 1) - k_start
     else:
         q_start = b * 0
         len_q = L + b * 0
