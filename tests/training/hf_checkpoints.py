@@ -45,7 +45,9 @@ def bpe_tokenizer(
     backend.train_from_iterator(CORPUS, trainer)
     if bos is not None:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, backend.token_to_id(bos))]
+            single=f"{bos} $A",
+            pair=f"{bos} $A $B",
+            special_tokens=[(bos, backend.token_to_id(bos))],
         )
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -104,12 +104,14 @@ def test_field_names_are_options(tmp_path, checkpoints, gpt2_tok):
     assert bundle.info["data_kind"] == "prompt-response"
     example = bundle.train[0]
     assert example["prompt_ids"].tolist() == gpt2_tok.prompt("say fox")
-    assert example["response_ids"].tolist() == gpt2_tok.ids(" fox") + [gpt2_tok.eos_token_id]
+    assert example["response_ids"].tolist() == [*gpt2_tok.ids(" fox"), gpt2_tok.eos_token_id]
 
 
 def test_the_model_sections_checkpoint_gives_the_tokenizer(tmp_path, checkpoints):
     path = write_jsonl(tmp_path / "qa.jsonl", qa_rows(4))
-    bundle = files(path=str(path), eval_fraction=0, model={"name": "hf", "path": str(checkpoints["llama"])})
+    bundle = files(
+        path=str(path), eval_fraction=0, model={"name": "hf", "path": str(checkpoints["llama"])}
+    )
     assert bundle.info["tokenizer_path"] == str(checkpoints["llama"])
     llama = HFTokenizer(checkpoints["llama"])
     assert bundle.train[0]["prompt_ids"][0] == llama.bos_token_id  # Llama's <s> starts a prompt
@@ -138,7 +140,10 @@ def test_an_unpacked_document_longer_than_seq_len_is_refused_or_cut(tmp_path, ch
     rows = [{"text": "hello"}, {"text": "the quick brown fox jumps over the lazy dog " * 3}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
     common = {"path": str(path), "tokenizer": str(checkpoints["gpt2"]), "eval_fraction": 0}
-    with pytest.raises(DataFileError, match=r"t\.jsonl: row 2 \(line 2\), field 'text': \d+ tokens, longer than seq_len=8"):
+    with pytest.raises(
+        DataFileError,
+        match=r"t\.jsonl: row 2 \(line 2\), field 'text': \d+ tokens, longer than seq_len=8",
+    ):
         files(**common, packing=False, seq_len=8)
     cut = files(**common, packing=False, seq_len=8, truncation=True)
     assert [len(ids) for ids in _ids(cut.train)][1] == 8
@@ -157,7 +162,10 @@ def test_prompt_response_rows_mask_the_prompt(tmp_path, checkpoints, gpt2_tok):
         assert batch["input_ids"][row, :n].tolist() == prompt + response
         assert batch["labels"][row, : len(prompt)].eq(IGNORE).all()
         assert batch["labels"][row, len(prompt) : n].tolist() == response  # ends with eos
-        assert batch["labels"][row, n:].eq(IGNORE).all() and batch["attention_mask"][row, n:].sum() == 0
+        assert (
+            batch["labels"][row, n:].eq(IGNORE).all()
+            and batch["attention_mask"][row, n:].sum() == 0
+        )
 
 
 def test_chat_rows_use_the_chat_template_and_train_on_the_answer(tmp_path, checkpoints):
@@ -175,7 +183,7 @@ def test_chat_rows_use_the_chat_template_and_train_on_the_answer(tmp_path, check
     full = llama.hf.apply_chat_template(conversation, tokenize=False)
     assert full.endswith("<|assistant|>fox fox<|end|>")
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    assert ids == llama.ids(full) + [llama.eos_token_id]
+    assert ids == [*llama.ids(full), llama.eos_token_id]
     trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert llama.decode(trained, skip_special_tokens=False) == "fox fox<|end|></s>"
 
@@ -183,10 +191,18 @@ def test_chat_rows_use_the_chat_template_and_train_on_the_answer(tmp_path, check
 def test_chat_rows_need_a_template_and_an_answer_last(tmp_path, checkpoints):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fox"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
-    with pytest.raises(DataFileError, match=r"chat\.jsonl: row 1 \(line 1\), field 'messages': the tokenizer .* has no chat template"):
+    with pytest.raises(
+        DataFileError,
+        match=r"chat\.jsonl: row 1 \(line 1\), field 'messages': the tokenizer .* has no chat template",
+    ):
         files(path=str(path), tokenizer=str(checkpoints["gpt2"]), eval_fraction=0)
-    path = write_jsonl(tmp_path / "chat2.jsonl", [{"messages": messages}, {"messages": messages[:1]}])
-    with pytest.raises(DataFileError, match=r"row 2 \(line 2\), field 'messages': the last message must be the assistant's"):
+    path = write_jsonl(
+        tmp_path / "chat2.jsonl", [{"messages": messages}, {"messages": messages[:1]}]
+    )
+    with pytest.raises(
+        DataFileError,
+        match=r"row 2 \(line 2\), field 'messages': the last message must be the assistant's",
+    ):
         files(path=str(path), tokenizer=str(checkpoints["llama"]), eval_fraction=0)
 
 
@@ -195,7 +211,10 @@ def test_a_row_longer_than_seq_len_names_its_file_row_and_field(tmp_path, checkp
     rows[2]["response"] = " fox" * 40
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     common = {"path": str(path), "tokenizer": str(checkpoints["gpt2"]), "eval_fraction": 0}
-    with pytest.raises(DataFileError, match=r"qa\.jsonl: row 3 \(line 3\), field 'response': \d+ tokens with the prompt, longer than seq_len=32"):
+    with pytest.raises(
+        DataFileError,
+        match=r"qa\.jsonl: row 3 \(line 3\), field 'response': \d+ tokens with the prompt, longer than seq_len=32",
+    ):
         files(**common, seq_len=32)
     cut = files(**common, seq_len=32, truncation=True)
     assert cut.collate([cut.train[2]])["input_ids"].shape == (1, 32)
@@ -211,13 +230,20 @@ def test_labels_option_orders_the_names_and_bad_labels_are_named(tmp_path, check
     bundle = files(**common, labels=["pos", "neg"])
     assert [int(e["labels"]) for e in bundle.train] == [0, 1]
     assert bundle.info["label_names"] == ["pos", "neg"] and bundle.info["num_labels"] == 2
-    with pytest.raises(DataFileError, match=r"row 2 \(line 2\), field 'label': label 'neg' is not one of labels \['pos', 'mixed'\]"):
+    with pytest.raises(
+        DataFileError,
+        match=r"row 2 \(line 2\), field 'label': label 'neg' is not one of labels \['pos', 'mixed'\]",
+    ):
         files(**common, labels=["pos", "mixed"])
-    numbers = write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": 2}, {"text": "b", "label": 0}])
+    numbers = write_jsonl(
+        tmp_path / "n.jsonl", [{"text": "a", "label": 2}, {"text": "b", "label": 0}]
+    )
     bundle = files(path=str(numbers), tokenizer=str(checkpoints["gpt2"]), eval_fraction=0)
     assert bundle.info["num_labels"] == 3
     negative = write_jsonl(tmp_path / "m.jsonl", [{"text": "a", "label": -1}])
-    with pytest.raises(DataFileError, match=r"m\.jsonl: row 1 \(line 1\), field 'label': label -1 is no class id"):
+    with pytest.raises(
+        DataFileError, match=r"m\.jsonl: row 1 \(line 1\), field 'label': label -1 is no class id"
+    ):
         files(path=str(negative), tokenizer=str(checkpoints["gpt2"]), eval_fraction=0)
 
 
@@ -249,7 +275,9 @@ def test_the_held_out_split_by_fraction_is_seeded_and_disjoint(tmp_path, checkpo
 def test_the_held_out_split_can_be_a_second_file(tmp_path, checkpoints):
     train_file = write_jsonl(tmp_path / "train.jsonl", qa_rows(6))
     eval_file = write_jsonl(tmp_path / "eval.jsonl", qa_rows(2))
-    bundle = files(path=str(train_file), eval_path=str(eval_file), tokenizer=str(checkpoints["gpt2"]))
+    bundle = files(
+        path=str(train_file), eval_path=str(eval_file), tokenizer=str(checkpoints["gpt2"])
+    )
     assert (len(bundle.train), len(bundle.eval)) == (6, 2)
     assert bundle.eval[1]["prompt_ids"].tolist() == bundle.train[1]["prompt_ids"].tolist()
 
@@ -260,10 +288,16 @@ def test_the_held_out_split_can_be_a_second_file(tmp_path, checkpoints):
 def test_a_missing_field_names_the_file_row_line_and_field(tmp_path, checkpoints):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "answer": "d"}\n')
-    with pytest.raises(DataFileError, match=r"qa\.jsonl: row 2 \(line 3\), field 'response': the field is missing; the row has 'prompt', 'answer'"):
+    with pytest.raises(
+        DataFileError,
+        match=r"qa\.jsonl: row 2 \(line 3\), field 'response': the field is missing; the row has 'prompt', 'answer'",
+    ):
         files(path=str(path), tokenizer=str(checkpoints["gpt2"]), eval_fraction=0)
     other = write_jsonl(tmp_path / "x.jsonl", [{"question": "a"}])
-    with pytest.raises(DataFileError, match=r"x\.jsonl: row 1 \(line 1\): the row has fields 'question', none of the expected"):
+    with pytest.raises(
+        DataFileError,
+        match=r"x\.jsonl: row 1 \(line 1\): the row has fields 'question', none of the expected",
+    ):
         files(path=str(other), tokenizer=str(checkpoints["gpt2"]), eval_fraction=0)
 
 
@@ -273,9 +307,21 @@ def test_a_missing_field_names_the_file_row_line_and_field(tmp_path, checkpoints
         ("empty.jsonl", b"", r"empty\.jsonl: the file is empty"),
         ("blank.txt", b"\n\n  \n", r"blank\.txt: the file is empty"),
         ("header.csv", b"text,label\n", r"header\.csv: the file has no rows"),
-        ("bad.jsonl", b'{"text": "a"}\n{"text": oops}\n', r"bad\.jsonl: cannot be read as json: line 2 is not valid JSON"),
-        ("latin.txt", b"caf\xe9\n", r"latin\.txt: cannot be read as text: not UTF-8 text \(byte 0xe9 at offset 3\)"),
-        ("junk.parquet", b"not a parquet file at all", r"junk\.parquet: cannot be read as parquet: ArrowInvalid"),
+        (
+            "bad.jsonl",
+            b'{"text": "a"}\n{"text": oops}\n',
+            r"bad\.jsonl: cannot be read as json: line 2 is not valid JSON",
+        ),
+        (
+            "latin.txt",
+            b"caf\xe9\n",
+            r"latin\.txt: cannot be read as text: not UTF-8 text \(byte 0xe9 at offset 3\)",
+        ),
+        (
+            "junk.parquet",
+            b"not a parquet file at all",
+            r"junk\.parquet: cannot be read as parquet: ArrowInvalid",
+        ),
         ("data.xml", b"<a/>", r"data\.xml: cannot tell the format from the suffix '\.xml'"),
     ],
 )

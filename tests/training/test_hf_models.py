@@ -95,7 +95,9 @@ def test_task_option_and_the_checkpoints_architecture(ckpt):
     assert type(hf({}, path=str(ckpt["gpt2"]))) is transformers.GPT2LMHeadModel
     cls = hf({}, path=str(ckpt["bert-cls"]), objective="my-own-objective")
     assert type(cls) is transformers.BertForSequenceClassification and cls.config.num_labels == 2
-    head = hf({"pad_token_id": 7}, path=str(ckpt["gpt2"]), task="sequence-classification", num_labels=4)
+    head = hf(
+        {"pad_token_id": 7}, path=str(ckpt["gpt2"]), task="sequence-classification", num_labels=4
+    )
     assert type(head) is transformers.GPT2ForSequenceClassification
     assert head.config.pad_token_id == 7  # the last-token pooling needs one
     assert head(input_ids=torch.tensor([[5, 6, 7], [5, 7, 7]])).logits.shape == (2, 4)
@@ -124,7 +126,10 @@ def test_dtype_dropout_and_config_options(ckpt):
         ({"path": "{gpt2}", "task": "vision"}, r"task must be one of causal-lm, masked-lm"),
         ({"path": "{gpt2}", "torch_dtype": "fp8"}, r"torch_dtype must be one of auto, float32"),
         ({"path": "{gpt2}", "config_overrides": {"nope": 1}}, r"GPT2Config has no 'nope'"),
-        ({"path": "{gpt2}", "num_labels": 3}, r"num_labels applies to task 'sequence-classification'"),
+        (
+            {"path": "{gpt2}", "num_labels": 3},
+            r"num_labels applies to task 'sequence-classification'",
+        ),
     ],
 )
 def test_bad_options_are_clear_errors(ckpt, tmp_path, options, message):
@@ -135,16 +140,25 @@ def test_bad_options_are_clear_errors(ckpt, tmp_path, options, message):
 
 
 def test_the_dataset_must_fit_the_checkpoint(ckpt):
-    with pytest.raises(ValueError, match=r"reach 200 tokens but the checkpoint .* max_position_embeddings=64"):
+    with pytest.raises(
+        ValueError, match=r"reach 200 tokens but the checkpoint .* max_position_embeddings=64"
+    ):
         hf({"max_length": 200}, path=str(ckpt["gpt2"]))
-    with pytest.raises(ValueError, match=r"tokenizer has 999 tokens but the checkpoint .* embeds 300"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer has 999 tokens but the checkpoint .* embeds 300"
+    ):
         hf({"vocab_size": 999}, path=str(ckpt["gpt2"]))
     grown = hf({"vocab_size": 310}, path=str(ckpt["gpt2"]), resize_embeddings=True)
     assert grown.get_input_embeddings().num_embeddings == 310
 
 
 def test_the_objective_is_no_option_of_the_configuration(ckpt, tmp_path, text_file):
-    cfg = _run(tmp_path, {"path": str(ckpt["gpt2"]), "objective": "x"}, {"path": str(text_file)}, "causal-lm")
+    cfg = _run(
+        tmp_path,
+        {"path": str(ckpt["gpt2"]), "objective": "x"},
+        {"path": str(text_file)},
+        "causal-lm",
+    )
     with pytest.raises(ConfigError, match=r"\[model\] model 'hf': unknown option 'objective'"):
         train(cfg)
     components._load_builtins()
@@ -156,9 +170,16 @@ def test_the_objective_is_no_option_of_the_configuration(ckpt, tmp_path, text_fi
 
 @pytest.mark.parametrize(
     ("key", "objective"),
-    [("gpt2", "causal-lm"), ("llama", "causal-lm"), ("bert", "masked-lm"), ("t5", "span-corruption")],
+    [
+        ("gpt2", "causal-lm"),
+        ("llama", "causal-lm"),
+        ("bert", "masked-lm"),
+        ("t5", "span-corruption"),
+    ],
 )
-def test_pretraining_objectives_train_hf_models_on_a_text_file(ckpt, tmp_path, text_file, key, objective):
+def test_pretraining_objectives_train_hf_models_on_a_text_file(
+    ckpt, tmp_path, text_file, key, objective
+):
     cfg = _run(tmp_path / key, {"path": str(ckpt[key])}, {"path": str(text_file)}, objective)
     result = train(cfg)
     assert result.step == 2 and math.isfinite(result.metrics["loss"])
@@ -168,7 +189,12 @@ def test_pretraining_objectives_train_hf_models_on_a_text_file(ckpt, tmp_path, t
 
 def test_lora_on_a_local_checkpoint_with_chat_rows(ckpt, tmp_path):
     conversations = [
-        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["response"]},
+            ]
+        }
         for r in qa_rows(12)
     ]
     data = write_jsonl(tmp_path / "chat.jsonl", conversations)
@@ -188,7 +214,9 @@ def test_lora_on_a_local_checkpoint_with_chat_rows(ckpt, tmp_path):
 
 
 def test_transfer_strategy_on_the_bundled_minilm(tmp_path):
-    rows = [{"text": f"{w} movie", "label": label} for w, label in [("good", "pos"), ("bad", "neg")] * 8]
+    rows = [
+        {"text": f"{w} movie", "label": label} for w, label in [("good", "pos"), ("bad", "neg")] * 8
+    ]
     data = write_jsonl(tmp_path / "sentiment.jsonl", rows)
     cfg = _run(
         tmp_path / "run",
