@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SAVE_HF = ("final", "checkpoints", "off")  # RUN/hf at the end; also in each checkpoint; never
 COMPONENT_SECTIONS = ("model", "data", "objective", "finetune", "transfer")
 REQUIRED_SECTIONS = ("model", "data", "objective")
 SECTIONS = ("recipe", "run", *COMPONENT_SECTIONS, "augmentations")
@@ -94,6 +95,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"
+    # RUN/hf: the model (a transformers one) and its tokenizer by save_pretrained.
+    save_hf: str = "final"
+    merge_lora: bool = False
 
 
 @dataclass
@@ -180,6 +184,8 @@ _RUN_RULES: dict[str, dict] = {
     "keep_checkpoints": _rule("int", lambda v: v >= 1, ">= 1"),
     "log_every": _rule("int", lambda v: v >= 1, ">= 1"),
     "device": _rule("choice", lambda v: bool(_DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N"),
+    "save_hf": _rule("choice", lambda v: v in SAVE_HF, ", ".join(SAVE_HF)),
+    "merge_lora": _rule("bool", allowed="true or false"),
 }
 assert set(_RUN_RULES) == {f.name for f in fields(RunConfig)}
 

@@ -549,6 +549,8 @@ class _Run:
                 keep=self.rc.keep_checkpoints,
             )
             logger.info("saved checkpoint %s", path)
+            if self.rc.save_hf == "checkpoints":
+                outputs.write_checkpoint_hf(path, self.model, self.bundle.info, self.rc.merge_lora)
         self.dist.barrier()
         self.last_save = state.step
         self.last_checkpoint = path
@@ -564,4 +566,6 @@ class _Run:
             data_info=self.bundle.info,
             metrics={**self.train_metrics, **self.eval_metrics},
             finetuner=self.finetuner,
+            save_hf=self.rc.save_hf != "off",
+            merge_lora=self.rc.merge_lora,
         )
