@@ -40,6 +40,7 @@ else:  # pragma: no cover - Python 3.10
         tomllib = None
 
 __all__ = [
+    "DISTRIBUTED",
     "PRECISIONS",
     "SECTIONS",
     "ComponentConfig",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
 COMPONENT_SECTIONS = ("model", "data", "objective", "finetune", "transfer")
 REQUIRED_SECTIONS = ("model", "data", "objective")
 SECTIONS = ("recipe", "run", *COMPONENT_SECTIONS, "augmentations")
@@ -94,6 +96,14 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"
+    # Under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard); the
+    # FSDP mixed-precision policy: the dtype parameters compute in and gradients are reduced
+    # in (None: the parameters' own), and whether blocks free their gathered weights after
+    # the forward pass.
+    distributed: str = "ddp"
+    fsdp_param_dtype: str | None = None
+    fsdp_reduce_dtype: str | None = None
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -180,6 +190,14 @@ _RUN_RULES: dict[str, dict] = {
     "keep_checkpoints": _rule("int", lambda v: v >= 1, ">= 1"),
     "log_every": _rule("int", lambda v: v >= 1, ">= 1"),
     "device": _rule("choice", lambda v: bool(_DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N"),
+    "distributed": _rule("choice", lambda v: v in DISTRIBUTED, ", ".join(DISTRIBUTED)),
+    "fsdp_param_dtype": _rule(
+        "choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS), optional=True
+    ),
+    "fsdp_reduce_dtype": _rule(
+        "choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS), optional=True
+    ),
+    "fsdp_reshard_after_forward": _rule("bool", allowed="true or false"),
 }
 assert set(_RUN_RULES) == {f.name for f in fields(RunConfig)}
 

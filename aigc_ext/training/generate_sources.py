@@ -21,7 +21,6 @@ Every model calls aigc_ext's attention (``attn_implementation="aigc_ext"``).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -305,15 +304,8 @@ def _rebuilt(
             f"{path}: the run's vocabulary has {data_info.get('vocab_size')} ids, its "
             f"{name!r} tokenizer {tokenizer.vocab_size}"
         )
-    # The weights come from the run: no initialisation from another run, no transfer setup.
-    options = {
-        k: v for k, v in resolved.model.options.items() if k not in ("init_from", "init_optional")
-    }
-    resolved = dataclasses.replace(
-        resolved, model=dataclasses.replace(resolved.model, options=options), transfer=None
-    )
-    try:
-        model = build.build_model(resolved, {**data_info, "tokenizer": tokenizer}).model
+    try:  # the weights come from the run: no init_from, no transfer setup
+        model = build.build_plain_model(resolved, {**data_info, "tokenizer": tokenizer})
     except ConfigError as exc:
         raise GenerationError(f"{path}: the model does not build: {exc}") from None
     _check_causal(model, path, f"model {resolved.config.model.name!r}")
