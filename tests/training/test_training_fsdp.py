@@ -194,11 +194,11 @@ def test_fsdp_keys_are_checked():
 
     cfg = load_config({"recipe": "clm-pretrain"})
     assert cfg.run.distributed == "ddp"  # the default
-    with pytest.raises(ConfigError, match="run.distributed must be one of ddp, fsdp"):
+    with pytest.raises(ConfigError, match=r"run\.distributed must be one of ddp, fsdp"):
         load_config({"recipe": "clm-pretrain", "run": {"distributed": "zero3"}})
-    with pytest.raises(ConfigError, match="run.fsdp_param_dtype must be one of fp32, bf16"):
+    with pytest.raises(ConfigError, match=r"run\.fsdp_param_dtype must be one of fp32, bf16"):
         load_config({"recipe": "clm-pretrain", "run": {"fsdp_param_dtype": "int8"}})
-    with pytest.raises(ConfigError, match="run.fsdp_reshard_after_forward must be true or"):
+    with pytest.raises(ConfigError, match=r"run\.fsdp_reshard_after_forward must be true or"):
         load_config({"recipe": "clm-pretrain", "run": {"fsdp_reshard_after_forward": 1}})
 
 
