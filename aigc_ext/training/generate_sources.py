@@ -5,18 +5,22 @@
 * a ``save_pretrained`` directory (``config.json`` with a ``model_type``, the weights and a
   tokenizer): loaded with ``AutoModelForCausalLM`` and ``AutoTokenizer``, offline;
 * a training run's output directory (``config.json`` holding the run's configuration,
-  ``model.json`` and ``model.safetensors``): when it has a ``hf/`` folder (a ``save_pretrained``
-  export of the final model) that folder is loaded, otherwise the model is rebuilt from the
-  run's configuration by the same factory that trained it and given ``model.safetensors``;
-* a checkpoint directory (``step-<N>`` with ``trainer_state.json``): its ``hf/`` folder when
-  there is one, else the model rebuilt from the configuration the checkpoint recorded, with the
-  checkpoint's ``model.safetensors``.
+  ``model.json`` and ``model.safetensors``): the model is rebuilt from the run's configuration
+  by the factory that trained it and given ``model.safetensors``;
+* a checkpoint directory (``step-<N>`` with ``trainer_state.json``): the same, from the
+  configuration the checkpoint recorded and its ``model.safetensors``.
 
-A rebuilt model takes the tokenizer its dataset used (the ``tokenizer`` option of the dataset,
-``char`` by default: :mod:`aigc_ext.training.tokenizers`); the sizes and special ids come from
+A rebuilt model takes the built-in tokenizer its dataset used (the dataset's ``tokenizer``
+option, ``char`` or ``wordpiece``: :mod:`aigc_ext.training.tokenizers`), so a run and its
+checkpoints tokenize prompts exactly as training did; the sizes and special ids come from
 ``model.json``'s ``data_info``, or, for a checkpoint of a run that has not finished, from
-building the dataset again. A LoRA model is merged into its base weights for generation.
-Every model calls aigc_ext's attention (``attn_implementation="aigc_ext"``).
+building the dataset again. A prompt starts with the id that starts the dataset's examples:
+``[BOS]`` for prompt/response pairs, else ``[EOS]`` (the separator before every document of a
+text stream). A LoRA model is merged into its base weights for generation. A run whose
+dataset used another tokenizer (a checkpoint's own, for the ``hf`` model family) is loaded
+from its ``hf/`` export (``save_pretrained`` of the model and its tokenizer) instead; give
+``RUN/hf`` to load that export in any case. Every model calls aigc_ext's attention
+(``attn_implementation="aigc_ext"``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ class GenerationError(ValueError):
     range, a prompt the model cannot take."""
 
 
+class _NoBuiltinTokenizer(GenerationError):
+    """A run whose tokenizer is not a built-in one: its ``hf/`` export is loaded instead."""
+
+
 HF_DIR = "hf"  # a run's (or checkpoint's) save_pretrained export
+BUILTIN_TOKENIZERS = ("char", "wordpiece")  # what aigc_ext.training.tokenizers rebuilds by name
 _RUN_SECTIONS = ("run", "model", "data", "objective")
 # Datasets whose examples start with the beginning-of-sequence id (prompt/response pairs);
 # in the others a document starts after an end-of-sequence id, so a prompt is given that.
@@ -123,12 +132,17 @@ def load_language_model(source: str | Path, *, device: str = "auto") -> Language
     where = _device(device)
     if kind == "pretrained":
         lm = _pretrained(path, kind)
-    elif (path / HF_DIR / "config.json").is_file():
-        lm = _pretrained(path / HF_DIR, kind)
-    elif kind == "run":
-        lm = _from_run(path)
     else:
-        lm = _from_checkpoint(path)
+        try:
+            lm = _from_run(path) if kind == "run" else _from_checkpoint(path)
+        except _NoBuiltinTokenizer as exc:
+            export = path / HF_DIR
+            if not (export / "config.json").is_file():
+                raise GenerationError(
+                    f"{exc}, and there is no {export} (a save_pretrained export with its "
+                    "tokenizer) to load instead"
+                ) from None
+            lm = _pretrained(export, kind)
     lm.model.to(where).eval()
     return lm
 
@@ -287,10 +301,11 @@ def _rebuilt(
     except ConfigError as exc:
         raise GenerationError(f"{path}: the recorded configuration does not load: {exc}") from None
     name = _dataset_tokenizer(resolved)
-    if not isinstance(name, str):
-        raise GenerationError(
-            f"{path}: dataset {resolved.config.data.name!r} names no tokenizer that generate "
-            "can rebuild; generate from a save_pretrained export of the model instead"
+    if name not in BUILTIN_TOKENIZERS:
+        used = f"tokenizer {name!r}" if name else "the model's own tokenizer"
+        raise _NoBuiltinTokenizer(
+            f"{path}: dataset {resolved.config.data.name!r} was tokenized with {used}, not a "
+            f"built-in one ({', '.join(BUILTIN_TOKENIZERS)})"
         )
     try:
         tokenizer = get_tokenizer(name)
