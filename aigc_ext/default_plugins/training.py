@@ -1,7 +1,8 @@
 """Default plugin: the built-in models, datasets and recipes of ``aigc-ext train``.
 
-The training modules list them (``BUILTIN_MODELS`` of :mod:`aigc_ext.training.models` and
-:mod:`aigc_ext.training.vision`, ``BUILTIN_DATASETS`` of :mod:`aigc_ext.training.data`,
+The training modules list them (``BUILTIN_MODELS`` of :mod:`aigc_ext.training.models`,
+:mod:`aigc_ext.training.vision` and :mod:`aigc_ext.training.hf_models`, ``BUILTIN_DATASETS`` of
+:mod:`aigc_ext.training.data` and :mod:`aigc_ext.training.file_data`,
 ``RECIPES_CONFIG`` of :mod:`aigc_ext.training.recipes`); this plugin registers them through the
 ``aigc_register_models`` / ``_datasets`` / ``_recipes`` hooks a third-party plugin implements,
 into the registries the training code looks names up in.
@@ -22,8 +23,12 @@ __all__ = [
     "aigc_register_recipes",
 ]
 
-MODEL_MODULES = ("aigc_ext.training.models", "aigc_ext.training.vision")  # BUILTIN_MODELS
-DATASET_MODULES = ("aigc_ext.training.data",)  # BUILTIN_DATASETS
+MODEL_MODULES = (  # BUILTIN_MODELS
+    "aigc_ext.training.models",
+    "aigc_ext.training.vision",
+    "aigc_ext.training.hf_models",
+)
+DATASET_MODULES = ("aigc_ext.training.data", "aigc_ext.training.file_data")  # BUILTIN_DATASETS
 
 
 def _summary(obj: object) -> str:
@@ -40,13 +45,13 @@ def _register_tables(register, modules: tuple[str, ...], table: str) -> None:
 
 @hookimpl
 def aigc_register_models(register):
-    """Registers ``gpt``, ``bert-mlm``, ``t5``, ``minilm-classifier`` and ``vit``."""
+    """Registers ``gpt``, ``bert-mlm``, ``t5``, ``minilm-classifier``, ``vit`` and ``hf``."""
     _register_tables(register, MODEL_MODULES, "BUILTIN_MODELS")
 
 
 @hookimpl
 def aigc_register_datasets(register):
-    """Registers ``text-corpus``, ``prompt-response``, ``sentiment`` and ``digits``."""
+    """Registers ``text-corpus``, ``prompt-response``, ``sentiment``, ``digits`` and ``files``."""
     _register_tables(register, DATASET_MODULES, "BUILTIN_DATASETS")
 
 

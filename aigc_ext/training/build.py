@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from aigc_ext.training.config import (
 from aigc_ext.training.schedule import WarmupCosine
 
 __all__ = [
+    "CONTEXT_ARGUMENTS",
     "Bound",
     "BuiltModel",
     "Optimisation",
@@ -54,13 +56,22 @@ class Bound:
 
     ``section`` is where the configuration names it (``model``, ``augmentations.0``), ``label``
     how messages name it (``model 'gpt'``), ``factory`` the registered factory, class or
-    function, and ``options`` the keyword arguments the configuration gives it.
+    function, and ``options`` the keyword arguments the configuration gives it. ``context``
+    holds what the run supplies beside the options to a factory that declares the parameter
+    (see :data:`CONTEXT_ARGUMENTS`).
     """
 
     section: str
     label: str
     factory: Callable[..., Any]
     options: dict[str, Any]
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+CONTEXT_ARGUMENTS = {"data": ("model",), "model": ("objective",)}
+"""Parameters the run fills, not the configuration: a dataset factory that takes ``model``
+gets the model section (``{"name": ..., **options}``, e.g. to use the model's tokenizer), a
+model factory that takes ``objective`` gets the objective's name (e.g. to choose its head)."""
 
 
 @dataclass(frozen=True)
@@ -99,18 +110,33 @@ class Optimisation:
 # --- resolving ---------------------------------------------------------------------------------
 
 
+def _parameter_names(fn: Callable) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # some callables have no signature
+        return set()
+
+
 def _factory(
-    section: str, label: str, get: Callable[[str], Callable], comp: ComponentConfig, **how: Any
+    section: str,
+    label: str,
+    get: Callable[[str], Callable],
+    comp: ComponentConfig,
+    available: Mapping[str, Any],
+    **how: Any,
 ) -> Bound:
     from aigc_ext.training import strategies
 
+    names = CONTEXT_ARGUMENTS[section]
     try:
         factory = get(comp.name)
         what = f"{label} {comp.name!r}"
+        how["exclude"] = (*how.get("exclude", ()), *names)
         strategies.call_options(factory, comp.options, what=what, **how)
     except ValueError as exc:
         raise ConfigError(f"[{section}] {exc}") from None
-    return Bound(section, what, factory, dict(comp.options))
+    context = {name: available[name] for name in names if name in _parameter_names(factory)}
+    return Bound(section, what, factory, dict(comp.options), context)
 
 
 def _strategy(section: str, family: str, comp: ComponentConfig) -> Bound:
@@ -134,8 +160,22 @@ def resolve(config: TrainConfig) -> Resolved:
     """
     from aigc_ext.training import components
 
-    model = _factory("model", "model", components.get_model, config.model, skip=1)
-    data = _factory("data", "dataset", components.get_dataset, config.data, exclude=("seed",))
+    model = _factory(
+        "model",
+        "model",
+        components.get_model,
+        config.model,
+        {"objective": config.objective.name},
+        skip=1,
+    )
+    data = _factory(
+        "data",
+        "dataset",
+        components.get_dataset,
+        config.data,
+        {"model": config.model.to_dict()},
+        exclude=("seed",),
+    )
     objective = _strategy("objective", "objectives", config.objective)
     augmentations = tuple(
         _strategy(f"augmentations.{i}", "augmentations", a)
@@ -171,9 +211,9 @@ def build_data(bound: Bound, seed: int) -> DataBundle:
         if "seed" in bound.options:
             raise ValueError("option 'seed' is not allowed: the dataset gets run.seed")
         kwargs = strategies.call_options(
-            bound.factory, bound.options, what=bound.label, exclude=("seed",)
+            bound.factory, bound.options, what=bound.label, exclude=("seed", *bound.context)
         )
-        bundle = bound.factory(seed=seed, **kwargs)
+        bundle = bound.factory(seed=seed, **kwargs, **bound.context)
     for attr in ("train", "eval", "collate", "info"):
         if not hasattr(bundle, attr):
             raise TypeError(
@@ -199,8 +239,10 @@ def build_model(resolved: Resolved, info: Mapping[str, Any]) -> BuiltModel:
 
     bound = resolved.model
     with config_errors(f"[{bound.section}]"):
-        kwargs = strategies.call_options(bound.factory, bound.options, what=bound.label, skip=1)
-        model = bound.factory(dict(info), **kwargs)
+        kwargs = strategies.call_options(
+            bound.factory, bound.options, what=bound.label, skip=1, exclude=tuple(bound.context)
+        )
+        model = bound.factory(dict(info), **kwargs, **bound.context)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{bound.label} must return a torch.nn.Module, got {model!r}")
     finetuner = transfer = None

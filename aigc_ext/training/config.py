@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SAVE_HF = ("final", "checkpoints", "off")  # RUN/hf at the end; also in each checkpoint; never
 DISTRIBUTED = ("ddp", "fsdp")
 COMPONENT_SECTIONS = ("model", "data", "objective", "finetune", "transfer")
 REQUIRED_SECTIONS = ("model", "data", "objective")
@@ -96,6 +97,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"
+    # RUN/hf: the model (a transformers one) and its tokenizer by save_pretrained.
+    save_hf: str = "final"
+    merge_lora: bool = False
     # Under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard); the
     # FSDP mixed-precision policy: the dtype parameters compute in and gradients are reduced
     # in (None: the parameters' own), and whether blocks free their gathered weights after
@@ -190,6 +194,8 @@ _RUN_RULES: dict[str, dict] = {
     "keep_checkpoints": _rule("int", lambda v: v >= 1, ">= 1"),
     "log_every": _rule("int", lambda v: v >= 1, ">= 1"),
     "device": _rule("choice", lambda v: bool(_DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N"),
+    "save_hf": _rule("choice", lambda v: v in SAVE_HF, ", ".join(SAVE_HF)),
+    "merge_lora": _rule("bool", allowed="true or false"),
     "distributed": _rule("choice", lambda v: v in DISTRIBUTED, ", ".join(DISTRIBUTED)),
     "fsdp_param_dtype": _rule(
         "choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS), optional=True

@@ -37,6 +37,7 @@ __all__ = [
     "is_sharded",
     "load_model_state",
     "load_optimizer_state",
+    "plain_model",
     "shard",
     "transformer_blocks",
 ]
@@ -123,6 +124,23 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     return [sorted(names) for names in by_object.values() if len(names) > 1]
 
 
+def _gathered_weights(model: nn.Module) -> FullState | None:
+    """The full weights on rank 0's CPU, tied groups stored once; None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if torch.distributed.get_rank() != 0:
+        return None
+    aliases: dict[str, str] = {}
+    for names in _tied_groups(model):
+        present = [n for n in names if n in weights]
+        for name in present[1:]:
+            aliases[name] = present[0]
+            del weights[name]
+    return FullState(dict(weights), aliases)
+
+
 def full_states(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[FullState | None, dict[str, Any] | None]:
@@ -135,21 +153,14 @@ def full_states(
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
         get_optimizer_state_dict,
     )
 
+    weights = _gathered_weights(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, optimizer, options=options)
-    if torch.distributed.get_rank() != 0:
+    if weights is None:
         return None, None
-    aliases: dict[str, str] = {}
-    for names in _tied_groups(model):
-        present = [n for n in names if n in weights]
-        for name in present[1:]:
-            aliases[name] = present[0]
-            del weights[name]
     index: dict[str, int] = {}
     groups = []
     for group in optim["param_groups"]:
@@ -159,22 +170,25 @@ def full_states(
             ids.append(index[fqn])
         groups.append({**group, "params": ids})
     state = {index[fqn]: value for fqn, value in optim["state"].items()}
-    return FullState(dict(weights), aliases), {"state": state, "param_groups": groups}
+    return weights, {"state": state, "param_groups": groups}
+
+
+def plain_model(weights: FullState, rebuild: Callable[[], nn.Module]) -> nn.Module:
+    """A new, unsharded model from ``rebuild()`` (the same architecture) holding ``weights``
+    (tied names filled in): what the outputs that need a module (``save_pretrained``, an
+    adapter) are written from."""
+    plain = rebuild()
+    full = dict(weights.tensors)
+    full.update({name: full[kept] for name, kept in weights.aliases.items()})
+    plain.load_state_dict(full, strict=True)
+    return plain
 
 
 def full_model(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module:
-    """A plain (unsharded) copy of a sharded model on rank 0, for the final outputs: every
-    process gathers the weights, rank 0 builds a new model with ``rebuild()`` (same
-    architecture) and loads them. The other processes get ``model`` back."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    if torch.distributed.get_rank() != 0:
-        return model
-    plain = rebuild()
-    plain.load_state_dict(weights, strict=True)
-    return plain
+    """:func:`plain_model` of a sharded model's gathered weights on rank 0 (every process
+    takes part in gathering them); the other processes get ``model`` back."""
+    weights = _gathered_weights(model)
+    return model if weights is None else plain_model(weights, rebuild)
 
 
 # --- sharding full state again -------------------------------------------------------------------

@@ -324,9 +324,7 @@ class _Run:
             if self.last_save != step:
                 self._save(state)
         if self.sharded:  # the outputs are written from a plain copy on rank 0
-            self.model = fsdp.full_model(
-                self.model, lambda: build.build_plain_model(self.resolved, self.bundle.info)
-            )
+            self.model = fsdp.full_model(self.model, self._plain_model)
         if dist.is_main:
             self._write_final_model(step)
         dist.barrier()
@@ -572,11 +570,20 @@ class _Run:
                 keep=self.rc.keep_checkpoints,
             )
             logger.info("saved checkpoint %s", path)
+            if self.rc.save_hf == "checkpoints":
+                exported = (
+                    fsdp.plain_model(weights, self._plain_model) if self.sharded else self.model
+                )
+                outputs.write_checkpoint_hf(path, exported, self.bundle.info, self.rc.merge_lora)
         self.dist.barrier()
         self.last_save = state.step
         self.last_checkpoint = path
         state.should_save = False
         lifecycle.notify("save", state, path=path)
+
+    def _plain_model(self) -> torch.nn.Module:
+        """A new model of this run's architecture (for a sharded run's outputs)."""
+        return build.build_plain_model(self.resolved, self.bundle.info)
 
     def _write_final_model(self, step: int) -> None:
         outputs.write_final_model(
@@ -587,4 +594,6 @@ class _Run:
             data_info=self.bundle.info,
             metrics={**self.train_metrics, **self.eval_metrics},
             finetuner=self.finetuner,
+            save_hf=self.rc.save_hf != "off",
+            merge_lora=self.rc.merge_lora,
         )

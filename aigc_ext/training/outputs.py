@@ -8,6 +8,8 @@
     <output_dir>/model.safetensors   the final weights
     <output_dir>/model.json          the step, the components and the last metrics
     <output_dir>/adapter/            a run with adapters (LoRA): the adapter alone
+    <output_dir>/hf/                 a transformers model: save_pretrained of the model and
+                                     its tokenizer (see :mod:`aigc_ext.training.hf_export`)
     <output_dir>/checkpoints/        see :mod:`aigc_ext.training.checkpoint`
 
 Every file but the appended ``metrics.jsonl`` and ``train.log`` is replaced atomically
@@ -42,6 +44,7 @@ __all__ = [
     "jsonable",
     "truncate_metrics",
     "write_adapter",
+    "write_checkpoint_hf",
     "write_config",
     "write_final_model",
 ]
@@ -188,9 +191,13 @@ def write_final_model(
     data_info: Mapping[str, Any],
     metrics: Mapping[str, float],
     finetuner: object | None = None,
+    save_hf: bool = False,
+    merge_lora: bool = False,
 ) -> None:
     """Writes ``model.safetensors`` (the weights at ``step``), the adapter of a model that has
-    one (``peft_config``: see :func:`write_adapter`) and ``model.json``.
+    one (``peft_config``: see :func:`write_adapter`), with ``save_hf`` the transformers
+    checkpoint ``hf/`` (:func:`~aigc_ext.training.hf_export.write_hf`; a LoRA model merged when
+    ``merge_lora``), and ``model.json``, last: it marks the final model as complete.
 
     ``config`` is the run's configuration as plain data (``TrainConfig.to_dict()``);
     ``model.json`` records its components, the plain entries of ``data_info`` and ``metrics``.
@@ -203,6 +210,10 @@ def write_final_model(
     atomic_write(output_dir / MODEL_FILE, weights)
     if getattr(model, "peft_config", None) and _adapter_saver(finetuner) is not None:
         write_adapter(output_dir, model, finetuner)
+    if save_hf:
+        from aigc_ext.training.hf_export import write_hf
+
+        write_hf(output_dir, model, data_info.get("tokenizer"), merge_lora=merge_lora)
     info = {
         "step": step,
         **{
@@ -213,6 +224,16 @@ def write_final_model(
         "metrics": dict(metrics),
     }
     atomic_write_text(output_dir / MODEL_INFO_FILE, json.dumps(jsonable(info), indent=2) + "\n")
+
+
+def write_checkpoint_hf(
+    checkpoint: Path, model: torch.nn.Module, data_info: Mapping[str, Any], merge_lora: bool
+) -> None:
+    """Writes the transformers checkpoint ``hf/`` into a finished checkpoint directory
+    (``run.save_hf = "checkpoints"``), pruned with it."""
+    from aigc_ext.training.hf_export import write_hf
+
+    write_hf(checkpoint, model, data_info.get("tokenizer"), merge_lora=merge_lora)
 
 
 def write_config(output_dir: Path, text: str) -> None:
