@@ -211,12 +211,19 @@ def _pretrained(path: Path, kind: str) -> LanguageModel:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise GenerationError(f"{path}: no tokenizer found beside the model: {exc}") from None
+    from transformers.utils import logging as hf_logging
+
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no bar for loading a local checkpoint
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), attn_implementation=name, local_files_only=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise GenerationError(f"{path}: cannot load the model: {exc}") from None
+    finally:
+        if progress:
+            hf_logging.enable_progress_bar()
     eos = _ids(tokenizer.eos_token_id)
     generation = getattr(model, "generation_config", None)
     eos += [i for i in _ids(getattr(generation, "eos_token_id", None)) if i not in eos]

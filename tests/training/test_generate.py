@@ -6,6 +6,7 @@ one-line errors (exit 2) for bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,52 @@ def test_a_run_that_is_not_a_causal_lm(tmp_path, capsys):
     train({"recipe": "mlm-pretrain"}, overrides=overrides)
     line = _cli_error(capsys, str(tmp_path / "mlm"), "--prompt", "a")
     assert "model 'bert-mlm' is a BertForMaskedLM, not a causal language model" in line
+
+
+# --- exports -----------------------------------------------------------------------------------
+
+
+def test_a_runs_hf_export_is_the_same_model_and_tokenizer(clm_run, capsys):
+    native = load_language_model(clm_run, device="cpu")
+    export = load_language_model(clm_run / "hf", device="cpu")  # save_pretrained by the run
+    assert (native.kind, export.kind) == ("run", "pretrained")
+    text = "Return the value.\n"
+    ids = native.encode(text)
+    assert ids[0] == 3 and export.encode(text) == ids[1:]  # the export adds no start id
+    assert export.eos_ids == native.eos_ids and export.max_length == native.max_length
+    with torch.no_grad():
+        torch.testing.assert_close(
+            export.model(input_ids=torch.tensor([ids])).logits,
+            native.model(input_ids=torch.tensor([ids])).logits,
+        )
+    (record,) = _cli_json(capsys, str(clm_run / "hf"), "--prompt", "Return", "--seed", "0")
+    assert record["tokens"] >= 1
+
+
+def _hf_run(tmp_path: Path, checkpoint: Path, **run) -> Path:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"q {i}", "response": f"a {i}"}) + "\n" for i in range(12))
+    )
+    out = tmp_path / "hf-run"
+    train(
+        {
+            "run": {"output_dir": str(out), "max_steps": 1, "batch_size": 4, "device": "cpu"} | run,
+            "model": {"name": "hf", "path": str(checkpoint)},
+            "data": {"name": "files", "path": str(rows), "eval_fraction": 0.25},
+            "objective": {"name": "causal-lm"},
+        }
+    )
+    return out
+
+
+def test_a_run_of_a_local_checkpoint_generates_from_its_export(pretrained_dirs, tmp_path, capsys):
+    run = _hf_run(tmp_path, pretrained_dirs["gpt2"])
+    lm = load_language_model(run, device="cpu")
+    assert lm.source == run / "hf" and lm.kind == "run"  # the model's own tokenizer: the export
+    assert lm.encode("q 1")[0] == _minilm_tokenizer().cls_token_id
+    (record,) = _cli_json(capsys, str(run), "--prompt", "q 1", "--max-new-tokens", "3")
+    assert record["tokens"] >= 1
+    shutil.rmtree(run / "hf")
+    line = _cli_error(capsys, str(run), "--prompt", "q 1")
+    assert "tokenized with the model's own tokenizer" in line and "hf" in line

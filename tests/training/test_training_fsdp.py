@@ -7,7 +7,7 @@ evaluation set that does not split evenly: both processes must run as many forwa
 and final weights. Checkpoints are gathered to rank 0 in the single-process format: one
 process loads and resumes them, and two FSDP processes resume a single process's checkpoint.
 A mixed-precision policy (bf16 parameters for compute, fp32 reduction) trains as well, with
-fp32 weights kept.
+fp32 weights kept; the save_pretrained exports (final and per checkpoint) hold the full model.
 
 torch 2.13 runs FSDP2 on the CPU with Gloo, so this runs everywhere; where at least two GPUs
 are present the same comparison runs on them with NCCL.
@@ -134,7 +134,12 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path, devic
 
     fsdp_run = tmp_path / "fsdp"
     mixed = tmp_path / "mixed"
-    mixed_run = {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "fp32", "max_steps": 2}
+    mixed_run = {
+        "fsdp_param_dtype": "bf16",
+        "fsdp_reduce_dtype": "fp32",
+        "max_steps": 2,
+        "save_hf": "checkpoints",
+    }
     _launch(
         tmp_path,
         device,
@@ -179,6 +184,17 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path, devic
     # ... and two FSDP processes resumed a single process's checkpoint (1 -> 2).
     _assert_same_weights(load_file(str(from_single / "model.safetensors")), expected)
     assert "resumed from" in (from_single / "train.log").read_text()
+
+    # The save_pretrained exports need a whole model: rank 0 writes them from a plain copy.
+    from transformers import AutoModelForCausalLM
+
+    def exported(directory: Path) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(str(directory))
+        return {k: v for k, v in model.state_dict().items() if k in expected}
+
+    _assert_same_weights(exported(fsdp_run / "hf"), expected)
+    step2 = mixed / "checkpoints" / "step-2"
+    _assert_same_weights(exported(step2 / "hf"), load_file(str(step2 / "model.safetensors")))
 
     # Mixed precision: computed with bf16 parameters, the weights kept in fp32.
     mixed_weights = load_file(str(mixed / "model.safetensors"))
