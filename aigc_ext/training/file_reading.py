@@ -189,6 +189,8 @@ def _first_bad_json_line(path: Path) -> str | None:
 
 def _unreadable(path: Path, builder: str, exc: BaseException) -> DataFileError:
     cause = _root_cause(exc)
+    if "corresponds to no data" in str(cause):  # datasets' words for a table without rows
+        return DataFileError(f"{path}: the file has no rows")
     detail = None
     if builder == "json":
         detail = _first_bad_json_line(path)

@@ -134,10 +134,14 @@ def _dtype(torch_dtype: str) -> Any:
     return "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
 
 
-def _labels(info: dict[str, Any], num_labels: int | None) -> dict[str, Any]:
-    """``num_labels`` (and label names) for a sequence-classification head."""
+def _labels(info: dict[str, Any], num_labels: int | None, config: Any) -> dict[str, Any]:
+    """``num_labels`` (and label names) for a sequence-classification head: the option, the
+    dataset's, or the head of a checkpoint that is a classifier already."""
     if num_labels is None:
         num_labels = info.get("num_labels")
+    architectures = getattr(config, "architectures", None) or ()
+    if num_labels is None and any(a.endswith("ForSequenceClassification") for a in architectures):
+        num_labels = config.num_labels
     if num_labels is None:
         raise ValueError(
             "task 'sequence-classification' needs num_labels (an option, or the dataset's "
@@ -229,7 +233,7 @@ def hf(
         **overrides,
     }
     if task == "sequence-classification":
-        kwargs.update(_labels(info, num_labels))
+        kwargs.update(_labels(info, num_labels, config))
     elif num_labels is not None:
         raise ValueError(f"num_labels applies to task 'sequence-classification', not {task!r}")
     cls = getattr(transformers, TASK_CLASSES[task])
@@ -249,7 +253,8 @@ def hf(
             with init_rng(seed):
                 model.resize_token_embeddings(info["vocab_size"])
     _check_fits(model, info, directory)
-    if getattr(model.config, "pad_token_id", None) is None and info.get("pad_token_id") is not None:
+    if getattr(model.config, "pad_token_id", None) is None:
         # Sequence classification on a decoder finds each sequence's last token by the pad id.
-        model.config.pad_token_id = info["pad_token_id"]
+        pad = info.get("pad_token_id")
+        model.config.pad_token_id = pad if pad is not None else model.config.eos_token_id
     return model

@@ -240,7 +240,9 @@ def char_tokenizer_for_transformers(tok: Any) -> Any:
     )
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    names = dict(zip(("pad", "unk", "bos", "eos", "mask", "sep", "cls"), SPECIAL_TOKENS))
+    names = dict(
+        zip(("pad", "unk", "bos", "eos", "mask", "sep", "cls"), SPECIAL_TOKENS, strict=True)
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **{f"{key}_token": value for key, value in names.items()},

@@ -23,6 +23,11 @@ directory) unless ``--output`` says otherwise. They run on the CPU, for which th
   unfreezing one layer group per epoch from the top with smaller learning rates for lower
   groups; held-out sentences use other templates and other sentiment words, evaluated after
   every epoch (``eval/accuracy``).
+* ``sft-jsonl``: LoRA fine-tuning of a local causal-LM checkpoint (``--set model.path=DIR``,
+  the ``hf`` model family) on a JSONL file of prompt/response rows (``--set data.path=FILE``;
+  the field names are ``data.prompt_field`` / ``data.response_field``), loss on the response
+  only; the merged model and the tokenizer land in ``<output_dir>/hf``, loadable with
+  ``AutoModelForCausalLM.from_pretrained``, the adapter alone in ``<output_dir>/adapter``.
 * ``vision-augment``: a small vision transformer classifies 8x8 handwritten digits with mild
   rotations, random resized crops and MixUp; ``eval/accuracy`` on a stratified held-out split.
 """
@@ -138,6 +143,34 @@ RECIPES_CONFIG: dict[str, tuple[str, dict[str, Any]]] = {
                 "dropout": 0.0,
                 "target_modules": ["c_attn", "c_proj", "c_fc"],
             },
+        },
+    ),
+    "sft-jsonl": (
+        "LoRA fine-tuning of a local causal-LM checkpoint (model.path) on prompt/response rows "
+        "of a JSONL file (data.path), loss on the response only; the merged model in RUN/hf",
+        {
+            "run": _run(
+                "sft-jsonl",
+                epochs=3,
+                batch_size=8,
+                eval_batch_size=16,
+                lr=2e-4,
+                warmup_steps=0,
+                weight_decay=0.0,
+                log_every=1,
+                merge_lora=True,
+            ),
+            "model": {"name": "hf", "task": "causal-lm"},
+            "data": {
+                "name": "files",
+                "kind": "prompt-response",
+                "prompt_field": "prompt",
+                "response_field": "response",
+                "seq_len": 512,
+                "eval_fraction": 0.05,
+            },
+            "objective": {"name": "causal-lm"},
+            "finetune": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         },
     ),
     "transfer-minilm": (
