@@ -249,6 +249,36 @@ inline AttentionForwardParams make_params(const at::Tensor& q, const at::Tensor&
 
 // A checked forward call, ready for a kernel: the tensors params points into (kept alive by
 // this struct), the allocated outputs, and the params.
+// Points the params at out (B, Hq, L, Ev) and lse (B, Hq, L), at their strides.
+inline void set_outputs(AttentionForwardParams& p, const at::Tensor& out, const at::Tensor& lse) {
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.out_stride_b = out.stride(0);
+  p.out_stride_h = out.stride(1);
+  p.out_stride_l = out.stride(2);
+  p.lse_stride_b = lse.stride(0);
+  p.lse_stride_h = lse.stride(1);
+  p.lse_stride_l = lse.stride(2);
+}
+
+// Points the backward params at grad_out (at out's strides) and the gradients, at their strides.
+inline void set_gradients(AttentionBackwardParams& p, const at::Tensor& grad_out,
+                          const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  p.grad_out = grad_out.data_ptr();
+  p.grad_q = dq.data_ptr();
+  p.grad_k = dk.data_ptr();
+  p.grad_v = dv.data_ptr();
+  p.dq_stride_b = dq.stride(0);
+  p.dq_stride_h = dq.stride(1);
+  p.dq_stride_l = dq.stride(2);
+  p.dk_stride_b = dk.stride(0);
+  p.dk_stride_h = dk.stride(1);
+  p.dk_stride_l = dk.stride(2);
+  p.dv_stride_b = dv.stride(0);
+  p.dv_stride_h = dv.stride(1);
+  p.dv_stride_l = dv.stride(2);
+}
+
 struct ForwardCall {
   at::Tensor q, k, v, mask;
   at::Tensor out;  // (B, Hq, L, Ev) in the query dtype
@@ -272,8 +302,7 @@ inline ForwardCall prepare_forward(const at::Tensor& query, const at::Tensor& ke
   c.out = at::empty({c.q.size(0), c.q.size(1), c.q.size(2), c.v.size(3)}, c.q.options());
   c.lse = at::empty({c.q.size(0), c.q.size(1), c.q.size(2)}, c.q.options().dtype(lse_dtype(c.q)));
   c.params = make_params(c.q, c.k, c.v, c.mask, kind, is_causal, scale);
-  c.params.out = c.out.data_ptr();
-  c.params.lse = c.lse.data_ptr();
+  set_outputs(c.params, c.out, c.lse);
   return c;
 }
 
@@ -301,16 +330,12 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tenso
   c.lse = lse.contiguous();
   MaskKind kind;
   c.mask = prepare_mask(attn_mask, c.q, c.k, kind);
-  c.grad_q = at::empty(c.q.sizes(), c.q.options());
-  c.grad_k = at::empty(c.k.sizes(), c.k.options());
-  c.grad_v = at::empty(c.v.sizes(), c.v.options());
+  c.grad_q = at::zeros(c.q.sizes(), c.q.options());
+  c.grad_k = at::zeros(c.k.sizes(), c.k.options());
+  c.grad_v = at::zeros(c.v.sizes(), c.v.options());
   c.params.fwd = make_params(c.q, c.k, c.v, c.mask, kind, is_causal, scale);
-  c.params.fwd.out = c.out.data_ptr();
-  c.params.fwd.lse = c.lse.data_ptr();
-  c.params.grad_out = c.grad_out.data_ptr();
-  c.params.grad_q = c.grad_q.data_ptr();
-  c.params.grad_k = c.grad_k.data_ptr();
-  c.params.grad_v = c.grad_v.data_ptr();
+  set_outputs(c.params.fwd, c.out, c.lse);
+  set_gradients(c.params, c.grad_out, c.grad_q, c.grad_k, c.grad_v);
   return c;
 }
 

@@ -27,6 +27,7 @@
 #include "attention_params.h"
 #include "attention_params_from_tensors.h"
 #include "cpu/attention.h"
+#include "flash_params_from_tensors.h"
 
 namespace aigc_ext {
 namespace {
@@ -149,6 +150,90 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out
   return {call.grad_q, call.grad_k, call.grad_v};
 }
 
+using OptTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor> flash_forward_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& cu_seqlens_q,
+    const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const OptTensor& seqused_k, const OptTensor& leftpad_k, const OptTensor& kv_batch_idx,
+    const OptTensor& block_table, double scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const OptTensor& alibi_slopes, double dropout_p,
+    const OptTensor& rng_state, const OptTensor& sinks, int64_t num_splits,
+    const OptTensor& attn_mask) {
+  const op_utils::FlashOptions o{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                 leftpad_k,    kv_batch_idx, block_table,  scale,        causal,
+                                 window_left,  window_right, softcap,      alibi_slopes, dropout_p,
+                                 rng_state,    sinks,        num_splits,   attn_mask};
+  op_utils::FlashCall c =
+      op_utils::prepare_flash(op_utils::kFlashForwardOp, q, k, v, o, true, c10::kCPU);
+  auto [out, lse] = op_utils::flash_outputs(c);
+  run_forward(c.params);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_backward_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const OptTensor& alibi_slopes, double dropout_p,
+    const OptTensor& rng_state, const OptTensor& attn_mask) {
+  const char* op = op_utils::kFlashBackwardOp;
+  const OptTensor none;
+  const op_utils::FlashOptions o{
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, none,        none,
+      none,         none,         scale,        causal,       window_left, window_right,
+      softcap,      alibi_slopes, dropout_p,    rng_state,    none,        0,
+      attn_mask};
+  op_utils::check_devices(op, {{"grad_out", grad_out}, {"out", out}, {"lse", lse}}, q, c10::kCPU);
+  op_utils::FlashCall c = op_utils::prepare_flash(op, q, k, v, o, false, c10::kCPU);
+  std::vector<int64_t> out_shape(c.q.sizes().begin(), c.q.sizes().end());
+  out_shape.back() = c.v.size(-1);
+  for (const op_utils::Arg& a : {op_utils::Arg{"grad_out", grad_out}, op_utils::Arg{"out", out}}) {
+    TORCH_CHECK(a.t.sizes() == at::IntArrayRef(out_shape) && a.t.scalar_type() == c.q.scalar_type(),
+                op, ": ", a.name, " must be ", c.q.scalar_type(), " of shape ",
+                at::IntArrayRef(out_shape), "; got ", a.t.scalar_type(), " ",
+                op_utils::shape_str(a.t));
+  }
+  const std::vector<int64_t> lse_shape =
+      c.varlen ? std::vector<int64_t>{c.q.size(1), c.q.size(0)}
+               : std::vector<int64_t>{c.q.size(0), c.q.size(2), c.q.size(1)};
+  TORCH_CHECK(
+      lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == op_utils::lse_dtype(c.q),
+      op, ": lse must be ", op_utils::lse_dtype(c.q), " of shape ", at::IntArrayRef(lse_shape),
+      "; got ", lse.scalar_type(), " ", op_utils::shape_str(lse));
+  const Tensor go = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
+  AttentionBackwardParams bp{};
+  bp.fwd = c.params;
+  AttentionForwardParams& p = bp.fwd;
+  const int64_t hd = c.varlen ? 1 : 2, ld = c.varlen ? 0 : 1;
+  p.out = oc.data_ptr();
+  p.lse = lc.data_ptr();
+  p.out_stride_b = c.varlen ? 0 : oc.stride(0);
+  p.out_stride_h = oc.stride(hd);
+  p.out_stride_l = oc.stride(ld);
+  p.lse_stride_b = c.varlen ? 0 : lc.stride(0);
+  p.lse_stride_h = c.varlen ? lc.stride(0) : lc.stride(1);
+  p.lse_stride_l = c.varlen ? lc.stride(1) : lc.stride(2);
+  Tensor dq = at::zeros(c.q.sizes(), c.q.options());
+  Tensor dk = at::zeros(c.k.sizes(), c.k.options());
+  Tensor dv = at::zeros(c.v.sizes(), c.v.options());
+  bp.grad_out = go.data_ptr();
+  bp.grad_q = dq.data_ptr();
+  bp.grad_k = dk.data_ptr();
+  bp.grad_v = dv.data_ptr();
+  bp.dq_stride_b = c.varlen ? 0 : dq.stride(0);
+  bp.dq_stride_h = dq.stride(hd);
+  bp.dq_stride_l = dq.stride(ld);
+  bp.dk_stride_b = c.varlen ? 0 : dk.stride(0);
+  bp.dk_stride_h = dk.stride(hd);
+  bp.dk_stride_l = dk.stride(ld);
+  bp.dv_stride_b = c.varlen ? 0 : dv.stride(0);
+  bp.dv_stride_h = dv.stride(hd);
+  bp.dv_stride_l = dv.stride(ld);
+  run_backward(bp);
+  return {dq, dk, dv};
+}
+
 // Reads and optionally changes the CPU kernel configuration; returns a description such as
 // "isa=avx512 brgemm=1 amx=1 compiled=default,avx2,avx512".
 std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool> brgemm,
@@ -197,6 +282,20 @@ TORCH_LIBRARY(aigc_ext, m) {
       "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor lse, Tensor? attn_mask=None, bool is_causal=False, float scale=1.0) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def(
+      "flash_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+      "Tensor? seqused_k=None, Tensor? leftpad_k=None, Tensor? kv_batch_idx=None, "
+      "Tensor? block_table=None, float scale=1.0, bool causal=False, int window_left=-1, "
+      "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
+      "Tensor? rng_state=None, Tensor? sinks=None, int num_splits=0, Tensor? attn_mask=None) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "flash_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
+      "int max_seqlen_k=0, float scale=1.0, bool causal=False, int window_left=-1, "
+      "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
+      "Tensor? rng_state=None, Tensor? attn_mask=None) -> (Tensor, Tensor, Tensor)");
   m.def("_cpu_kernel_config(str? isa=None, bool? use_brgemm=None, bool? use_amx=None) -> str",
         &cpu_kernel_config);
 }
@@ -204,6 +303,8 @@ TORCH_LIBRARY(aigc_ext, m) {
 TORCH_LIBRARY_IMPL(aigc_ext, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("flash_forward", &flash_forward_cpu);
+  m.impl("flash_backward", &flash_backward_cpu);
 }
 
 }  // namespace aigc_ext

@@ -14,6 +14,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/sequence.h"
 #include "cpu/softmax_rows.h"
 
 namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
@@ -37,10 +38,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   T* dv = static_cast<T*>(bp.grad_v);
   const T* dout = static_cast<const T*>(bp.grad_out);
   const T* out = static_cast<const T*>(p.out);
-  const A* lse = static_cast<const A*>(p.lse);
-  std::fill(dq, dq + B * Hq * L * E, T(0));
-  std::fill(dk, dk + B * Hkv * S * E, T(0));
-  std::fill(dv, dv + B * Hkv * S * Ev, T(0));
+  // The gradients arrive zeroed (the operator layer allocates them so): rows no task reaches
+  // (keys no query sees, padding of variable-length batches) stay zero.
   if (B == 0 || Hq == 0 || L == 0 || S == 0) return;
 
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
@@ -52,16 +51,24 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   const int64_t bq_cap = round_up(std::min(BQ, L), 2);
   const size_t mesize = mask_elem_size(p, sizeof(T));
   const A scale = static_cast<A>(p.scale);
+  const FlashFeatures& f = p.flash;
+  const bool mods = f.any_score_mod(), softcap = f.softcap > 0, dropout = f.dropout_p > 0;
+  const Dropout drop(f);
+  const int64_t osb = p.out_stride_b, osh = p.out_stride_h, osl = p.out_stride_l;
 
-  // D = rowsum(dO * O), one value per query row.
-  std::vector<A> D(B * Hq * L);
-  at::parallel_for(0, B * Hq * L, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      A s = 0;
-      const T* a = dout + r * Ev;
-      const T* o = out + r * Ev;
-      for (int64_t e = 0; e < Ev; ++e) s += static_cast<A>(a[e]) * static_cast<A>(o[e]);
-      D[r] = s;
+  // D = rowsum(dO * O), one value per query row, (B, Hq, L).
+  std::vector<A> D(B * Hq * L, A(0));
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq;
+      const Sequence sq = sequence_of(p, b);
+      for (int64_t i = 0; i < sq.len_q; ++i) {
+        const int64_t off = b * osb + h * osh + (sq.q_row0 + i) * osl;
+        A acc = 0;
+        for (int64_t e = 0; e < Ev; ++e)
+          acc += static_cast<A>(dout[off + e]) * static_cast<A>(out[off + e]);
+        D[bh * L + i] = acc;
+      }
     }
   });
 
@@ -83,21 +90,37 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
     A* dpbuf = thread_buffer<A, 11>(bq_cap * BK);
     A* dk_acc = thread_buffer<A, 12>(BK * e_pad);
     A* dv_acc = thread_buffer<A, 13>(BK * ev_pad);
-    T* pbuf = thread_buffer<T, 14>(kReduced<T> ? bq_cap * BK : 0);
+    T* pbuf = thread_buffer<T, 14>(kReduced<T> || dropout ? bq_cap * BK : 0);
     T* dsbuf = thread_buffer<T, 15>(kReduced<T> ? bq_cap * BK : 0);
     const bool pad_q = brgemm && e_even != E, pad_do = brgemm && ev_even != Ev;
     T* qpad = thread_buffer<T, 16>(pad_q ? BQ * e_even : 0);
     T* dopad = thread_buffer<T, 17>(pad_do ? BQ * ev_even : 0);
+    A* tbuf = thread_buffer<A, 18>(softcap ? bq_cap * BK : 0);
+    A* pdrop = thread_buffer<A, 19>(dropout && kReduced<T> ? BK : 0);
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t c = t % chunks, bhk = t / chunks;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
-      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      const Sequence sq = sequence_of(p, b);
+      const KeyRows<T> kr = key_rows<T>(p, sq, p.k, p.k_stride_b, p.k_stride_h, p.k_stride_l, hk);
+      const KeyRows<T> vr = key_rows<T>(p, sq, p.v, p.v_stride_b, p.v_stride_h, p.v_stride_l, hk);
       const int64_t kb0 = c * blocks_per_chunk, kb1 = std::min(nkb, kb0 + blocks_per_chunk);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t n0 = kb * BK, bn = std::min(BK, S - n0), bn_even = round_up(bn, 2);
-        const T* kblk = kp + n0 * p.k_stride_l;
-        const T* vblk = vp + n0 * p.v_stride_l;
+        const int64_t n0 = kb * BK;
+        if (n0 >= sq.len_k) break;
+        const int64_t bn = std::min(BK, sq.len_k - n0), bn_even = round_up(bn, 2);
+        // The query rows that see some key of the block.
+        int64_t i_begin = 0, i_end = sq.len_q;
+        if (sq.window_right >= 0)
+          i_begin = std::clamp<int64_t>(n0 - sq.diag - sq.window_right, 0, sq.len_q);
+        if (sq.window_left >= 0)
+          i_end = std::clamp<int64_t>(n0 + bn + sq.window_left - sq.diag, 0, sq.len_q);
+        T* dk_row0 =
+            dk + sq.kv_b * bp.dk_stride_b + hk * bp.dk_stride_h + (sq.k_row0 + n0) * bp.dk_stride_l;
+        T* dv_row0 =
+            dv + sq.kv_b * bp.dv_stride_b + hk * bp.dv_stride_h + (sq.k_row0 + n0) * bp.dv_stride_l;
+        if (i_begin >= i_end) continue;  // no query sees these keys: their gradients stay 0
+        const T* kblk = kr.row(n0);
+        const T* vblk = vr.row(n0);
         gemm.pack(pkt, /*trans=*/true, E, bn, kblk, p.k_stride_l);   // K^T for S = Q K^T
         gemm.pack(pvt, /*trans=*/true, Ev, bn, vblk, p.v_stride_l);  // V^T for dP = dO V^T
         gemm.pack(pk, /*trans=*/false, bn, E, kblk, p.k_stride_l);   // K for dQ = dS K
@@ -105,18 +128,17 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
         std::fill(dv_acc, dv_acc + BK * ev_pad, A(0));
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = hk * group + g;
-          const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-          const T* dop = dout + (b * Hq + h) * L * Ev;
-          const A* lse_h = lse + (b * Hq + h) * L;
+          const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+                        sq.q_row0 * p.q_stride_l;
+          const T* dop = dout + b * osb + h * osh + sq.q_row0 * osl;
           const A* D_h = D.data() + (b * Hq + h) * L;
           A* dqa = dq_acc.data() + ((c * B + b) * Hq + h) * L * e_pad;
-          const int64_t qstart = p.is_causal ? (n0 / BQ) * BQ : 0;
-          for (int64_t q0 = qstart; q0 < L; q0 += BQ) {
-            const int64_t bq = std::min(BQ, L - q0);
+          for (int64_t q0 = i_begin; q0 < i_end; q0 += BQ) {
+            const int64_t bq = std::min(BQ, i_end - q0);
             const T* qa = qp + q0 * p.q_stride_l;
             int64_t ldq = p.q_stride_l;
-            const T* doa = dop + q0 * Ev;
-            int64_t lddo = Ev;
+            const T* doa = dop + q0 * osl;
+            int64_t lddo = osl;
             if (pad_q) {
               copy_padded(qa, ldq, bq, E, e_even, qpad);
               qa = qpad;
@@ -132,36 +154,64 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
             for (int64_t r = 0; r < bq; ++r) {
               const int64_t i = q0 + r;
               A* s = sbuf + r * BK;
-              const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn) : bn;
-              if (valid == 0 || lse_h[i] == neg_inf<A>()) {
+              const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, bn);
+              const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, bn);
+              const A lse_i = *lse_at<A>(p, sq, h, i);
+              if (valid <= lo || lse_i == neg_inf<A>()) {
                 std::fill(s, s + bn_even, A(0));
               } else {
                 A eff_scale = scale;
-                if (p.mask_kind != MaskKind::kNone) {
+                if (mods) {
+                  score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0,
+                                    softcap ? tbuf + r * BK : nullptr);
+                  if (p.mask_kind != MaskKind::kNone)
+                    apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
+                                         mask_ptr(p, mesize, b, h, i, n0 + lo));
+                  eff_scale = 1;
+                } else if (p.mask_kind != MaskKind::kNone) {
                   apply_mask_row<T, A>(s, valid, scale, p, mask_ptr(p, mesize, b, h, i, n0));
                   eff_scale = 1;
                 }
                 // A NaN lse (a row with NaN scores) gives NaN probabilities, as torch's softmax.
-                exact_scores(s, valid, lse_h[i], eff_scale);
-                row_exp_sum(s, valid, eff_scale, lse_h[i]);
+                exact_scores(s, valid, lse_i, eff_scale);
+                row_exp_sum(s, valid, eff_scale, lse_i);
+                std::fill(s, s + lo, A(0));
                 std::fill(s + valid, s + bn_even, A(0));
               }
-              if constexpr (kReduced<T>) convert_row(s, pbuf + r * BK, bn_even);
+              if (dropout) {
+                // dV takes the dropped probabilities P * keep / (1 - p).
+                if constexpr (kReduced<T>) {
+                  std::copy(s, s + bn_even, pdrop);
+                  drop.apply(pdrop, lo, valid, b * Hq + h, i, n0);
+                  convert_row(pdrop, pbuf + r * BK, bn_even);
+                } else {
+                  std::copy(s, s + bn_even, pbuf + r * BK);
+                  drop.apply(pbuf + r * BK, lo, valid, b * Hq + h, i, n0);
+                }
+              } else if constexpr (kReduced<T>) {
+                convert_row(s, pbuf + r * BK, bn_even);
+              }
             }
             const T* pa;
             if constexpr (kReduced<T>) {
               pa = pbuf;
             } else {
-              pa = sbuf;
+              pa = dropout ? pbuf : sbuf;
             }
             // dV += P^T dO
-            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * Ev, Ev, dv_acc, ev_pad, true);
+            gemm.mm(true, false, bn, Ev, bq, pa, BK, dop + q0 * osl, osl, dv_acc, ev_pad, true);
             // dP = dO V^T, dS = P * (dP - D)
             gemm.run(bq, doa, lddo, pvt, dpbuf, BK, false);
             for (int64_t r = 0; r < bq; ++r) {
-              const A d = D_h[q0 + r];
+              const int64_t i = q0 + r;
+              const A d = D_h[i];
               A* dp = dpbuf + r * BK;
               const A* pr = sbuf + r * BK;
+              if (dropout) {
+                const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, bn);
+                const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, bn);
+                drop.apply(dp, lo, valid, b * Hq + h, i, n0);
+              }
               using Vec = Vectorized<A>;
               const Vec vd(d);
               int64_t j = 0;
@@ -169,6 +219,13 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
                 (Vec::loadu(pr + j) * (Vec::loadu(dp + j) - vd)).store(dp + j);
               for (; j < bn; ++j) dp[j] = pr[j] * (dp[j] - d);
               for (j = bn; j < bn_even; ++j) dp[j] = 0;
+              if (softcap) {
+                // d softcap*tanh(x/softcap) / dx = 1 - tanh^2, where the row took part.
+                const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, bn);
+                const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, bn);
+                const A* tr = tbuf + r * BK;
+                for (int64_t jj = lo; jj < valid; ++jj) dp[jj] *= A(1) - tr[jj] * tr[jj];
+              }
               if constexpr (kReduced<T>) convert_row(dp, dsbuf + r * BK, bn_even);
             }
             const T* dsa;
@@ -186,8 +243,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
         for (int64_t j = 0; j < bn; ++j) {
           A* dkr = dk_acc + j * e_pad;
           row_scale(dkr, E, scale);
-          convert_row(dkr, dk + ((b * Hkv + hk) * S + n0 + j) * E, E);
-          convert_row(dv_acc + j * ev_pad, dv + ((b * Hkv + hk) * S + n0 + j) * Ev, Ev);
+          convert_row(dkr, dk_row0 + j * bp.dk_stride_l, E);
+          convert_row(dv_acc + j * ev_pad, dv_row0 + j * bp.dv_stride_l, Ev);
         }
       }
     }
@@ -195,16 +252,22 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   });
 
   // dQ = scale * sum over key chunks.
-  at::parallel_for(0, B * Hq * L, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> row(e_pad);
-    for (int64_t r = begin; r < end; ++r) {
-      std::fill(row.begin(), row.end(), A(0));
-      for (int64_t c = 0; c < chunks; ++c) {
-        const A* src = dq_acc.data() + (c * B * Hq * L + r) * e_pad;
-        for (int64_t e = 0; e < E; ++e) row[e] += src[e];
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq;
+      const Sequence sq = sequence_of(p, b);
+      for (int64_t i = 0; i < sq.len_q; ++i) {
+        std::fill(row.begin(), row.end(), A(0));
+        for (int64_t c = 0; c < chunks; ++c) {
+          const A* src = dq_acc.data() + ((c * B * Hq + bh) * L + i) * e_pad;
+          for (int64_t e = 0; e < E; ++e) row[e] += src[e];
+        }
+        row_scale(row.data(), E, scale);
+        convert_row(row.data(),
+                    dq + b * bp.dq_stride_b + h * bp.dq_stride_h + (sq.q_row0 + i) * bp.dq_stride_l,
+                    E);
       }
-      row_scale(row.data(), E, scale);
-      convert_row(row.data(), dq + r * E, E);
     }
   });
 }

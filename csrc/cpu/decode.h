@@ -10,6 +10,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/sequence.h"
 #include "cpu/softmax_rows.h"
 
 namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
@@ -147,13 +148,22 @@ void decode_impl(const AttentionForwardParams& p) {
   using A = acc_type<T>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hq / Hkv, G = group * L;
-  T* out = static_cast<T*>(p.out);
-  A* lse = static_cast<A*>(p.lse);
   const size_t mesize = mask_elem_size(p, sizeof(T));
   const A scale = static_cast<A>(p.scale);
+  const FlashFeatures& f = p.flash;
+  const bool mods = f.any_score_mod();
+  const Dropout drop(f);
   const int64_t nthreads = at::get_num_threads();
-  const int64_t nblocks = ceil_div(S, kDecodeBlock);
-  int64_t splits = std::min(nblocks, std::max<int64_t>(1, ceil_div(4 * nthreads, B * Hkv)));
+  // Splits cut the keys some row of a batch row sees (a window bounds them) into equal parts.
+  int64_t span = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const Sequence sq = sequence_of(p, b);
+    if (sq.len_q > 0) span = std::max(span, sq.hi(sq.len_q - 1) - sq.lo(0));
+  }
+  const int64_t nblocks = std::max<int64_t>(1, ceil_div(std::min(span, S), kDecodeBlock));
+  int64_t splits = f.num_splits > 0
+                       ? std::min(nblocks, f.num_splits)
+                       : std::min(nblocks, std::max<int64_t>(1, ceil_div(4 * nthreads, B * Hkv)));
   const int64_t blocks_per_split = ceil_div(nblocks, splits);
   splits = ceil_div(nblocks, blocks_per_split);
   const int64_t ntasks = B * Hkv * splits;
@@ -172,29 +182,24 @@ void decode_impl(const AttentionForwardParams& p) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bhk = r / G, g = r % G;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv, h = hk * group + g / L, i = g % L;
+      const Sequence sq = sequence_of(p, b);
+      if (i >= sq.len_q) continue;
       A mx = neg_inf<A>();
       for (int64_t sp = 0; sp < splits; ++sp) mx = max_nan(mx, part_m[(bhk * splits + sp) * G + g]);
-      T* o = out + ((b * Hq + h) * L + i) * Ev;
-      A* lse_out = lse + (b * Hq + h) * L + i;
-      if (mx == neg_inf<A>()) {
-        std::fill(o, o + Ev, T(0));
-        *lse_out = neg_inf<A>();
-        continue;
-      }
       std::fill(row, row + Ev, A(0));
       A total = 0;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const int64_t t = bhk * splits + sp;
-        const A ms = part_m[t * G + g];
-        if (ms == neg_inf<A>()) continue;
-        const A w = std::exp(ms - mx);
-        total += w * part_l[t * G + g];
-        const A* a = part_acc.data() + (t * G + g) * Ev;
-        for (int64_t e = 0; e < Ev; ++e) row[e] += w * a[e];
+      if (mx != neg_inf<A>()) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t t = bhk * splits + sp;
+          const A ms = part_m[t * G + g];
+          if (ms == neg_inf<A>()) continue;
+          const A w = std::exp(ms - mx);
+          total += w * part_l[t * G + g];
+          const A* a = part_acc.data() + (t * G + g) * Ev;
+          for (int64_t e = 0; e < Ev; ++e) row[e] += w * a[e];
+        }
       }
-      row_scale(row, Ev, A(1) / total);
-      convert_row(row, o, Ev);
-      *lse_out = mx + std::log(total);
+      finish_row<T, A>(p, h, row, mx, total, Ev, out_row<T>(p, sq, h, i), lse_at<A>(p, sq, h, i));
     }
   };
 
@@ -207,26 +212,42 @@ void decode_impl(const AttentionForwardParams& p) {
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t sp = t % splits, bhk = t / splits;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
-      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      const Sequence sq = sequence_of(p, b);
+      const KeyRows<T> kr = key_rows<T>(p, sq, p.k, p.k_stride_b, p.k_stride_h, p.k_stride_l, hk);
+      const KeyRows<T> vr = key_rows<T>(p, sq, p.v, p.v_stride_b, p.v_stride_h, p.v_stride_l, hk);
       A* m = part_m.data() + t * G;
       A* l = part_l.data() + t * G;
       A* acc = part_acc.data() + t * G * Ev;
       std::fill(m, m + G, neg_inf<A>());
       std::fill(l, l + G, A(0));
       std::fill(acc, acc + G * Ev, A(0));
-      // Row g is query row i = g % L of head h = hk * group + g / L.
+      // Row g is query row i = g % L of head h = hk * group + g / L; rows past the sequence's
+      // own length (variable-length batches) stay empty.
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = hk * group + g / L, i = g % L;
-        const T* qrow =
-            static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + i * p.q_stride_l;
+        const int64_t h = hk * group + g / L,
+                      i = std::min(g % L, std::max<int64_t>(sq.len_q - 1, 0));
+        const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+                        (sq.q_row0 + i) * p.q_stride_l;
+        if (sq.len_q == 0) {
+          std::fill(qf + g * E, qf + g * E + E, A(0));
+          std::fill(qb + g * E, qb + g * E + E, T(0));
+          continue;
+        }
         convert_row(qrow, qf + g * E, E);
         std::memcpy(qb + g * E, qrow, sizeof(T) * E);
       }
-      const int64_t s0 = sp * blocks_per_split * kDecodeBlock;
-      const int64_t s1 = std::min(S, s0 + blocks_per_split * kDecodeBlock);
-      for (int64_t n0 = s0; n0 < s1; n0 += kDecodeBlock) {
-        const int64_t nb = std::min(kDecodeBlock, s1 - n0);
+      if (sq.len_q == 0) {
+        if (splits == 1) merge_rows(bhk * G, bhk * G + G);
+        continue;
+      }
+      const int64_t kv_lo = sq.lo(0), kv_hi = sq.hi(sq.len_q - 1);
+      const int64_t s0 = kv_lo + sp * blocks_per_split * kDecodeBlock;
+      const int64_t s1 = std::min(kv_hi, s0 + blocks_per_split * kDecodeBlock);
+      for (int64_t n0 = s0, nb = 0; n0 < s1; n0 += nb) {
+        // A block never crosses a page of a paged cache.
+        nb = vr.run(n0, kr.run(n0, std::min(kDecodeBlock, s1 - n0)));
+        const T* kblk = kr.row(n0);
+        const T* vblk = vr.row(n0);
         const A* kb;
         const A* vb;
         int64_t ldk, ldv;
@@ -236,29 +257,29 @@ void decode_impl(const AttentionForwardParams& p) {
           // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
           // amortise converting the keys for a GEMM.
           if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
-            qk_dot(qb, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            qk_dot(qb, G, E, kblk, p.k_stride_l, nb, sbuf, kDecodeBlock);
             scores_done = true;
           }
         }
         if constexpr (std::is_same_v<T, float>) {
           if (fused_pv) {
-            qk_dot(qf, G, E, kp + n0 * p.k_stride_l, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            qk_dot(qf, G, E, kblk, p.k_stride_l, nb, sbuf, kDecodeBlock);
             scores_done = true;
           }
         }
 #endif
         if constexpr (kReduced<T>) {
           for (int64_t j = 0; j < nb; ++j) {
-            if (!scores_done) convert_row(kp + (n0 + j) * p.k_stride_l, kf + j * E, E);
-            if (!fused_pv) convert_row(vp + (n0 + j) * p.v_stride_l, vf + j * Ev, Ev);
+            if (!scores_done) convert_row(kblk + j * p.k_stride_l, kf + j * E, E);
+            if (!fused_pv) convert_row(vblk + j * p.v_stride_l, vf + j * Ev, Ev);
           }
           kb = kf;
           vb = vf;
           ldk = E;
           ldv = Ev;
         } else {
-          kb = kp + n0 * p.k_stride_l;
-          vb = vp + n0 * p.v_stride_l;
+          kb = kblk;
+          vb = vblk;
           ldk = p.k_stride_l;
           ldv = p.v_stride_l;
         }
@@ -268,15 +289,30 @@ void decode_impl(const AttentionForwardParams& p) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * group + g / L, i = g % L;
           A* s = sbuf + g * kDecodeBlock;
-          const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, nb) : nb;
+          if (i >= sq.len_q) {
+            std::fill(s, s + nb, A(0));
+            continue;
+          }
+          const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, nb);
+          const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, nb);
           A eff_scale = scale;
-          if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+          if (mods) {
+            score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0, nullptr);
+            if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
+              apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
+                                   mask_ptr(p, mesize, b, h, i, n0 + lo));
+            eff_scale = 1;
+          } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
             apply_mask_row<T, A>(
                 s, valid, scale, p,
                 p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
             eff_scale = 1;
           }
-          if (online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
+          std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
+          if (valid > lo &&
+              online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
+            if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, n0);
+            std::fill(s, s + lo, A(0));
             std::fill(s + valid, s + nb, A(0));
           } else {
             std::fill(s, s + nb, A(0));  // nothing visible: P = 0, state unchanged
@@ -285,7 +321,7 @@ void decode_impl(const AttentionForwardParams& p) {
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
           if (fused_pv) {
-            pv_rows(sbuf, kDecodeBlock, G, vp + n0 * p.v_stride_l, p.v_stride_l, nb, acc, Ev);
+            pv_rows(sbuf, kDecodeBlock, G, vblk, p.v_stride_l, nb, acc, Ev);
             continue;
           }
         }

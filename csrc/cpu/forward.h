@@ -19,6 +19,7 @@
 #include "cpu/decode.h"
 #include "cpu/gemm.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/sequence.h"
 #include "cpu/softmax_rows.h"
 
 namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
@@ -37,6 +38,7 @@ constexpr int64_t kFwdBlockKV = 512;
 // through the cache dominate the rest, so 128 x 128 tiles (64 KiB of scores) measured best.
 constexpr int64_t kFwdBlockKVF32 = 128;
 constexpr int64_t kFwdMaxChunkRows = 4096;
+constexpr int64_t kFwdBlockKVWindow = 128;
 constexpr float kLazyMax = 8.f;
 
 template <typename T>
@@ -44,12 +46,17 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   using A = acc_type<T>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, L = p.len_q, S = p.len_kv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, group = Hkv > 0 ? Hq / Hkv : 1;
-  T* out = static_cast<T*>(p.out);
-  A* lse = static_cast<A*>(p.lse);
   if (B == 0 || Hq == 0 || L == 0) return;
-  if (S == 0) {
-    std::fill(out, out + B * Hq * L * Ev, T(0));
-    std::fill(lse, lse + B * Hq * L, neg_inf<A>());
+  if (S == 0) {  // no keys anywhere: zeros (or the sink alone)
+    for (int64_t b = 0; b < B; ++b) {
+      const Sequence sq = sequence_of(p, b);
+      for (int64_t h = 0; h < Hq; ++h) {
+        for (int64_t i = 0; i < sq.len_q; ++i) {
+          finish_row<T, A>(p, h, nullptr, neg_inf<A>(), A(0), Ev, out_row<T>(p, sq, h, i),
+                           lse_at<A>(p, sq, h, i));
+        }
+      }
+    }
     return;
   }
   if (L <= kDecodeMaxLen && group * L <= kDecodeMaxRows) return decode_impl<T>(p);
@@ -64,10 +71,14 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   const int64_t BQ =
       round_up(env_int("AIGC_EXT_CPU_BLOCK_Q", amx ? kFwdBlockQAmx : kFwdBlockQ), amx ? 16 : 1);
   // Key blocks are multiples of 32 so that padded probability rows (to k_align) stay in a row.
-  const int64_t BK =
+  const int64_t BK_full =
       round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", f32_brgemm ? kFwdBlockKVF32 : kFwdBlockKV),
                         round_up(S, kPackN)),
                32);
+  // With a window the block edges are waste: smaller key blocks keep it to a fraction of the
+  // window. (BK is a multiple of 32.)
+  const int64_t BK =
+      p.flash.window_left >= 0 ? std::min<int64_t>(BK_full, kFwdBlockKVWindow) : BK_full;
   const int64_t ev_pad = round_up(Ev, kPackN);
   const int64_t k_align = amx ? 32 : brgemm ? 2 : 1;
   const int64_t e_even = round_up(E, k_align);
@@ -86,6 +97,10 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   const int64_t ntasks = B * Hq * chunks;
   const A scale = static_cast<A>(p.scale);
 
+  const FlashFeatures& f = p.flash;
+  const bool mods = f.any_score_mod();
+  const Dropout drop(f);
+
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pk, pv;
@@ -98,27 +113,34 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
     A* l = thread_buffer<A, 3>(chunk_rows);
     T* pbuf = thread_buffer<T, 4>(BQ * ldp);
     T* qpad = thread_buffer<T, 5>(e_even != E || amx ? BQ * e_even : 0);
+    char* started = thread_buffer<char, 6>(blocks_per_chunk);
     for (int64_t t = next++; t < ntasks; t = next++) {
       // Largest chunks first: with causal masking the last rows carry the most work.
       const int64_t c = chunks - 1 - t % chunks, bh = t / chunks;
       const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
-      const int64_t r0 = c * chunk_rows, r1 = std::min(L, r0 + chunk_rows);
-      const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-      const T* kp = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-      const T* vp = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-      const int64_t kv_end = p.is_causal ? std::min(r1, S) : S;
+      const Sequence sq = sequence_of(p, b);
+      const int64_t r0 = c * chunk_rows, r1 = std::min(sq.len_q, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      const T* qp = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+                    sq.q_row0 * p.q_stride_l;
+      const KeyRows<T> kr = key_rows<T>(p, sq, p.k, p.k_stride_b, p.k_stride_h, p.k_stride_l, hk);
+      const KeyRows<T> vr = key_rows<T>(p, sq, p.v, p.v_stride_b, p.v_stride_h, p.v_stride_l, hk);
+      // The keys some row of the chunk sees (windows and causality bound both ends).
+      const int64_t kv_begin = sq.lo(r0), kv_end = sq.hi(r1 - 1);
       std::fill(m, m + (r1 - r0), neg_inf<A>());
       std::fill(l, l + (r1 - r0), A(0));
-      // acc needs no clearing: the first key block (n0 = 0, which every query block visits)
-      // writes it instead of adding to it.
+      // acc needs no clearing: the first key block a query block visits writes it instead of
+      // adding to it.
+      std::fill(started, started + blocks_per_chunk, char(0));
 
-      for (int64_t n0 = 0; n0 < kv_end; n0 += BK) {
-        const int64_t bn = std::min(BK, kv_end - n0);
-        gemm.pack(pk, /*trans=*/true, E, bn, kp + n0 * p.k_stride_l, p.k_stride_l);
-        gemm.pack(pv, /*trans=*/false, bn, Ev, vp + n0 * p.v_stride_l, p.v_stride_l);
+      for (int64_t n0 = kv_begin, bn = 0; n0 < kv_end; n0 += bn) {
+        // A block never crosses a page of a paged cache.
+        bn = vr.run(n0, kr.run(n0, std::min(BK, kv_end - n0)));
+        gemm.pack(pk, /*trans=*/true, E, bn, kr.row(n0), p.k_stride_l);
+        gemm.pack(pv, /*trans=*/false, bn, Ev, vr.row(n0), p.v_stride_l);
         for (int64_t q0 = r0; q0 < r1; q0 += BQ) {
           const int64_t q1 = std::min(q0 + BQ, r1), bq = q1 - q0;
-          if (p.is_causal && q1 <= n0) continue;  // every row of this block precedes the keys
+          if (!sq.sees(q0, q1, n0, n0 + bn)) continue;  // the block is hidden from every row
           const T* qa = qp + q0 * p.q_stride_l;
           int64_t lda = p.q_stride_l;
           // The AMX tiles read 16 whole rows: a ragged block goes through the padded copy too.
@@ -129,33 +151,46 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             qa = qpad;
             lda = e_even;
           }
-          // With causal masking the keys at or beyond q1 are hidden from the whole block.
-          const int64_t bn_q = p.is_causal ? std::min(bn, q1 - n0) : bn;
-          const int64_t bn_q_even = round_up(bn_q, k_align);
-          gemm.run(bq, qa, lda, pk, sbuf, lds, /*add=*/false, bn_q);
+          // Keys at or beyond the last row's bound are hidden from the whole block.
+          const int64_t bn_q = std::min(bn, sq.hi(q1 - 1) - n0);
+          // With a window, the keys before the first row's window are hidden from the whole
+          // block too: the products start at column c0 (a multiple of 32, as Gemm::run needs).
+          const int64_t c0 = (std::clamp<int64_t>(sq.lo(q0) - n0, 0, bn_q) / 32) * 32;
+          const int64_t base = n0 + c0, width = bn_q - c0;  // the block's keys from here on
+          const int64_t width_even = round_up(bn_q, k_align) - c0;
+          gemm.run(bq, qa, lda, pk, sbuf, lds, /*add=*/false, bn_q, -1, c0);
           // Probability rows past bq are read by the AMX tiles: keep them zero.
           if (bq_pad != bq) std::fill(pbuf + bq * ldp, pbuf + bq_pad * ldp, T(0));
 
           for (int64_t r = 0; r < bq; ++r) {
             const int64_t i = q0 + r, ri = i - r0;
-            A* s = sbuf + r * lds;
-            const int64_t valid = p.is_causal ? std::clamp<int64_t>(i + 1 - n0, 0, bn_q) : bn;
+            A* s = sbuf + r * lds + c0;
+            // Keys base + [lo, valid) take part for this row.
+            const int64_t lo = std::clamp<int64_t>(sq.lo(i) - base, 0, width);
+            const int64_t valid = std::clamp<int64_t>(sq.hi(i) - base, lo, width);
             A eff_scale = scale;
-            if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+            if (mods) {
+              score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, base, nullptr);
+              if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
+                apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
+                                     mask_ptr(p, mesize, b, h, i, base + lo));
+              eff_scale = 1;
+            } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
               apply_mask_row<T, A>(
                   s, valid, scale, p,
-                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, base));
               eff_scale = 1;
             }
+            std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
             A* acc_row = acc + ri * ev_pad;
             if constexpr (!std::is_same_v<T, double>) {
               // Lazy rescaling: exponentiate against the running maximum m and track the block's
               // own maximum in the same pass; only when it exceeds m by more than kLazyMax
               // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
               // redone against the new maximum and the accumulator rescaled.
-              T* pr = pbuf + r * ldp;
+              T* pr = pbuf + r * ldp + c0;
               A sum = 0;
-              bool visible = valid > 0;
+              bool visible = valid > lo;
               if (visible && m[ri] == neg_inf<A>()) {
                 const A bmax = row_max(s, valid) * eff_scale;
                 visible = bmax != neg_inf<A>();
@@ -189,15 +224,18 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                   online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
                   convert_row(s, pr, valid);
                 }
-                std::fill(pr + valid, pr + bn_q_even, T(0));
+                if (f.dropout_p > 0) drop.apply(pr, lo, valid, b * Hq + h, i, base);
+                std::fill(pr + valid, pr + width_even, T(0));
               } else {
-                std::fill(pr, pr + bn_q_even, T(0));  // nothing visible: P = 0, state unchanged
+                std::fill(pr, pr + width_even, T(0));  // nothing visible: P = 0, state unchanged
               }
             } else {
-              if (online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev)) {
-                std::fill(s + valid, s + bn_q_even, A(0));
+              if (valid > lo &&
+                  online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev)) {
+                if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, base);
+                std::fill(s + valid, s + width_even, A(0));
               } else {
-                std::fill(s, s + bn_q_even, A(0));  // nothing visible: P = 0, state unchanged
+                std::fill(s, s + width_even, A(0));  // nothing visible: P = 0, state unchanged
               }
             }
           }
@@ -210,21 +248,17 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             pa = pbuf;
             ldpa = ldp;
           }
-          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/n0 > 0, -1, bn_q);
+          char& first = started[(q0 - r0) / BQ];
+          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/first != 0, -1, bn_q,
+                   0, c0);
+          first = 1;
         }
       }
       // Normalise and write out.
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t ri = i - r0;
-        A* acc_row = acc + ri * ev_pad;
-        T* o = out + ((b * Hq + h) * L + i) * Ev;
-        if (l[ri] > A(0) || std::isnan(l[ri])) {  // a NaN l gives a NaN row and lse
-          scale_convert_row(acc_row, Ev, A(1) / l[ri], o);
-          lse[(b * Hq + h) * L + i] = m[ri] + std::log(l[ri]);
-        } else {
-          std::fill(o, o + Ev, T(0));  // no key to attend to: zeros, as torch does
-          lse[(b * Hq + h) * L + i] = neg_inf<A>();
-        }
+        finish_row<T, A>(p, h, acc + ri * ev_pad, m[ri], l[ri], Ev, out_row<T>(p, sq, h, i),
+                         lse_at<A>(p, sq, h, i));
       }
     }
     gemm.release();
