@@ -99,8 +99,8 @@ class Completion:
 
 
 def _next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int:
-    """The token drawn from one position's logits (on the CPU in float32: the same draw on
-    every device)."""
+    """The token drawn from one position's logits, on the CPU in float32 (so that the same
+    logits give the same draw whichever device computed them)."""
     logits = logits.detach().float().cpu()
     if options.temperature == 0:
         return int(torch.argmax(logits))
