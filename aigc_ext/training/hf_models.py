@@ -167,12 +167,15 @@ def _check_fits(model: nn.Module, info: dict[str, Any], path: Path) -> None:
             f"embeds {rows}; use that checkpoint's tokenizer, or set resize_embeddings = true"
         )
     length = info.get("max_length")
+    if hasattr(model.config, "relative_attention_num_buckets"):
+        return  # relative positions (T5): no length limit
     for key in _POSITION_KEYS:
         limit = getattr(model.config, key, None)
         if isinstance(limit, int) and isinstance(length, int) and length > limit:
             raise ValueError(
                 f"the dataset's sequences reach {length} tokens but the checkpoint at "
-                f"{str(path)!r} has {key}={limit}; lower the dataset's seq_len"
+                f"{str(path)!r} has {key}={limit}; lower the dataset's seq_len (a model with "
+                f"rotary positions may take config_overrides = {{ {key} = {length} }})"
             )
 
 

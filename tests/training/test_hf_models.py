@@ -148,6 +148,8 @@ def test_the_dataset_must_fit_the_checkpoint(ckpt):
         ValueError, match=r"tokenizer has 999 tokens but the checkpoint .* embeds 300"
     ):
         hf({"vocab_size": 999}, path=str(ckpt["gpt2"]))
+    t5 = hf({"max_length": 2000}, path=str(ckpt["t5"]), objective="span-corruption")
+    assert type(t5) is transformers.T5ForConditionalGeneration  # relative positions: no limit
     grown = hf({"vocab_size": 310}, path=str(ckpt["gpt2"]), resize_embeddings=True)
     assert grown.get_input_embeddings().num_embeddings == 310
 
