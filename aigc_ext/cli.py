@@ -3,6 +3,9 @@
 ``aigc-ext plugins [--json] [--all] [--strict]`` lists the installed plugins, the hooks each
 implements and what each registered.
 
+``aigc-ext train`` and ``aigc-ext generate`` are described in
+:mod:`aigc_ext.training.cli` and :mod:`aigc_ext.training.generate_cli`.
+
 ``aigc-ext info [--json]`` describes this machine as aigc_ext sees it: versions, CPU model and
 instruction sets, GPUs, the CPU kernel configuration, what the build contains (CPU kernel
 instruction sets, CUDA kernels), and every attention backend with whether it is available here
@@ -80,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_info)
     from aigc_ext.bench import cli as bench_cli
     from aigc_ext.training import cli as train_cli
+    from aigc_ext.training import generate_cli
 
     bench_cli.add_parser(sub)
     train_cli.add_parser(sub)
+    generate_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -14,6 +14,7 @@ every configuration mistake is a :class:`~aigc_ext.training.ConfigError` naming 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "build_data",
     "build_model",
     "build_optimizer",
+    "build_plain_model",
     "build_strategy",
     "config_errors",
     "resolve",
@@ -257,6 +259,18 @@ def build_model(resolved: Resolved, info: Mapping[str, Any]) -> BuiltModel:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{resolved.transfer.label}.setup must return a module")
     return BuiltModel(model, finetuner, transfer)
+
+
+def build_plain_model(resolved: Resolved, info: Mapping[str, Any]) -> torch.nn.Module:
+    """The model of ``resolved`` (with its finetuner) to receive trained weights: built
+    without ``init_from`` (the weights come afterwards) and without the transfer strategy's
+    ``setup`` (which only chooses what trains)."""
+    bound = resolved.model
+    options = {k: v for k, v in bound.options.items() if k not in ("init_from", "init_optional")}
+    plain = dataclasses.replace(
+        resolved, model=dataclasses.replace(bound, options=options), transfer=None
+    )
+    return build_model(plain, info).model
 
 
 def split_weight_decay(groups: Sequence[Mapping[str, Any]], weight_decay: float) -> list[dict]:

@@ -21,6 +21,10 @@ Every file of a checkpoint also records its step, so loading notices a file from
 checkpoint; a truncated or altered file fails its size or SHA-256 check. All problems are a
 :class:`CheckpointError` naming the file.
 
+A run sharded with FSDP writes the same files: its full weights and optimiser state are
+gathered to the first process (:func:`aigc_ext.training.fsdp.full_states`) and sharded again
+when loaded, so any number of processes resumes from any checkpoint.
+
 A run's state beyond the weights: :func:`trainer_state` and :func:`rng_tensors` capture it for
 :func:`save_checkpoint`; :func:`restore_training_state` (model, optimiser, scheduler,
 GradScaler) and :func:`restore_random_state` (Python, NumPy, torch RNGs) put it back on resume.
@@ -43,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aigc_ext.training import checkpoint_files, seeding
+from aigc_ext.training import checkpoint_files, fsdp, seeding
 from aigc_ext.training.checkpoint_files import (
     CheckpointError,
     optimizer_from_tensors,
@@ -51,6 +55,7 @@ from aigc_ext.training.checkpoint_files import (
 )
 from aigc_ext.training.config import TrainConfig, config_diff
 from aigc_ext.training.files import atomic_write_text, fsync_dir, set_default_mode
+from aigc_ext.training.fsdp import FullState
 from aigc_ext.training.outputs import jsonable
 
 if TYPE_CHECKING:
@@ -145,15 +150,17 @@ def save_checkpoint(
     root: str | os.PathLike,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | FullState,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     trainer_state: dict[str, Any],
     rng: dict[str, torch.Tensor],
     keep: int = 2,
 ) -> Path:
     """Writes checkpoint ``step-<step>`` under ``root`` atomically and returns its path.
 
-    ``trainer_state`` holds everything of :data:`STATE_KEYS` but ``step``, ``format_version``
+    ``model`` is the model, or the full weights of a sharded one gathered to this process
+    (:func:`aigc_ext.training.fsdp.full_states`); ``optimizer`` the optimiser or its full state
+    dict in single-process form. ``trainer_state`` holds everything of :data:`STATE_KEYS` but ``step``, ``format_version``
     and ``files``, which are filled in here. Afterwards ``latest`` names it and only the
     ``keep`` newest checkpoints at or below ``step`` remain (checkpoints of a later step are
     leftovers of a run resumed from an earlier one and are removed as well).
@@ -168,8 +175,15 @@ def save_checkpoint(
     meta = {"format": "aigc_ext.checkpoint", "step": str(step)}
     try:
         set_default_mode(tmp)
-        checkpoint_files.write_model(model, tmp / MODEL_FILE, meta)
-        tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
+        if isinstance(model, FullState):  # tied names recorded as save_model does
+            checkpoint_files.write_tensors(
+                model.tensors, tmp / MODEL_FILE, {**model.aliases, **meta}
+            )
+        else:
+            checkpoint_files.write_model(model, tmp / MODEL_FILE, meta)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer.state_dict()
+        tensors, opt_meta = optimizer_to_tensors(optimizer)
         checkpoint_files.write_tensors(
             tensors,
             tmp / OPTIMIZER_FILE,
@@ -306,7 +320,9 @@ def load_checkpoint(
     ``optimizer`` (each if given), and returns the trainer state and RNG tensors.
 
     Nothing is unpickled: the tensors are safetensors, the rest JSON. A model or optimiser that
-    does not fit (other parameter names, shapes or groups) is a :class:`CheckpointError`.
+    does not fit (other parameter names, shapes or groups) is a :class:`CheckpointError`. A
+    sharded (FSDP) model and its optimiser are given the full state, read on the CPU by every
+    process, of which each keeps its shard (:mod:`aigc_ext.training.fsdp`).
     """
     from safetensors import safe_open
     from safetensors.torch import load_file, load_model
@@ -314,19 +330,26 @@ def load_checkpoint(
     path = Path(path)
     state = validate_checkpoint(path)
     device = str(device)
+    sharded = model is not None and fsdp.is_sharded(model)
     if model is not None:
         try:
-            load_model(model, str(path / MODEL_FILE), strict=True, device=device)
+            if sharded:  # full weights, each process keeps its shard
+                fsdp.load_model_state(model, load_file(str(path / MODEL_FILE)))
+            else:
+                load_model(model, str(path / MODEL_FILE), strict=True, device=device)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path / MODEL_FILE}: does not fit the model: {exc}") from None
     if optimizer is not None:
         file = path / OPTIMIZER_FILE
         try:
-            with safe_open(str(file), framework="pt", device=device) as f:
+            with safe_open(str(file), framework="pt", device="cpu" if sharded else device) as f:
                 metadata = f.metadata()
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = {k: json.loads(metadata[k]) for k in ("param_groups", "scalar_state")}
-            optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
+            if sharded:
+                fsdp.load_optimizer_state(model, optimizer, optimizer_from_tensors(tensors, meta))
+            else:
+                optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{file}: does not fit the optimizer: {exc}") from None
     rng = load_file(str(path / RNG_FILE))

@@ -40,6 +40,7 @@ else:  # pragma: no cover - Python 3.10
         tomllib = None
 
 __all__ = [
+    "DISTRIBUTED",
     "PRECISIONS",
     "SECTIONS",
     "ComponentConfig",
@@ -53,6 +54,7 @@ __all__ = [
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_HF = ("final", "checkpoints", "off")  # RUN/hf at the end; also in each checkpoint; never
+DISTRIBUTED = ("ddp", "fsdp")
 COMPONENT_SECTIONS = ("model", "data", "objective", "finetune", "transfer")
 REQUIRED_SECTIONS = ("model", "data", "objective")
 SECTIONS = ("recipe", "run", *COMPONENT_SECTIONS, "augmentations")
@@ -98,6 +100,14 @@ class RunConfig:
     # RUN/hf: the model (a transformers one) and its tokenizer by save_pretrained.
     save_hf: str = "final"
     merge_lora: bool = False
+    # Under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard); the
+    # FSDP mixed-precision policy: the dtype parameters compute in and gradients are reduced
+    # in (None: the parameters' own), and whether blocks free their gathered weights after
+    # the forward pass.
+    distributed: str = "ddp"
+    fsdp_param_dtype: str | None = None
+    fsdp_reduce_dtype: str | None = None
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -186,6 +196,14 @@ _RUN_RULES: dict[str, dict] = {
     "device": _rule("choice", lambda v: bool(_DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N"),
     "save_hf": _rule("choice", lambda v: v in SAVE_HF, ", ".join(SAVE_HF)),
     "merge_lora": _rule("bool", allowed="true or false"),
+    "distributed": _rule("choice", lambda v: v in DISTRIBUTED, ", ".join(DISTRIBUTED)),
+    "fsdp_param_dtype": _rule(
+        "choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS), optional=True
+    ),
+    "fsdp_reduce_dtype": _rule(
+        "choice", lambda v: v in PRECISIONS, ", ".join(PRECISIONS), optional=True
+    ),
+    "fsdp_reshard_after_forward": _rule("bool", allowed="true or false"),
 }
 assert set(_RUN_RULES) == {f.name for f in fields(RunConfig)}
 

@@ -4,23 +4,36 @@ collective operations it needs (no-ops in a single process).
 :func:`resolve_device` turns ``run.device`` into this process's device and checks that
 ``run.precision`` works there; :func:`check_backend_override` checks ``AIGC_EXT_BACKEND`` before
 anything is created. A run is distributed when it is launched by ``torchrun`` (``WORLD_SIZE`` > 1
-in the environment). Then :func:`setup` joins the process group (NCCL for CUDA, Gloo on the CPU) unless the caller
-already did, and :meth:`DistContext.close` leaves it again (only if it joined it).
+in the environment). Then :func:`setup` joins the process group (NCCL for CUDA, Gloo on the CPU)
+unless the caller already did, and :meth:`DistContext.close` leaves it again (only if it joined
+it). The model is replicated with DDP (``run.distributed = "ddp"``, the default) or sharded with
+FSDP2 (``"fsdp"``, :mod:`aigc_ext.training.fsdp`); :func:`gradient_sync` accumulates gradients
+without communication for either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from aigc_ext.training import fsdp
 from aigc_ext.training.config import ConfigError
 
-__all__ = ["DistContext", "check_backend_override", "env_world", "resolve_device", "setup"]
+__all__ = [
+    "DistContext",
+    "check_backend_override",
+    "env_world",
+    "gradient_sync",
+    "resolve_device",
+    "setup",
+]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -123,6 +136,26 @@ def setup(device: torch.device) -> DistContext:
         )
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return DistContext(world, rank, local, comm, owns)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient accumulation without communication: while ``enabled`` is False, backward
+    passes of an FSDP or DDP module leave their gradients local (FSDP:
+    ``set_requires_gradient_sync``, DDP: ``no_sync``); otherwise nothing changes."""
+    if enabled:
+        yield
+    elif fsdp.is_sharded(module):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    else:
+        yield
 
 
 def resolve_device(

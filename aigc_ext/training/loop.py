@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from aigc_ext import lifecycle
-from aigc_ext.training import build, distributed, outputs
+from aigc_ext.training import build, distributed, fsdp, outputs
 from aigc_ext.training import checkpoint as ckpt
 from aigc_ext.training.config import ConfigError, TrainConfig, read_config
 from aigc_ext.training.distributed import check_backend_override, resolve_device
@@ -120,6 +120,7 @@ class _Run:
         self.warned_nonfinite = False
         self.saved_level: int | None = None
         self.finetuner: object | None = None
+        self.sharded = False  # FSDP under torchrun, set once the model is built
         self.transfer: object | None = None
 
     # -- setup --
@@ -158,9 +159,10 @@ class _Run:
         return tuple(p.requires_grad for p in self.model.parameters())
 
     def _wrap(self) -> None:
-        """The module the loss is computed with: the model, or its DDP wrapper."""
+        """The module the loss is computed with: the model (sharded in place under FSDP), or
+        its DDP wrapper."""
         self.train_model: torch.nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -213,7 +215,17 @@ class _Run:
         self.objective = build.build_strategy(resolved.objective, info)
         self.augmentations = [build.build_strategy(a, info) for a in resolved.augmentations]
         self.prepare: Callable | None = getattr(self.objective, "prepare", None)
-        self.model.to(self.device)
+        self.sharded = dist.enabled and rc.distributed == "fsdp"
+        if self.sharded:  # before the optimiser is built: it holds the shards
+            fsdp.shard(
+                self.model,
+                self.device,
+                param_dtype=rc.fsdp_param_dtype,
+                reduce_dtype=rc.fsdp_reduce_dtype,
+                reshard_after_forward=rc.fsdp_reshard_after_forward,
+            )
+        else:
+            self.model.to(self.device)
 
         n_train = len(self.bundle.train)
         self.order = DataOrder(
@@ -311,6 +323,8 @@ class _Run:
                 self._evaluate_and_notify(state)
             if self.last_save != step:
                 self._save(state)
+        if self.sharded:  # the outputs are written from a plain copy on rank 0
+            self.model = fsdp.full_model(self.model, self._plain_model)
         if dist.is_main:
             self._write_final_model(step)
         dist.barrier()
@@ -372,12 +386,7 @@ class _Run:
             tokens += _token_count(batch)
             batch = _to_device(batch, self.device)
             last = micro == rc.grad_accum - 1
-            sync = (
-                self.train_model.no_sync()
-                if dist.enabled and not last
-                else contextlib.nullcontext()
-            )
-            with sync:
+            with distributed.gradient_sync(self.train_model, enabled=last or not dist.enabled):
                 with self._autocast():
                     loss = self.objective(self.train_model, batch)
                 if not torch.is_tensor(loss) or loss.ndim != 0:
@@ -408,6 +417,8 @@ class _Run:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.clip_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
@@ -469,13 +480,18 @@ class _Run:
             list(range(dist.rank, n, dist.world_size)) if n >= dist.world_size else list(range(n))
         )
         size = rc.eval_batch_size or rc.batch_size
+        starts: list[int | None] = list(range(0, len(shard), size))
+        if self.sharded and n >= dist.world_size:  # FSDP: as many forward passes everywhere
+            starts += [None] * (math.ceil(math.ceil(n / dist.world_size) / size) - len(starts))
         sums: dict[str, list[float]] = {}
         eval_fn = getattr(self.objective, "eval_metrics", None)
         cuda = [self.device.index] if self.device.type == "cuda" else []
         self.model.eval()
         try:
             with torch.random.fork_rng(devices=cuda), torch.no_grad():
-                for b, start in enumerate(range(0, len(shard), size)):
+                for b, start in enumerate(starts):
+                    padding = start is None  # a pass whose result is not counted
+                    start = 0 if start is None else start
                     batch = self._micro_batch(shard[start : start + size], dataset)
                     if self.prepare is not None:
                         batch = self.prepare(
@@ -490,6 +506,8 @@ class _Run:
                             result = {
                                 "loss": (float(self.objective(self.model, batch)) * count, count)
                             }
+                    if padding:
+                        continue
                     for name, (total, number) in result.items():
                         acc = sums.setdefault(name, [0.0, 0.0])
                         acc[0] += float(total)
@@ -529,12 +547,15 @@ class _Run:
         self.dist.barrier()
         rng = ckpt.rng_tensors(self.dist, self.device)
         path = self.ckpt_root / ckpt.checkpoint_name(state.step)
+        weights, optimiser = self.model, self.optimizer
+        if self.sharded:  # every process takes part in gathering the full state to rank 0
+            weights, optimiser = fsdp.full_states(self.model, self.optimizer)
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 state.step,
-                model=self.model,
-                optimizer=self.optimizer,
+                model=weights,
+                optimizer=optimiser,
                 trainer_state=ckpt.trainer_state(
                     step=state.step,
                     steps_per_epoch=self.order.steps_per_epoch,
@@ -550,12 +571,19 @@ class _Run:
             )
             logger.info("saved checkpoint %s", path)
             if self.rc.save_hf == "checkpoints":
-                outputs.write_checkpoint_hf(path, self.model, self.bundle.info, self.rc.merge_lora)
+                exported = (
+                    fsdp.plain_model(weights, self._plain_model) if self.sharded else self.model
+                )
+                outputs.write_checkpoint_hf(path, exported, self.bundle.info, self.rc.merge_lora)
         self.dist.barrier()
         self.last_save = state.step
         self.last_checkpoint = path
         state.should_save = False
         lifecycle.notify("save", state, path=path)
+
+    def _plain_model(self) -> torch.nn.Module:
+        """A new model of this run's architecture (for a sharded run's outputs)."""
+        return build.build_plain_model(self.resolved, self.bundle.info)
 
     def _write_final_model(self, step: int) -> None:
         outputs.write_final_model(
