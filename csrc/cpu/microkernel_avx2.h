@@ -187,8 +187,7 @@ inline void kernel_16(int64_t K, const float* a, int64_t ld, const float* b, flo
 #undef AIGC_MK_STORE
 }
 
-// Rows [0, kRows) of C against every panel: the rows' A stays in L1 while the panels stream
-// through.
+// Rows [0, kRows) of C against the panels of columns [0, N).
 template <int kRows, bool kTransA>
 inline void row_block(int64_t N, int64_t K, const float* a, int64_t ld, const float* b,
                       int64_t panel_stride, float* c, int64_t ldc, bool add) {
@@ -215,21 +214,42 @@ inline void rows_dispatch(int rows, int64_t N, int64_t K, const float* a, int64_
   }
 }
 
+// The row blocks of C: whole blocks of six rows, and a tail of 7 or 8 rows as two blocks of 3-4
+// rows; fn(i, rows) for each.
+template <typename Fn>
+inline void for_row_blocks(int64_t M, const Fn& fn) {
+  const int64_t tail = M % kMR;
+  const int64_t full = M - tail - ((tail == 1 || tail == 2) && M > kMR ? kMR : 0);
+  int64_t i = 0;
+  for (; i < full; i += kMR) fn(i, kMR);
+  while (i < M) {
+    const int rows = static_cast<int>(M - i > kMR ? 4 : M - i);
+    fn(i, rows);
+    i += rows;
+  }
+}
+
+// A panel up to this size (K <= 256) stays in L1 while every row block passes over it; a
+// longer one streams instead, past each row block's A.
+constexpr int64_t kPanelInL1Bytes = 16 * 1024;
+
 template <bool kTransA>
 inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t ld, const float* b,
                       int64_t panel_stride, float* c, int64_t ldc, bool add) {
   const int64_t rs = kTransA ? 1 : ld;
-  // Whole blocks of six rows, keeping a tail of 7 or 8 rows for two blocks of 3-4 rows.
-  const int64_t tail = M % kMR;
-  const int64_t full = M - tail - ((tail == 1 || tail == 2) && M > kMR ? kMR : 0);
-  int64_t i = 0;
-  for (; i < full; i += kMR)
-    rows_dispatch<kTransA>(kMR, N, K, a + i * rs, ld, b, panel_stride, c + i * ldc, ldc, add);
-  while (i < M) {
-    const int rows = static_cast<int>(M - i > kMR ? 4 : M - i);
-    rows_dispatch<kTransA>(rows, N, K, a + i * rs, ld, b, panel_stride, c + i * ldc, ldc, add);
-    i += rows;
+  if (K * kNR * static_cast<int64_t>(sizeof(float)) <= kPanelInL1Bytes) {
+    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+      const float* bp = b + (n0 / kNR) * panel_stride;
+      for_row_blocks(M, [&](int64_t i, int rows) {
+        rows_dispatch<kTransA>(rows, kNR, K, a + i * rs, ld, bp, panel_stride, c + i * ldc + n0,
+                               ldc, add);
+      });
+    }
+    return;
   }
+  for_row_blocks(M, [&](int64_t i, int rows) {
+    rows_dispatch<kTransA>(rows, N, K, a + i * rs, ld, b, panel_stride, c + i * ldc, ldc, add);
+  });
 }
 
 // C[M x N] (+)= A[M x K] * B for B packed by pack_panels with panel_stride = 16 * (its K): the

@@ -179,23 +179,23 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
 
 #if defined(CPU_CAPABILITY_AVX2)
 // 2^x for 8 floats: x = n + f with |f| <= 1/2, 2^f by the degree-5 minimax polynomial of
-// exp2_avx512 (relative error 2.3e-7), 2^n built in the exponent field (integer add and shift:
-// AVX2 has no vscalefps). Inputs below -127 give 0 (-inf included); NaN propagates (the min/max
-// below return their second operand for NaN); inputs from 128 on give +inf (the forward's
-// caller redoes such rows against a larger maximum).
+// exp2_avx512 (relative error 2.3e-7), 2^n built in the exponent field. One addition rounds x
+// to n and biases it at once: t = x + (1.5 * 2^23 + 127) holds n + 127 in its low mantissa
+// bits, which a shift moves into the exponent field (AVX2 has no vscalefps). Inputs below -127
+// give 0 (-inf included); NaN propagates (vmaxps returns its second operand for NaN). Inputs
+// must stay below 128: the forward's callers redo any row whose exponents reach kLazyMax.
 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12583039.f);  // 1.5 * 2^23 + 127
   x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-  x = _mm256_min_ps(_mm256_set1_ps(128.f), x);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
+  const __m256 t = _mm256_add_ps(x, magic);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
   __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.0013276462f), f, _mm256_set1_ps(0.00967554003f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0555071346f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240221202f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693146944f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.00000012f));
-  // 2^n for n in [-127, 128]: biased exponent n + 127 in [0, 255], i.e. 0 (flushed) to +inf.
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  // 2^n: the biased exponent n + 127, in [0, 254] for n in [-127, 127], 0 flushing to zero.
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
