@@ -26,6 +26,18 @@ fused kernel does not implement, tanh soft-capping of the scores (``softcap``, G
 attention sinks (``s_aux``), run on a pure-PyTorch path with a one-time warning naming the
 feature.
 
+Calls with FlashAttention-only features go to the fused ``flash_forward`` operator
+(:func:`aigc_ext.flash.ops.flash_attention`) instead: tanh soft-capping of the scores
+(``softcap``, Gemma 2/3), attention sinks (``s_aux``, gpt-oss), sliding windows
+(``sliding_window``: blocks outside the window are skipped where the alignment is known, that
+is when the queries are the keys), with the padding mask passed along; and **padding-free
+training**, a batch of one packed row described by ``cu_seq_lens_q``/``cu_seq_lens_k`` (as
+``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` produces them) or by
+``position_ids`` that restart at 0 for each sequence, through the variable-length kernel. Only
+where no fused backend can serve such a call (a CUDA call with a padding mask, which the Triton
+flash kernels do not take) does it run on a pure-PyTorch path, with a one-time warning naming
+the feature.
+
 This module imports transformers only inside :func:`register` (and the hook it installs).
 """
 
@@ -148,6 +160,29 @@ def attention_forward(
     dropout_p = float(dropout) if getattr(module, "training", True) else 0.0
     enable_gqa = query.shape[1] != key.shape[1]
 
+    packed = _packed_sequences(query, key, attention_mask, kwargs)
+    sliding_window = kwargs.get("sliding_window")
+    wants_flash = (
+        packed is not None
+        or softcap is not None
+        or s_aux is not None
+        or (sliding_window is not None and query.shape[2] == key.shape[2] > sliding_window)
+    )
+    if wants_flash and position_bias is None and _flash_serves(query, mask, packed):
+        return _flash_forward(
+            query,
+            key,
+            value,
+            mask,
+            is_causal=bool(getattr(module, "is_causal", True)) if packed else is_causal,
+            scale=scaling,
+            dropout_p=dropout_p,
+            softcap=softcap,
+            sinks=s_aux,
+            sliding_window=sliding_window if query.shape[2] == key.shape[2] else None,
+            packed=packed,
+        ), None
+
     unsupported = []
     if softcap is not None:
         unsupported.append("tanh soft-capping of attention scores (softcap)")
@@ -170,6 +205,95 @@ def attention_forward(
             enable_gqa=enable_gqa,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_sequences(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict
+) -> tuple[torch.Tensor, int] | None:
+    """``(cu_seqlens int32, longest)`` when the call is a padding-free packed batch, else None.
+
+    A packed batch is one row (batch size 1) holding several sequences, each attending only to
+    itself: given by ``cu_seq_lens_q``/``cu_seq_lens_k`` (equal, since queries are keys in
+    training), or by ``position_ids`` that restart (a step other than +1 starts a sequence, the
+    rule transformers' masks use). A KV cache (keys beyond the queries) is never packed.
+    """
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and not torch.equal(cu_k, cu):
+            return None  # queries and keys packed differently: not a training batch
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        longest = kwargs.get("max_length_q")
+        if longest is None:
+            longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        return cu, int(longest)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, query.shape[2]):
+        return None
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return None
+    pos = position_ids[0]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = (pos[1:] - pos[:-1]) != 1
+    idx = torch.nonzero(starts).flatten()
+    if idx.numel() < 2:
+        return None  # one sequence: the ordinary causal path serves it
+    bounds = torch.cat([idx, idx.new_tensor([pos.numel()])])
+    return bounds.to(device=query.device, dtype=torch.int32), int((bounds[1:] - bounds[:-1]).max())
+
+
+def _flash_serves(
+    query: torch.Tensor, mask: torch.Tensor | None, packed: tuple[torch.Tensor, int] | None
+) -> bool:
+    """Whether a fused flash operator takes this call (the C++ one takes masks; Triton not)."""
+    if current_backend_override() == REFERENCE:
+        return False
+    if query.device.type == "cpu":
+        return packed is None or mask is None or mask.dtype == torch.bool
+    return mask is None or packed is not None
+
+
+def _flash_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    is_causal: bool,
+    scale: float | None,
+    dropout_p: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    sliding_window: int | None,
+    packed: tuple[torch.Tensor, int] | None,
+) -> torch.Tensor:
+    """The call on the flash operator; returns ``(B, L, H, Dv)`` as transformers expects.
+
+    ``(B, H, L, D)`` tensors are viewed as the operator's ``(B, L, H, D)`` (no copy). Causality
+    is the operator's bottom-right alignment, equal to transformers' here: either the queries
+    are the keys, or a single query (no mask, so ``is_causal`` is already False) or a mask
+    carries the causality. A sliding window of ``W`` keys is ``window_left = W - 1``.
+    """
+    from aigc_ext.flash.ops import flash_attention
+
+    window_left = sliding_window - 1 if sliding_window is not None else -1
+    common = dict(
+        scale=scale,
+        window_left=window_left,
+        softcap=float(softcap) if softcap is not None else 0.0,
+        dropout_p=dropout_p,
+        sinks=sinks.float() if sinks is not None else None,
+    )
+    if packed is not None:
+        cu, longest = packed
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+        out, _ = flash_attention(q, k, v, cu, cu, longest, longest, causal=is_causal, **common)
+        return out.unsqueeze(0)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    out, _ = flash_attention(q, k, v, causal=is_causal, attn_mask=mask, **common)
+    return out
 
 
 def _check_mask_function(module: torch.nn.Module) -> None:

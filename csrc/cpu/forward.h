@@ -38,6 +38,7 @@ constexpr int64_t kFwdBlockKV = 512;
 // through the cache dominate the rest, so 128 x 128 tiles (64 KiB of scores) measured best.
 constexpr int64_t kFwdBlockKVF32 = 128;
 constexpr int64_t kFwdMaxChunkRows = 4096;
+constexpr int64_t kFwdBlockKVWindow = 128;
 constexpr float kLazyMax = 8.f;
 
 template <typename T>
@@ -70,10 +71,14 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   const int64_t BQ =
       round_up(env_int("AIGC_EXT_CPU_BLOCK_Q", amx ? kFwdBlockQAmx : kFwdBlockQ), amx ? 16 : 1);
   // Key blocks are multiples of 32 so that padded probability rows (to k_align) stay in a row.
-  const int64_t BK =
+  const int64_t BK_full =
       round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", f32_brgemm ? kFwdBlockKVF32 : kFwdBlockKV),
                         round_up(S, kPackN)),
                32);
+  // With a window the block edges are waste: smaller key blocks keep it to a fraction of the
+  // window. (BK is a multiple of 32.)
+  const int64_t BK =
+      p.flash.window_left >= 0 ? std::min<int64_t>(BK_full, kFwdBlockKVWindow) : BK_full;
   const int64_t ev_pad = round_up(Ev, kPackN);
   const int64_t k_align = amx ? 32 : brgemm ? 2 : 1;
   const int64_t e_even = round_up(E, k_align);
@@ -148,28 +153,32 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
           }
           // Keys at or beyond the last row's bound are hidden from the whole block.
           const int64_t bn_q = std::min(bn, sq.hi(q1 - 1) - n0);
-          const int64_t bn_q_even = round_up(bn_q, k_align);
-          gemm.run(bq, qa, lda, pk, sbuf, lds, /*add=*/false, bn_q);
+          // With a window, the keys before the first row's window are hidden from the whole
+          // block too: the products start at column c0 (a multiple of 32, as Gemm::run needs).
+          const int64_t c0 = (std::clamp<int64_t>(sq.lo(q0) - n0, 0, bn_q) / 32) * 32;
+          const int64_t base = n0 + c0, width = bn_q - c0;  // the block's keys from here on
+          const int64_t width_even = round_up(bn_q, k_align) - c0;
+          gemm.run(bq, qa, lda, pk, sbuf, lds, /*add=*/false, bn_q, -1, c0);
           // Probability rows past bq are read by the AMX tiles: keep them zero.
           if (bq_pad != bq) std::fill(pbuf + bq * ldp, pbuf + bq_pad * ldp, T(0));
 
           for (int64_t r = 0; r < bq; ++r) {
             const int64_t i = q0 + r, ri = i - r0;
-            A* s = sbuf + r * lds;
-            // Keys [lo, valid) of the block take part for this row.
-            const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, bn_q);
-            const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, bn_q);
+            A* s = sbuf + r * lds + c0;
+            // Keys base + [lo, valid) take part for this row.
+            const int64_t lo = std::clamp<int64_t>(sq.lo(i) - base, 0, width);
+            const int64_t valid = std::clamp<int64_t>(sq.hi(i) - base, lo, width);
             A eff_scale = scale;
             if (mods) {
-              score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0, nullptr);
+              score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, base, nullptr);
               if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
                 apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
-                                     mask_ptr(p, mesize, b, h, i, n0 + lo));
+                                     mask_ptr(p, mesize, b, h, i, base + lo));
               eff_scale = 1;
             } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
               apply_mask_row<T, A>(
                   s, valid, scale, p,
-                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, base));
               eff_scale = 1;
             }
             std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
@@ -179,7 +188,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
               // own maximum in the same pass; only when it exceeds m by more than kLazyMax
               // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
               // redone against the new maximum and the accumulator rescaled.
-              T* pr = pbuf + r * ldp;
+              T* pr = pbuf + r * ldp + c0;
               A sum = 0;
               bool visible = valid > lo;
               if (visible && m[ri] == neg_inf<A>()) {
@@ -215,18 +224,18 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                   online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
                   convert_row(s, pr, valid);
                 }
-                if (f.dropout_p > 0) drop.apply(pr, lo, valid, b * Hq + h, i, n0);
-                std::fill(pr + valid, pr + bn_q_even, T(0));
+                if (f.dropout_p > 0) drop.apply(pr, lo, valid, b * Hq + h, i, base);
+                std::fill(pr + valid, pr + width_even, T(0));
               } else {
-                std::fill(pr, pr + bn_q_even, T(0));  // nothing visible: P = 0, state unchanged
+                std::fill(pr, pr + width_even, T(0));  // nothing visible: P = 0, state unchanged
               }
             } else {
               if (valid > lo &&
                   online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev)) {
-                if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, n0);
-                std::fill(s + valid, s + bn_q_even, A(0));
+                if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, base);
+                std::fill(s + valid, s + width_even, A(0));
               } else {
-                std::fill(s, s + bn_q_even, A(0));  // nothing visible: P = 0, state unchanged
+                std::fill(s, s + width_even, A(0));  // nothing visible: P = 0, state unchanged
               }
             }
           }
@@ -240,8 +249,8 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             ldpa = ldp;
           }
           char& first = started[(q0 - r0) / BQ];
-          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/first != 0, -1,
-                   bn_q);
+          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/first != 0, -1, bn_q,
+                   0, c0);
           first = 1;
         }
       }

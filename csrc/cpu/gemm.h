@@ -343,10 +343,20 @@ class Gemm {
   // it must have round_up(K, 2) readable columns, the extra one zero.
   //
   // n_use / k_use (when >= 0) restrict the product to the first columns / rows of B, e.g. the
-  // keys a causal query block can see.
+  // keys a causal query block can see; n_off / k_off (multiples of 32) skip the first columns /
+  // rows of B (and the matching columns of C / A), e.g. the keys before a window: only C's
+  // columns [n_off, n_use) are written.
   void run(int64_t M, const T* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
-           bool add, int64_t n_use = -1, int64_t k_use = -1) {
-    const int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
+           bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0, int64_t k_off = 0) {
+    int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
+    if (n_off > 0 || k_off > 0) {
+      n_off = std::min(n_off, N);
+      k_off = std::min(k_off, K);
+      N -= n_off;
+      K -= k_off;
+      a += k_off;
+      c += n_off;
+    }
     if (M == 0 || N == 0) return;
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (!std::is_same_v<T, double>) {
@@ -357,17 +367,19 @@ class Gemm {
       if constexpr (std::is_same_v<T, float>) {
         if (path_ == Path::kBrgemmF32 && K > 0) {
           used_brgemm_ = true;
-          at::native::cpublas::brgemm(M, N, K, lda, pb.ld, ldc, add, a, pb.src, c, false);
+          const T* b = pb.src + k_off * pb.ld + n_off;  // row-major K x N
+          at::native::cpublas::brgemm(M, N, K, lda, pb.ld, ldc, add, a, b, c, false);
           return;
         }
       }
-      blas_gemm<acc_t>(false, pb.trans, M, N, K, a, lda, pb.src, pb.ld, add ? 1 : 0, c, ldc);
+      const T* b = pb.trans ? pb.src + n_off * pb.ld + k_off : pb.src + k_off * pb.ld + n_off;
+      blas_gemm<acc_t>(false, pb.trans, M, N, K, a, lda, b, pb.ld, add ? 1 : 0, c, ldc);
     } else {
       if (path_ == Path::kConvert) {
         a32_.resize(std::max<int64_t>(M * K, 1));
         for (int64_t i = 0; i < M; ++i) convert_row(a + i * lda, a32_.data() + i * K, K);
-        blas_gemm<float>(false, false, M, N, K, a32_.data(), K, pb.f32.data(), pb.N,
-                         add ? 1.f : 0.f, c, ldc);
+        blas_gemm<float>(false, false, M, N, K, a32_.data(), K,
+                         pb.f32.data() + k_off * pb.N + n_off, pb.N, add ? 1.f : 0.f, c, ldc);
         return;
       }
       if (K == 0) {
@@ -384,15 +396,18 @@ class Gemm {
             amx_configure();
             amx_configured_ = true;
           }
-          amx_gemm(round_up(M, 16), std::min(round_up(N, 16), pb.n_pad), ceil_div(K, 32), a, lda,
-                   pb.vnni.data(), pb.k_even * 16, c, ldc, add);
+          // Panels of 16 columns, k pairs 32 elements apart within one.
+          amx_gemm(round_up(M, 16), std::min(round_up(N, 16), pb.n_pad - n_off), ceil_div(K, 32), a,
+                   lda, pb.vnni.data() + (n_off / 16) * pb.k_even * 16 + k_off * 16, pb.k_even * 16,
+                   c, ldc, add);
           return;
         }
       }
 #endif
       used_brgemm_ = true;
-      at::native::cpublas::brgemm(M, std::min(round_up(N, 16), pb.n_pad), round_up(K, 2), lda,
-                                  pb.n_pad, ldc, add, a, pb.vnni.data(), c);
+      at::native::cpublas::brgemm(M, std::min(round_up(N, 16), pb.n_pad - n_off), round_up(K, 2),
+                                  lda, pb.n_pad, ldc, add, a,
+                                  pb.vnni.data() + k_off * pb.n_pad + 2 * n_off, c);
     }
   }
 
