@@ -360,7 +360,12 @@ class Gemm {
     if (M == 0 || N == 0) return;
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (!std::is_same_v<T, double>) {
-      if (path_ == Path::kMicro) return micro_run(M, false, a, lda, K, pb, N, c, ldc, add);
+      if (path_ == Path::kMicro) {
+        // Panels of 16 columns, K rows of 16 floats each (n_off is a multiple of 32).
+        const float* b = pb.f32.data() + (n_off / avx2_micro::kNR) * pb.K * avx2_micro::kNR +
+                         k_off * avx2_micro::kNR;
+        return micro_run(M, false, a, lda, K, b, pb.K, N, c, ldc, add);
+      }
     }
 #endif
     if constexpr (!kReduced<T>) {
@@ -411,6 +416,28 @@ class Gemm {
     }
   }
 
+  // run() for a bf16/fp16 GEMM whose A is already fp32, on the micro-kernel path (micro()):
+  // the forward's probabilities.
+  void run_f32(int64_t M, const float* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
+               bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0,
+               int64_t k_off = 0) {
+    TORCH_CHECK(micro(), "aigc_ext: internal error: Gemm::run_f32 off the micro-kernel path");
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
+      n_off = std::min(n_off, N);
+      k_off = std::min(k_off, K);
+      N -= n_off;
+      K -= k_off;
+      if (M == 0 || N == 0) return;
+      const float* b = pb.f32.data() + (n_off / avx2_micro::kNR) * pb.K * avx2_micro::kNR +
+                       k_off * avx2_micro::kNR;
+      avx2_micro::gemm(M, N, K, false, a + k_off, lda, b, pb.K * avx2_micro::kNR, c + n_off, ldc,
+                       add);
+    }
+#endif
+  }
+
   // C[M x N] (+)= op(A) op(B) for operands used once. Not on the kAmx path.
   void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
           int64_t ldb, acc_t* c, int64_t ldc, bool add) {
@@ -420,7 +447,7 @@ class Gemm {
       if (path_ == Path::kMicro) {
         if (M == 0 || N == 0) return;
         pack(scratch_, tb, K, N, b, ldb);
-        return micro_run(M, ta, a, lda, K, scratch_, N, c, ldc, add);
+        return micro_run(M, ta, a, lda, K, scratch_.f32.data(), K, N, c, ldc, add);
       }
     }
 #endif
@@ -460,10 +487,11 @@ class Gemm {
 
  private:
 #if defined(CPU_CAPABILITY_AVX2)
-  // C[M x N] (+)= op(A)[M x K] * B on the micro-kernels, B packed by pack() (its first K rows).
-  // A bf16/fp16 operand is widened into one fp32 copy first, in its own layout.
-  void micro_run(int64_t M, bool ta, const T* a, int64_t lda, int64_t K, const PackedB<T>& pb,
-                 int64_t N, acc_t* c, int64_t ldc, bool add) {
+  // C[M x N] (+)= op(A)[M x K] * B on the micro-kernels: b points into panels packed by pack()
+  // for a B of panel_k rows, at its first row and column used. A bf16/fp16 operand is widened
+  // into one fp32 copy first, in its own layout.
+  void micro_run(int64_t M, bool ta, const T* a, int64_t lda, int64_t K, const float* b,
+                 int64_t panel_k, int64_t N, acc_t* c, int64_t ldc, bool add) {
     const float* af;
     int64_t ldf;
     if constexpr (std::is_same_v<T, float>) {
@@ -478,7 +506,7 @@ class Gemm {
       af = a32_.data();
       ldf = cols;
     }
-    avx2_micro::gemm(M, N, K, ta, af, ldf, pb.f32.data(), pb.K * avx2_micro::kNR, c, ldc, add);
+    avx2_micro::gemm(M, N, K, ta, af, ldf, b, panel_k * avx2_micro::kNR, c, ldc, add);
   }
 #endif
 
