@@ -23,6 +23,10 @@ import pytest
 import torch
 from sdpa_testing import check_sdpa, cpu_isa_supported, cpu_kernel, make_qkv, randn
 
+from aigc_ext.flash import ops as flash_ops
+from aigc_ext.flash.reference import flash_reference
+from aigc_ext.testing import check_error_rule
+
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 pytestmark = pytest.mark.skipif(
@@ -90,6 +94,34 @@ def test_masked_and_scaled(avx2, dtype):
     q, k, v = make_qkv(1, 2, 2, 61, 77, 48, dtype=dtype, seed=31)
     mask = torch.randn(61, 77).masked_fill(torch.rand(61, 77) < 0.3, float("-inf")).to(dtype)
     check_sdpa(avx2, q, k, v, attn_mask=mask, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=_ids)
+@pytest.mark.parametrize("window", [(40, 0), (70, 25)], ids=lambda w: f"{w[0]}_{w[1]}")
+def test_sliding_window_offsets(avx2, dtype, window):
+    """Windows start the products past a block's first keys (column and row offsets of 32,
+    64, 96 into the packed panels); softcap on top. Checked like the flash contract: against
+    the float64 flash reference, the same reference in the dtype as the yardstick."""
+    q, k, v = (randn((1, n, 2, 56), F32, seed=41 + j) for j, n in enumerate((300, 300, 300)))
+    kw = {"window_left": window[0], "window_right": window[1], "softcap": 20.0, "scale": 0.2}
+    leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out, lse = flash_ops.flash_attention(*leaves, backend=avx2, **kw)
+    rounded = [t.detach() for t in leaves]
+    ref_in = [t.double().requires_grad_(True) for t in rounded]
+    base_in = [t.clone().requires_grad_(True) for t in rounded]
+    ref_out, ref_lse = flash_reference(*ref_in, **kw)
+    base_out, base_lse = flash_reference(*base_in, **kw)
+    result = check_error_rule(lse, ref_lse.detach(), base_lse.detach())
+    assert result.ok, result.describe("lse")
+    grad_out = randn(tuple(out.shape), F32, seed=49)
+    ours = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    ref = torch.autograd.grad(ref_out, ref_in, grad_out.double())
+    base = torch.autograd.grad(base_out, base_in, grad_out.to(dtype))
+    for name, o, r, b in zip(
+        ("out", "dq", "dk", "dv"), (out, *ours), (ref_out, *ref), (base_out, *base), strict=True
+    ):
+        result = check_error_rule(o.detach(), r.detach(), b.detach())
+        assert result.ok, result.describe(name)
 
 
 _SUBPROCESS = textwrap.dedent(
