@@ -34,8 +34,9 @@ constexpr int64_t kFwdBlockQ = 128;
 // 64 rows (a 64 x 512 fp32 score tile) measured best here.
 constexpr int64_t kFwdBlockQAmx = 64;
 constexpr int64_t kFwdBlockKV = 512;
-// fp32 through the JIT brgemm: the GEMMs run near the FMA peak and the score tile's trips
-// through the cache dominate the rest, so 128 x 128 tiles (64 KiB of scores) measured best.
+// fp32 through the JIT brgemm, or the AVX2 micro-kernels: the GEMMs run near the FMA peak and
+// the score tile's trips through the cache dominate the rest, so 128 x 128 tiles (64 KiB of
+// scores; with 128 keys of K and V packed in fp32, 192 KiB in all for E = 128) measured best.
 constexpr int64_t kFwdBlockKVF32 = 128;
 constexpr int64_t kFwdMaxChunkRows = 4096;
 constexpr int64_t kFwdBlockKVWindow = 128;
@@ -67,14 +68,18 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
 #if AIGC_EXT_AMX
   amx = std::is_same_v<T, c10::BFloat16> && opt.use_amx && cpu_has_amx_bf16();
 #endif
+  // The AVX2 build's own micro-kernels (gemm.h): they take fp32 probabilities for bf16/fp16
+  // too, which saves rounding P to T and widening it back.
+  const bool micro = !std::is_same_v<T, double> && !brgemm && !amx && use_microkernel();
+  const bool p32 = kReduced<T> && micro;
   // The AMX path computes whole 16-row tiles: blocks of query rows are multiples of 16.
   const int64_t BQ =
       round_up(env_int("AIGC_EXT_CPU_BLOCK_Q", amx ? kFwdBlockQAmx : kFwdBlockQ), amx ? 16 : 1);
   // Key blocks are multiples of 32 so that padded probability rows (to k_align) stay in a row.
-  const int64_t BK_full =
-      round_up(std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", f32_brgemm ? kFwdBlockKVF32 : kFwdBlockKV),
-                        round_up(S, kPackN)),
-               32);
+  const int64_t BK_full = round_up(
+      std::min(env_int("AIGC_EXT_CPU_BLOCK_KV", f32_brgemm || micro ? kFwdBlockKVF32 : kFwdBlockKV),
+               round_up(S, kPackN)),
+      32);
   // With a window the block edges are waste: smaller key blocks keep it to a fraction of the
   // window. (BK is a multiple of 32.)
   const int64_t BK =
@@ -112,6 +117,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
     A* m = thread_buffer<A, 2>(chunk_rows);
     A* l = thread_buffer<A, 3>(chunk_rows);
     T* pbuf = thread_buffer<T, 4>(BQ * ldp);
+    float* pbuf32 = thread_buffer<float, 7>(p32 ? BQ * ldp : 0);
     T* qpad = thread_buffer<T, 5>(e_even != E || amx ? BQ * e_even : 0);
     char* started = thread_buffer<char, 6>(blocks_per_chunk);
     for (int64_t t = next++; t < ntasks; t = next++) {
@@ -188,46 +194,54 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
               // own maximum in the same pass; only when it exceeds m by more than kLazyMax
               // (probabilities up to e^kLazyMax are harmless in fp32/bf16/fp16) is the row
               // redone against the new maximum and the accumulator rescaled.
-              T* pr = pbuf + r * ldp + c0;
-              A sum = 0;
-              bool visible = valid > lo;
-              if (visible && m[ri] == neg_inf<A>()) {
-                const A bmax = row_max(s, valid) * eff_scale;
-                visible = bmax != neg_inf<A>();
-                if (visible) m[ri] = bmax;
-              }
-              if (visible) {
-                // A NaN m (NaN among the first visible scores) makes every exponential, hence l
-                // and the row's output, NaN; NaN scores in later blocks make their sum NaN.
-                // Huge maxima (|m| > kExactShift) take the non-lazy update instead, which
-                // subtracts them exactly; +inf scores end there too, as an infinite maximum
-                // whose inf - inf makes the row NaN, as in torch's softmax.
-                bool lazy = !(std::abs(m[ri]) > kExactShift<A>);
-                if (lazy) {
-                  float xmax;
-                  sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
-                  if (xmax > kLazyMax) {
-                    const A m_new = m[ri] + xmax;
-                    lazy = !(std::abs(m_new) > kExactShift<A>);
-                    if (lazy) {
-                      const A alpha = std::exp(m[ri] - m_new);
-                      sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
-                      row_scale(acc_row, Ev, alpha);
-                      l[ri] *= alpha;
-                      m[ri] = m_new;
+              // P in T, or in fp32 for the micro-kernels (p32).
+              const auto probs = [&](auto* pr) {
+                using P = std::remove_pointer_t<decltype(pr)>;
+                A sum = 0;
+                bool visible = valid > lo;
+                if (visible && m[ri] == neg_inf<A>()) {
+                  const A bmax = row_max(s, valid) * eff_scale;
+                  visible = bmax != neg_inf<A>();
+                  if (visible) m[ri] = bmax;
+                }
+                if (visible) {
+                  // A NaN m (NaN among the first visible scores) makes every exponential, hence l
+                  // and the row's output, NaN; NaN scores in later blocks make their sum NaN.
+                  // Huge maxima (|m| > kExactShift) take the non-lazy update instead, which
+                  // subtracts them exactly; +inf scores end there too, as an infinite maximum
+                  // whose inf - inf makes the row NaN, as in torch's softmax.
+                  bool lazy = !(std::abs(m[ri]) > kExactShift<A>);
+                  if (lazy) {
+                    float xmax;
+                    sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
+                    if (xmax > kLazyMax) {
+                      const A m_new = m[ri] + xmax;
+                      lazy = !(std::abs(m_new) > kExactShift<A>);
+                      if (lazy) {
+                        const A alpha = std::exp(m[ri] - m_new);
+                        sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
+                        row_scale(acc_row, Ev, alpha);
+                        l[ri] *= alpha;
+                        m[ri] = m_new;
+                      }
                     }
                   }
-                }
-                if (lazy) {
-                  l[ri] += sum;
+                  if (lazy) {
+                    l[ri] += sum;
+                  } else {
+                    online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
+                    convert_row(s, pr, valid);
+                  }
+                  if (f.dropout_p > 0) drop.apply(pr, lo, valid, b * Hq + h, i, base);
+                  std::fill(pr + valid, pr + width_even, P(0));
                 } else {
-                  online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
-                  convert_row(s, pr, valid);
+                  std::fill(pr, pr + width_even, P(0));  // nothing visible: P = 0, state unchanged
                 }
-                if (f.dropout_p > 0) drop.apply(pr, lo, valid, b * Hq + h, i, base);
-                std::fill(pr + valid, pr + width_even, T(0));
+              };
+              if (p32) {
+                probs(pbuf32 + r * ldp + c0);
               } else {
-                std::fill(pr, pr + width_even, T(0));  // nothing visible: P = 0, state unchanged
+                probs(pbuf + r * ldp + c0);
               }
             } else {
               if (valid > lo &&
@@ -249,8 +263,13 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             ldpa = ldp;
           }
           char& first = started[(q0 - r0) / BQ];
-          gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/first != 0, -1, bn_q,
-                   0, c0);
+          if (p32) {
+            gemm.run_f32(bq, pbuf32, ldp, pv, acc + (q0 - r0) * ev_pad, ev_pad, first != 0, -1,
+                         bn_q, 0, c0);
+          } else {
+            gemm.run(bq, pa, ldpa, pv, acc + (q0 - r0) * ev_pad, ev_pad, /*add=*/first != 0, -1,
+                     bn_q, 0, c0);
+          }
           first = 1;
         }
       }

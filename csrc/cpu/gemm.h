@@ -16,6 +16,9 @@
 
 #include "cpu/amx.h"
 #include "cpu/kernel_utils.h"
+#if defined(CPU_CAPABILITY_AVX2)
+#include "cpu/microkernel_avx2.h"
+#endif
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -37,6 +40,22 @@ inline bool use_f32_brgemm() {
 #if defined(CPU_CAPABILITY_AVX512)
   static const bool on = [] {
     const char* v = std::getenv("AIGC_EXT_CPU_F32_BRGEMM");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// fp32 GEMMs, and bf16/fp16 ones where brgemm is unavailable, through this build's own
+// register-blocked micro-kernels (microkernel_avx2.h) rather than BLAS: B packed once per block
+// into panels and no per-call packing of A. Only in the AVX2 build;
+// AIGC_EXT_CPU_MICROKERNEL=0 opts out (to BLAS, or fp32 BLAS on converted tiles).
+inline bool use_microkernel() {
+#if defined(CPU_CAPABILITY_AVX2)
+  static const bool on = [] {
+    const char* v = std::getenv("AIGC_EXT_CPU_MICROKERNEL");
     return v == nullptr || std::string(v) != "0";
   }();
   return on;
@@ -149,7 +168,8 @@ struct PackedB {
   // brgemm path: VNNI layout, K padded to even and N to a multiple of 16.
   AlignedVector<T> vnni;
   int64_t k_even = 0, n_pad = 0;
-  // fallback path for bf16/fp16 without brgemm: fp32 copy, row-major K x N.
+  // fallback path for bf16/fp16 without brgemm: fp32 copy, row-major K x N; micro-kernel path:
+  // fp32 panels of 16 columns (microkernel_avx2.h).
   AlignedVector<float> f32;
 };
 
@@ -161,8 +181,9 @@ class Gemm {
   using acc_t = acc_type<T>;
   // kBlas: fp32/fp64 BLAS (MKL); kBrgemmF32: fp32 through oneDNN's brgemm (JIT AVX-512);
   // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS;
-  // kAmx: bf16 through this file's AMX micro-kernel (run() only, padded operands).
-  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx };
+  // kAmx: bf16 through this file's AMX micro-kernel (run() only, padded operands); kMicro:
+  // fp32 (bf16/fp16 widened) through the AVX2 build's micro-kernels.
+  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx, kMicro };
 
   explicit Gemm(bool use_brgemm = false, bool f32_brgemm = false) {
     configure(use_brgemm, f32_brgemm);
@@ -171,10 +192,10 @@ class Gemm {
 
   void configure(bool use_brgemm, bool f32_brgemm, bool amx = false) {
     if constexpr (kReduced<T>) {
-      path_ = use_brgemm ? Path::kBrgemm : Path::kConvert;
+      path_ = use_brgemm ? Path::kBrgemm : use_microkernel() ? Path::kMicro : Path::kConvert;
       if (std::is_same_v<T, c10::BFloat16> && amx) path_ = Path::kAmx;
     } else if constexpr (std::is_same_v<T, float>) {
-      path_ = f32_brgemm ? Path::kBrgemmF32 : Path::kBlas;
+      path_ = f32_brgemm ? Path::kBrgemmF32 : use_microkernel() ? Path::kMicro : Path::kBlas;
     } else {
       path_ = Path::kBlas;
     }
@@ -193,10 +214,22 @@ class Gemm {
   // A operands need a zero-padded number of columns that is a multiple of this.
   int64_t k_align() const { return path_ == Path::kAmx ? 32 : path_ == Path::kBrgemm ? 2 : 1; }
 
+  // Whether products run on this build's micro-kernels (see use_microkernel).
+  bool micro() const { return path_ == Path::kMicro; }
+
   // B is logical K x N: element (k, n) is src[k * ld + n], or src[n * ld + k] when trans.
   void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
     pb.K = K;
     pb.N = N;
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      if (path_ == Path::kMicro) {
+        pb.f32.resize(std::max<int64_t>(avx2_micro::panels_size(K, N), 1));
+        avx2_micro::pack_panels(trans, K, N, src, ld, pb.f32.data());
+        return;
+      }
+    }
+#endif
     if (path_ == Path::kBlas || (path_ == Path::kBrgemmF32 && !trans)) {
       pb.src = src;
       pb.ld = ld;
@@ -325,6 +358,16 @@ class Gemm {
       c += n_off;
     }
     if (M == 0 || N == 0) return;
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      if (path_ == Path::kMicro) {
+        // Panels of 16 columns, K rows of 16 floats each (n_off is a multiple of 32).
+        const float* b = pb.f32.data() + (n_off / avx2_micro::kNR) * pb.K * avx2_micro::kNR +
+                         k_off * avx2_micro::kNR;
+        return micro_run(M, false, a, lda, K, b, pb.K, N, c, ldc, add);
+      }
+    }
+#endif
     if constexpr (!kReduced<T>) {
       if constexpr (std::is_same_v<T, float>) {
         if (path_ == Path::kBrgemmF32 && K > 0) {
@@ -373,10 +416,41 @@ class Gemm {
     }
   }
 
+  // run() for a bf16/fp16 GEMM whose A is already fp32, on the micro-kernel path (micro()):
+  // the forward's probabilities.
+  void run_f32(int64_t M, const float* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
+               bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0,
+               int64_t k_off = 0) {
+    TORCH_CHECK(micro(), "aigc_ext: internal error: Gemm::run_f32 off the micro-kernel path");
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
+      n_off = std::min(n_off, N);
+      k_off = std::min(k_off, K);
+      N -= n_off;
+      K -= k_off;
+      if (M == 0 || N == 0) return;
+      const float* b = pb.f32.data() + (n_off / avx2_micro::kNR) * pb.K * avx2_micro::kNR +
+                       k_off * avx2_micro::kNR;
+      avx2_micro::gemm(M, N, K, false, a + k_off, lda, b, pb.K * avx2_micro::kNR, c + n_off, ldc,
+                       add);
+    }
+#endif
+  }
+
   // C[M x N] (+)= op(A) op(B) for operands used once. Not on the kAmx path.
   void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
           int64_t ldb, acc_t* c, int64_t ldc, bool add) {
     TORCH_CHECK(path_ != Path::kAmx, "aigc_ext: internal error: Gemm::mm on the AMX path");
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      if (path_ == Path::kMicro) {
+        if (M == 0 || N == 0) return;
+        pack(scratch_, tb, K, N, b, ldb);
+        return micro_run(M, ta, a, lda, K, scratch_.f32.data(), K, N, c, ldc, add);
+      }
+    }
+#endif
     if (path_ == Path::kBlas) {
       if constexpr (!kReduced<T>) {
         blas_gemm<acc_t>(ta, tb, M, N, K, a, lda, b, ldb, add ? 1 : 0, c, ldc);
@@ -412,6 +486,30 @@ class Gemm {
   }
 
  private:
+#if defined(CPU_CAPABILITY_AVX2)
+  // C[M x N] (+)= op(A)[M x K] * B on the micro-kernels: b points into panels packed by pack()
+  // for a B of panel_k rows, at its first row and column used. A bf16/fp16 operand is widened
+  // into one fp32 copy first, in its own layout.
+  void micro_run(int64_t M, bool ta, const T* a, int64_t lda, int64_t K, const float* b,
+                 int64_t panel_k, int64_t N, acc_t* c, int64_t ldc, bool add) {
+    const float* af;
+    int64_t ldf;
+    if constexpr (std::is_same_v<T, float>) {
+      af = a;
+      ldf = lda;
+    } else {
+      // ta: A is stored as K rows of M elements.
+      const int64_t rows = ta ? K : M, cols = ta ? M : K;
+      a32_.resize(std::max<int64_t>(rows * cols, 1));
+      for (int64_t i = 0; i < rows; ++i)
+        avx2_micro::widen_row(a + i * lda, a32_.data() + i * cols, cols);
+      af = a32_.data();
+      ldf = cols;
+    }
+    avx2_micro::gemm(M, N, K, ta, af, ldf, b, panel_k * avx2_micro::kNR, c, ldc, add);
+  }
+#endif
+
   Path path_;
   bool used_brgemm_ = false;
   bool amx_configured_ = false;

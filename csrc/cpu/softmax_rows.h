@@ -177,6 +177,87 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// 2^x for 8 floats: x = n + f with |f| <= 1/2, 2^f by the degree-5 minimax polynomial of
+// exp2_avx512 (relative error 2.3e-7), 2^n built in the exponent field. One addition rounds x
+// to n and biases it at once: t = x + (1.5 * 2^23 + 127) holds n + 127 in its low mantissa
+// bits, which a shift moves into the exponent field (AVX2 has no vscalefps). Inputs below -127
+// give 0 (-inf included); NaN propagates (vmaxps returns its second operand for NaN). Inputs
+// must stay below 128: the forward's callers redo any row whose exponents reach kLazyMax.
+inline __m256 exp2_avx2(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12583039.f);  // 1.5 * 2^23 + 127
+  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
+  const __m256 t = _mm256_add_ps(x, magic);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.0013276462f), f, _mm256_set1_ps(0.00967554003f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0555071346f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240221202f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693146944f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.00000012f));
+  // 2^n: the biased exponent n + 127, in [0, 254] for n in [-127, 127], 0 flushing to zero.
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+constexpr float kLog2eAvx2 = 1.44269504088896341f;
+constexpr float kLn2Avx2 = 0.693147180559945309f;
+
+// The forward's fused row pass on AVX2 (row_exp_sum_to's contract): out[i] = exp(s[i] * scale
+// - shift) rounded to T, the fp32 sum returned, max(s[i] * scale - shift) in *xmax. Computed as
+// 2^(s * scale * log2e - shift * log2e), one FMA for the exponent; 16 scores a step, two
+// independent sums and maxima.
+template <typename T>
+inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift, T* out,
+                              float* xmax) {
+  const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
+  const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
+  const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vsum = _mm256_setzero_ps(), vsum1 = vsum, vmax = lowest, vmax1 = lowest;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_fmsub_ps(_mm256_loadu_ps(s + i), vscale, vshift);
+    const __m256 x1 = _mm256_fmsub_ps(_mm256_loadu_ps(s + i + 8), vscale, vshift);
+    vmax = _mm256_max_ps(vmax, x0);
+    vmax1 = _mm256_max_ps(vmax1, x1);
+    const __m256 e0 = exp2_avx2(x0), e1 = exp2_avx2(x1);
+    vsum = _mm256_add_ps(vsum, e0);
+    vsum1 = _mm256_add_ps(vsum1, e1);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(out + i, e0);
+      _mm256_storeu_ps(out + i + 8, e1);
+    } else {
+      at::vec::convert_from_float<T>(Vectorized<float>(e0), Vectorized<float>(e1)).store(out + i);
+    }
+  }
+  for (; i < n; i += 8) {
+    // The last (up to 8) scores: lanes past n count as -inf, whose exponential is 0.
+    const int64_t r = std::min<int64_t>(8, n - i);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 keep =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), lane));
+    const __m256 x = _mm256_blendv_ps(
+        lowest,
+        _mm256_fmsub_ps(_mm256_maskload_ps(s + i, _mm256_castps_si256(keep)), vscale, vshift),
+        keep);
+    vmax = _mm256_max_ps(vmax, x);
+    const __m256 e = exp2_avx2(x);
+    vsum = _mm256_add_ps(vsum, e);
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, e);
+    for (int64_t j = 0; j < r; ++j) out[i + j] = static_cast<T>(tmp[j]);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(vmax, vmax1));
+  float mx = lanes[0];
+  for (int j = 1; j < 8; ++j) mx = std::max(mx, lanes[j]);
+  _mm256_store_ps(lanes, _mm256_add_ps(vsum, vsum1));
+  float total = 0;
+  for (int j = 0; j < 8; ++j) total += lanes[j];
+  *xmax = mx * kLn2Avx2;
+  return total;
+}
+#endif
+
 // exp(x), NaN for NaN x.
 template <typename A>
 inline Vectorized<A> vexp(const Vectorized<A>& x) {
@@ -228,6 +309,9 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
     if (cpu_has_avx512_bf16()) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
   }
   if constexpr (std::is_same_v<T, float>) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  return row_exp_sum_avx2(s, n, scale, shift, out, xmax);
 #endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;
