@@ -12,6 +12,7 @@
 
 #include <cmath>
 
+#include "cpu/decode.h"
 #include "cpu/gemm.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/sequence.h"
@@ -44,6 +45,7 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
 
   const bool brgemm = kReduced<T> && opt.use_brgemm &&
                       at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  const bool decode_forward = L <= kDecodeMaxLen && group * L <= kDecodeMaxRows;  // as forward_impl
   const int64_t BQ = kBwdBlockQ;
   const int64_t BK = std::min(kBwdBlockKV, round_up(S, kPackN));
   const int64_t e_pad = round_up(E, kPackN), ev_pad = round_up(Ev, kPackN);
@@ -84,8 +86,11 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pkt, pvt, pk;
-    // fp32: BLAS, whose transposed operands cost no copies (the backward has two per tile).
-    gemm.configure(brgemm, /*f32_brgemm=*/false);
+    // fp32: BLAS, whose transposed operands cost no copies (the backward has two per tile), or
+    // the AVX2 build's micro-kernels, which read them in place too. Where the forward took the
+    // decoding path, whose scores come from BLAS, BLAS recomputes them here: the same products
+    // give the same scores, so P = exp(scale * S - lse) stays normalised to fp32 rounding.
+    gemm.configure(brgemm, /*f32_brgemm=*/false, /*amx=*/false, /*micro=*/!decode_forward);
     A* sbuf = thread_buffer<A, 10>(bq_cap * BK);
     A* dpbuf = thread_buffer<A, 11>(bq_cap * BK);
     A* dk_acc = thread_buffer<A, 12>(BK * e_pad);

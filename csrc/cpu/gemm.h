@@ -190,12 +190,14 @@ class Gemm {
   }
   ~Gemm() { release(); }
 
-  void configure(bool use_brgemm, bool f32_brgemm, bool amx = false) {
+  // micro: whether the micro-kernels may serve (where use_microkernel() allows them).
+  void configure(bool use_brgemm, bool f32_brgemm, bool amx = false, bool micro = true) {
+    micro = micro && use_microkernel();
     if constexpr (kReduced<T>) {
-      path_ = use_brgemm ? Path::kBrgemm : use_microkernel() ? Path::kMicro : Path::kConvert;
+      path_ = use_brgemm ? Path::kBrgemm : micro ? Path::kMicro : Path::kConvert;
       if (std::is_same_v<T, c10::BFloat16> && amx) path_ = Path::kAmx;
     } else if constexpr (std::is_same_v<T, float>) {
-      path_ = f32_brgemm ? Path::kBrgemmF32 : use_microkernel() ? Path::kMicro : Path::kBlas;
+      path_ = f32_brgemm ? Path::kBrgemmF32 : micro ? Path::kMicro : Path::kBlas;
     } else {
       path_ = Path::kBlas;
     }
