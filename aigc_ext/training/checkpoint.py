@@ -53,7 +53,7 @@ from aigc_ext.training.checkpoint_files import (
     optimizer_from_tensors,
     optimizer_to_tensors,
 )
-from aigc_ext.training.config import TrainConfig, config_diff
+from aigc_ext.training.config import TrainConfig
 from aigc_ext.training.files import atomic_write_text, fsync_dir, set_default_mode
 from aigc_ext.training.fsdp import FullState
 from aigc_ext.training.outputs import jsonable
@@ -68,6 +68,7 @@ __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
     "config_changes",
+    "config_diff",
     "find_resume_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -515,3 +516,17 @@ def saved_metrics(value: Any) -> tuple[dict[str, float], dict[str, float]]:
 
 def _rank(name: str) -> int:
     return _TRAIN_METRICS.index(name) if name in _TRAIN_METRICS else len(_TRAIN_METRICS)
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` configurations."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_diff(a, b, where + ".")
+        elif a != b:
+            out.append(where)
+    return out

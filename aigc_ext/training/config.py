@@ -47,7 +47,6 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "TrainConfig",
-    "config_diff",
     "parse_override",
     "read_config",
 ]
@@ -589,17 +588,3 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
     if run.output_dir is None:
         run.output_dir = str(Path("runs") / (config.recipe or config.model.name))
     return config
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict()`` configurations."""
-    keys = sorted(set(old) | set(new))
-    out = []
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        where = f"{prefix}{key}"
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += config_diff(a, b, where + ".")
-        elif a != b:
-            out.append(where)
-    return out
