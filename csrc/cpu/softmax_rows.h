@@ -202,6 +202,18 @@ inline __m256 exp2_avx2(__m256 x) {
 constexpr float kLog2eAvx2 = 1.44269504088896341f;
 constexpr float kLn2Avx2 = 0.693147180559945309f;
 
+// tanh(x) for 8 floats, as 1 - 2 / (2^(2 x log2e) + 1) on exp2_avx2: the softcap's score
+// modification. The exponent is capped at 64 (tanh is 1 in fp32 long before), which keeps
+// exp2_avx2 in range; vminps with the cap first returns x itself for NaN, so NaN propagates.
+// Absolute error a few ulp of 1, as the scores' own rounding at softcap magnitude.
+inline __m256 tanh_avx2(__m256 x) {
+  const __m256 z =
+      _mm256_min_ps(_mm256_set1_ps(64.f), _mm256_mul_ps(x, _mm256_set1_ps(2.f * kLog2eAvx2)));
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 d = _mm256_add_ps(exp2_avx2(z), one);
+  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), d));
+}
+
 // The forward's fused row pass on AVX2 (row_exp_sum_to's contract): out[i] = exp(s[i] * scale
 // - shift) rounded to T, the fp32 sum returned, max(s[i] * scale - shift) in *xmax. Computed as
 // 2^(s * scale * log2e - shift * log2e), one FMA for the exponent; 16 scores a step, two
