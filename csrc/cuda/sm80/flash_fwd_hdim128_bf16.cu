@@ -1,0 +1,16 @@
+// Forward instantiation for head dim 128, bfloat16: tiles 128 x 64, 8 warps.
+#include "cuda/sm80/flash_fwd_launch.cuh"
+#include "cuda/sm80/launch_list.h"
+
+namespace aigc_ext {
+namespace cuda {
+namespace sm80 {
+
+template <>
+cudaError_t run_fwd<128, true>(const AttentionForwardParams& p, cudaStream_t stream) {
+  return launch_fwd<FwdTraits<cute::bfloat16_t, 128, 128, 64, 8>>(p, stream);
+}
+
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace aigc_ext
