@@ -345,6 +345,28 @@ inline FlashCall prepare_flash(const char* op, const at::Tensor& query, const at
   return c;
 }
 
+// The forward's results a flash backward takes: grad_out and out in q's dtype and the forward's
+// output shape, lse in lse_dtype and the forward's lse shape. Every device's operator checks
+// them here, with the same messages.
+inline void check_flash_backward_tensors(const char* op, const FlashCall& c,
+                                         const at::Tensor& grad_out, const at::Tensor& out,
+                                         const at::Tensor& lse) {
+  const at::Tensor& q = c.q;
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = c.v.size(-1);
+  for (const Arg& a : {Arg{"grad_out", grad_out}, Arg{"out", out}}) {
+    TORCH_CHECK(a.t.sizes() == at::IntArrayRef(out_shape) && a.t.scalar_type() == q.scalar_type(),
+                op, ": ", a.name, " must be ", q.scalar_type(), " of shape ",
+                at::IntArrayRef(out_shape), "; got ", a.t.scalar_type(), " ", shape_str(a.t));
+  }
+  const std::vector<int64_t> lse_shape =
+      c.varlen ? std::vector<int64_t>{q.size(1), q.size(0)}
+               : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == lse_dtype(q), op,
+              ": lse must be ", lse_dtype(q), " of shape ", at::IntArrayRef(lse_shape), "; got ",
+              lse.scalar_type(), " ", shape_str(lse));
+}
+
 // out (B, L, Hq, Dv) or (T, Hq, Dv) and lse (B, Hq, L) or (Hq, T), allocated and pointed at.
 inline std::pair<at::Tensor, at::Tensor> flash_outputs(FlashCall& c) {
   AttentionForwardParams& p = c.params;

@@ -403,22 +403,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_backward_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   FlashInputs in = prepare_flash_cuda(op, q, k, v, o, false);
   op_utils::FlashCall& c = in.call;
-  // The checks of the CPU operator (csrc/ops.cpp), with the same messages.
-  std::vector<int64_t> out_shape(c.q.sizes().begin(), c.q.sizes().end());
-  out_shape.back() = c.v.size(-1);
-  for (const op_utils::Arg& a : {op_utils::Arg{"grad_out", grad_out}, op_utils::Arg{"out", out}}) {
-    TORCH_CHECK(a.t.sizes() == at::IntArrayRef(out_shape) && a.t.scalar_type() == c.q.scalar_type(),
-                op, ": ", a.name, " must be ", c.q.scalar_type(), " of shape ",
-                at::IntArrayRef(out_shape), "; got ", a.t.scalar_type(), " ",
-                op_utils::shape_str(a.t));
-  }
-  const std::vector<int64_t> lse_shape =
-      c.varlen ? std::vector<int64_t>{c.q.size(1), c.q.size(0)}
-               : std::vector<int64_t>{c.q.size(0), c.q.size(2), c.q.size(1)};
-  TORCH_CHECK(
-      lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == op_utils::lse_dtype(c.q),
-      op, ": lse must be ", op_utils::lse_dtype(c.q), " of shape ", at::IntArrayRef(lse_shape),
-      "; got ", lse.scalar_type(), " ", op_utils::shape_str(lse));
+  op_utils::check_flash_backward_tensors(op, c, grad_out, out, lse);
   AttentionBackwardParams bp{};
   bp.fwd = c.params;
   AttentionForwardParams& p = bp.fwd;
