@@ -232,18 +232,33 @@ bool no_work(const AttentionForwardParams& p) {
 // SDPA operators
 // ---------------------------------------------------------------------------------------------
 
+// q, k, v and the mask of an SDPA call in the layouts the kernels take, and their params.
+struct SdpaInputs {
+  Tensor q, k, v, mask;
+  AttentionForwardParams params{};
+};
+
+SdpaInputs prepare_sdpa(const Tensor& query, const Tensor& key, const Tensor& value,
+                        const OptTensor& attn_mask, bool is_causal, double scale) {
+  SdpaInputs in;
+  in.q = kernel_layout(op_utils::rows_contiguous(query));
+  in.k = kernel_layout(op_utils::rows_contiguous(key));
+  in.v = kernel_layout(op_utils::rows_contiguous(value));
+  MaskKind kind;
+  in.mask = op_utils::prepare_mask(base_aligned(attn_mask), in.q, in.k, kind);
+  in.params = op_utils::make_params(in.q, in.k, in.v, in.mask, kind, is_causal, scale);
+  return in;
+}
+
 std::tuple<Tensor, Tensor> attention_forward_cuda(const Tensor& query, const Tensor& key,
                                                   const Tensor& value, const OptTensor& attn_mask,
                                                   bool is_causal, double scale) {
   const char* op = op_utils::kForwardOp;
   op_utils::check_forward(query, key, value, attn_mask, scale, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(query.device());
-  const Tensor q = kernel_layout(op_utils::rows_contiguous(query));
-  const Tensor k = kernel_layout(op_utils::rows_contiguous(key));
-  const Tensor v = kernel_layout(op_utils::rows_contiguous(value));
-  MaskKind kind;
-  const Tensor mask = op_utils::prepare_mask(base_aligned(attn_mask), q, k, kind);
-  AttentionForwardParams p = op_utils::make_params(q, k, v, mask, kind, is_causal, scale);
+  const SdpaInputs in = prepare_sdpa(query, key, value, attn_mask, is_causal, scale);
+  const Tensor& q = in.q;
+  AttentionForwardParams p = in.params;
   check_served(op, p);
   const Tensor out = at::empty({p.batch, p.heads_q, p.len_q, p.head_dim_v}, q.options());
   const Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(at::kFloat));
@@ -270,13 +285,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(const Tensor& grad_ou
   const char* op = op_utils::kBackwardOp;
   op_utils::check_backward(grad_out, query, key, value, out, lse, attn_mask, scale, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(query.device());
-  const Tensor q = kernel_layout(op_utils::rows_contiguous(query));
-  const Tensor k = kernel_layout(op_utils::rows_contiguous(key));
-  const Tensor v = kernel_layout(op_utils::rows_contiguous(value));
-  MaskKind kind;
-  const Tensor mask = op_utils::prepare_mask(base_aligned(attn_mask), q, k, kind);
+  const SdpaInputs in = prepare_sdpa(query, key, value, attn_mask, is_causal, scale);
+  const Tensor &q = in.q, &k = in.k, &v = in.v;
   AttentionBackwardParams bp{};
-  bp.fwd = op_utils::make_params(q, k, v, mask, kind, is_causal, scale);
+  bp.fwd = in.params;
   const AttentionForwardParams& p = bp.fwd;
   check_served(op, p);
   if (no_work(p) || p.len_kv == 0) {  // no query sees a key: every gradient is 0
