@@ -91,10 +91,23 @@ std::atomic<bool>& use_amx() {
   return flag;
 }
 
+// The vdpbf16ps micro-kernel: -1 auto (on where the CPU has no AMX, whose brgemm is faster and
+// whose vdpbf16ps runs at half the fp32 FMA rate), 0 off, 1 on.
+std::atomic<int>& avx512_bf16_mode() {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+
+bool use_avx512_bf16() {
+  const int mode = avx512_bf16_mode().load();
+  return mode < 0 ? !__builtin_cpu_supports("amx-bf16") : mode == 1;
+}
+
 cpu::KernelOptions options() {
   cpu::KernelOptions opt;
   opt.use_brgemm = use_brgemm().load();
   opt.use_amx = use_amx().load();
+  opt.use_avx512_bf16 = use_avx512_bf16();
   return opt;
 }
 
@@ -221,9 +234,11 @@ std::tuple<Tensor, Tensor, Tensor> flash_backward_cpu(
 }
 
 // Reads and optionally changes the CPU kernel configuration; returns a description such as
-// "isa=avx512 brgemm=1 amx=1 compiled=default,avx2,avx512".
+// "isa=avx512 brgemm=1 amx=1 ... compiled=default,avx2,avx512". avx512_bf16 is the setting of
+// the vdpbf16ps micro-kernel (auto, on, off), vdpbf16ps whether bf16 GEMMs that brgemm does not
+// take run on it now (AVX-512 kernels, a CPU with AVX512_BF16, the setting).
 std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool> brgemm,
-                              std::optional<bool> amx) {
+                              std::optional<bool> amx, std::optional<std::string> avx512_bf16) {
   if (isa.has_value()) {
     Isa want = Isa::kDefault;
     if (*isa == "auto") {
@@ -246,12 +261,25 @@ std::string cpu_kernel_config(std::optional<std::string> isa, std::optional<bool
   }
   if (brgemm.has_value()) use_brgemm().store(*brgemm);
   if (amx.has_value()) use_amx().store(*amx);
+  if (avx512_bf16.has_value()) {
+    const std::string& m = *avx512_bf16;
+    TORCH_CHECK(m == "auto" || m == "on" || m == "off", "aigc_ext: use_avx512_bf16 must be auto, ",
+                "on or off (or True / False), not '", m, "'");
+    avx512_bf16_mode().store(m == "auto" ? -1 : m == "on" ? 1 : 0);
+  }
+  const int mode = avx512_bf16_mode().load();
+  const bool vdp = static_cast<Isa>(current_isa().load()) == Isa::kAvx512 &&
+                   __builtin_cpu_supports("avx512bf16") && use_avx512_bf16();
   std::ostringstream os;
   os << "isa=" << isa_name(static_cast<Isa>(current_isa().load()))
      << " brgemm=" << (use_brgemm().load() ? 1 : 0) << " amx=" << (use_amx().load() ? 1 : 0)
      << " brgemm_bf16=" << (at::native::cpublas::could_pack(at::kBFloat16) ? 1 : 0)
      << " brgemm_fp16=" << (at::native::cpublas::could_pack(at::kHalf) ? 1 : 0)
-     << " amx_tiles=" << (at::cpu::init_amx() ? 1 : 0) << " compiled=default";
+     << " amx_tiles=" << (at::cpu::init_amx() ? 1 : 0) << " avx512_bf16="
+     << (mode < 0    ? "auto"
+         : mode == 1 ? "on"
+                     : "off")
+     << " vdpbf16ps=" << (vdp ? 1 : 0) << " compiled=default";
   if (isa_compiled(Isa::kAvx2)) os << ",avx2";
   if (isa_compiled(Isa::kAvx512)) os << ",avx512";
   os << " threads=" << at::get_num_threads();
@@ -282,8 +310,10 @@ TORCH_LIBRARY(aigc_ext, m) {
       "int max_seqlen_k=0, float scale=1.0, bool causal=False, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "
       "Tensor? rng_state=None, Tensor? attn_mask=None) -> (Tensor, Tensor, Tensor)");
-  m.def("_cpu_kernel_config(str? isa=None, bool? use_brgemm=None, bool? use_amx=None) -> str",
-        &cpu_kernel_config);
+  m.def(
+      "_cpu_kernel_config(str? isa=None, bool? use_brgemm=None, bool? use_amx=None, "
+      "str? use_avx512_bf16=None) -> str",
+      &cpu_kernel_config);
 }
 
 TORCH_LIBRARY_IMPL(aigc_ext, CPU, m) {

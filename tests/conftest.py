@@ -88,4 +88,4 @@ def _isolate(monkeypatch):
     if DEVICE == "cpu":
         from aigc_ext import ops
 
-        ops.cpu_kernel_config(isa="auto", use_brgemm=True, use_amx=True)
+        ops.cpu_kernel_config(isa="auto", use_brgemm=True, use_amx=True, use_avx512_bf16="auto")

@@ -339,15 +339,21 @@ def scores64(q, k, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
 
 @contextlib.contextmanager
 def cpu_kernel(
-    isa: str | None = None, use_brgemm: bool | None = None, use_amx: bool | None = None
+    isa: str | None = None,
+    use_brgemm: bool | None = None,
+    use_amx: bool | None = None,
+    use_avx512_bf16: bool | str | None = None,
 ) -> Iterator[str]:
-    """Sets the CPU kernel configuration for the block; restores auto ISA, brgemm and AMX after."""
+    """Sets the CPU kernel configuration for the block; restores auto ISA, brgemm, AMX and the
+    vdpbf16ps micro-kernel after."""
     from aigc_ext import ops
 
     try:
-        yield ops.cpu_kernel_config(isa=isa, use_brgemm=use_brgemm, use_amx=use_amx)
+        yield ops.cpu_kernel_config(
+            isa=isa, use_brgemm=use_brgemm, use_amx=use_amx, use_avx512_bf16=use_avx512_bf16
+        )
     finally:
-        ops.cpu_kernel_config(isa="auto", use_brgemm=True, use_amx=True)
+        ops.cpu_kernel_config(isa="auto", use_brgemm=True, use_amx=True, use_avx512_bf16="auto")
 
 
 def cpu_isa_supported(isa: str) -> bool:

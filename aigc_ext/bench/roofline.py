@@ -11,9 +11,10 @@ On a CPU:
   matmul at ~0.3 GFLOP/s on such a CPU: a ``2048^3`` probe took minutes and gave a "peak" that
   rows exceeded 150-fold).
 * rows of the ``cpu`` backend (this package's kernel) in bf16 / fp16 where that kernel computes
-  in fp32 (``_cpu_kernel_config`` reports neither its AMX tile path, ``amx=1 amx_tiles=1`` on an
-  AVX-512 build, nor torch's brgemm for the dtype, ``brgemm=1 brgemm_bf16=1``): the fp32 FMA
-  peak, whatever torch's matmul reaches.
+  in fp32 (``_cpu_kernel_config`` reports none of its AMX tile path, ``amx=1 amx_tiles=1`` on
+  an AVX-512 build, torch's brgemm for the dtype, ``brgemm=1 brgemm_bf16=1``, or, for bf16, its
+  vdpbf16ps micro-kernel, ``vdpbf16ps=1``): the fp32 FMA peak, whatever torch's matmul
+  reaches.
 
 On a GPU: a matmul peak per dtype. Every probe is bounded to about a second.
 """
@@ -186,14 +187,19 @@ def _kernel_config() -> dict[str, str] | None:
 def kernel_computes_in_fp32(dtype: str, config: Mapping[str, str] | None) -> bool:
     """Whether the ``cpu`` backend's GEMMs in ``dtype`` run as fp32 math (converted operands),
     by the fields of ``_cpu_kernel_config``: bf16 is served by the kernel's AMX tile code
-    (``amx=1 amx_tiles=1``, AVX-512 build) or torch's brgemm (``brgemm=1 brgemm_bf16=1``);
-    fp16 by brgemm (``brgemm=1 brgemm_fp16=1``); anything else is converted to fp32."""
+    (``amx=1 amx_tiles=1``, AVX-512 build), torch's brgemm (``brgemm=1 brgemm_bf16=1``) or,
+    failing both, the kernel's vdpbf16ps micro-kernel (``vdpbf16ps=1``); fp16 by brgemm
+    (``brgemm=1 brgemm_fp16=1``); anything else is converted to fp32."""
     if dtype not in _HARDWARE or config is None:
         return False
     on = {k for k, v in config.items() if v == "1"}
     if dtype == "bf16" and {"amx", "amx_tiles"} <= on and config.get("isa") == "avx512":
         return False
-    return not {"brgemm", f"brgemm_{dtype}"} <= on
+    if {"brgemm", f"brgemm_{dtype}"} <= on:
+        return False
+    # bf16 that brgemm does not take: the AVX-512 build's vdpbf16ps micro-kernel, where the CPU
+    # has AVX512_BF16 and it is switched on.
+    return not (dtype == "bf16" and "vdpbf16ps" in on)
 
 
 def cpu_peaks(

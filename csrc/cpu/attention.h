@@ -11,6 +11,9 @@ namespace aigc_ext::cpu {
 struct KernelOptions {
   bool use_brgemm = true;  // use torch's brgemm (AMX on capable CPUs) for bf16/fp16 GEMMs
   bool use_amx = true;     // bf16 forward GEMMs through our own AMX tiles where the CPU has them
+  // bf16 GEMMs through our own vdpbf16ps micro-kernel where brgemm is off or cannot pack bf16
+  // (AVX-512 CPUs with AVX512_BF16 and no AMX)
+  bool use_avx512_bf16 = true;
 };
 
 // One copy of the kernel per instruction set (csrc/cpu/kernels.cpp, compiled per ISA).

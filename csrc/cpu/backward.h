@@ -43,8 +43,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   // (keys no query sees, padding of variable-length batches) stay zero.
   if (B == 0 || Hq == 0 || L == 0 || S == 0) return;
 
-  const bool brgemm = kReduced<T> && opt.use_brgemm &&
-                      at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  const VnniEngine vnni = vnni_engine<T>(opt);  // as forward_impl
+  const bool brgemm = vnni != VnniEngine::kNone;
   const bool decode_forward = L <= kDecodeMaxLen && group * L <= kDecodeMaxRows;  // as forward_impl
   const int64_t BQ = kBwdBlockQ;
   const int64_t BK = std::min(kBwdBlockKV, round_up(S, kPackN));
@@ -90,7 +90,7 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
     // the AVX2 build's micro-kernels, which read them in place too. Where the forward took the
     // decoding path, whose scores come from BLAS, BLAS recomputes them here: the same products
     // give the same scores, so P = exp(scale * S - lse) stays normalised to fp32 rounding.
-    gemm.configure(brgemm, /*f32_brgemm=*/false, /*amx=*/false, /*micro=*/!decode_forward);
+    gemm.configure(vnni, /*f32_brgemm=*/false, /*amx=*/false, /*micro=*/!decode_forward);
     A* sbuf = thread_buffer<A, 10>(bq_cap * BK);
     A* dpbuf = thread_buffer<A, 11>(bq_cap * BK);
     A* dk_acc = thread_buffer<A, 12>(BK * e_pad);

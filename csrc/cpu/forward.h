@@ -65,8 +65,9 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
     return;
   }
   if (L <= kDecodeMaxLen && group * L <= kDecodeMaxRows) return decode_impl<T>(p);
-  const bool brgemm = kReduced<T> && opt.use_brgemm &&
-                      at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  // bf16/fp16 products on VNNI-packed operands (torch's brgemm or vdpbf16ps), where available.
+  const VnniEngine vnni = vnni_engine<T>(opt);
+  const bool brgemm = vnni != VnniEngine::kNone;
   const bool f32_brgemm = std::is_same_v<T, float> && use_f32_brgemm();
   bool amx = false;
 #if AIGC_EXT_AMX
@@ -116,7 +117,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pk, pv;
-    gemm.configure(brgemm, f32_brgemm, amx);
+    gemm.configure(vnni, f32_brgemm, amx);
     // Row strides a little past BK: rows 2^k bytes apart would share a few cache sets.
     const int64_t lds = BK + 16, ldp = BK + 32;
     A* sbuf = thread_buffer<A, 0>(BQ * lds);

@@ -2,8 +2,9 @@
 // Gemm<T>. fp32/fp64 through the BLAS torch links (MKL on x86) or, for fp32 in the AVX-512
 // build, oneDNN's brgemm; bf16/fp16 through torch's brgemm (oneDNN, AMX tiles where the CPU has
 // them) with B packed to VNNI layout, bf16 also through amx.h's micro-kernel, or, where brgemm
-// is unavailable, through fp32 BLAS on converted tiles. Also the operand preparation: packing,
-// transposes and zero padding.
+// is unavailable, through this build's AVX512_BF16 micro-kernel (AVX-512 CPUs with vdpbf16ps)
+// or fp32 BLAS on converted tiles. Also the operand preparation: packing, transposes and zero
+// padding.
 //
 // Part of the per-ISA CPU kernel: included by csrc/cpu/kernels.cpp only, inside
 // aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h).
@@ -16,8 +17,12 @@
 
 #include "cpu/amx.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/softmax_rows.h"
 #if defined(CPU_CAPABILITY_AVX2)
 #include "cpu/microkernel_avx2.h"
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+#include "cpu/microkernel_avx512_bf16.h"
 #endif
 
 extern "C" {
@@ -62,6 +67,30 @@ inline bool use_microkernel() {
 #else
   return false;
 #endif
+}
+
+// What serves the bf16/fp16 products whose B is packed in VNNI pairs (the brgemm layout).
+enum class VnniEngine {
+  kNone,    // none: bf16/fp16 products are widened to fp32
+  kBrgemm,  // torch's brgemm (oneDNN; AMX tiles where the CPU has them)
+  kDpbf16,  // bf16 on this build's vdpbf16ps micro-kernel (microkernel_avx512_bf16.h)
+};
+
+// The engine for T under opt: torch's brgemm where it is on and can pack T, else, for bf16 in
+// the AVX-512 build on a CPU with AVX512_BF16, vdpbf16ps (opt.use_avx512_bf16), else none.
+template <typename T>
+VnniEngine vnni_engine(const KernelOptions& opt) {
+  if constexpr (!kReduced<T>) {
+    return VnniEngine::kNone;
+  } else {
+    if (opt.use_brgemm && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value))
+      return VnniEngine::kBrgemm;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (std::is_same_v<T, c10::BFloat16> && opt.use_avx512_bf16 && cpu_has_avx512_bf16())
+      return VnniEngine::kDpbf16;
+#endif
+    return VnniEngine::kNone;
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -182,19 +211,23 @@ class Gemm {
   // kBlas: fp32/fp64 BLAS (MKL); kBrgemmF32: fp32 through oneDNN's brgemm (JIT AVX-512);
   // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS;
   // kAmx: bf16 through this file's AMX micro-kernel (run() only, padded operands); kMicro:
-  // fp32 (bf16/fp16 widened) through the AVX2 build's micro-kernels.
-  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx, kMicro };
+  // fp32 (bf16/fp16 widened) through the AVX2 build's micro-kernels; kDpbf16: bf16 through the
+  // AVX-512 build's vdpbf16ps micro-kernel, on brgemm's operand layouts.
+  enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx, kMicro, kDpbf16 };
 
-  explicit Gemm(bool use_brgemm = false, bool f32_brgemm = false) {
-    configure(use_brgemm, f32_brgemm);
+  explicit Gemm(VnniEngine vnni = VnniEngine::kNone, bool f32_brgemm = false) {
+    configure(vnni, f32_brgemm);
   }
   ~Gemm() { release(); }
 
   // micro: whether the micro-kernels may serve (where use_microkernel() allows them).
-  void configure(bool use_brgemm, bool f32_brgemm, bool amx = false, bool micro = true) {
+  void configure(VnniEngine vnni, bool f32_brgemm, bool amx = false, bool micro = true) {
     micro = micro && use_microkernel();
     if constexpr (kReduced<T>) {
-      path_ = use_brgemm ? Path::kBrgemm : micro ? Path::kMicro : Path::kConvert;
+      path_ = vnni == VnniEngine::kBrgemm   ? Path::kBrgemm
+              : vnni == VnniEngine::kDpbf16 ? Path::kDpbf16
+              : micro                       ? Path::kMicro
+                                            : Path::kConvert;
       if (std::is_same_v<T, c10::BFloat16> && amx) path_ = Path::kAmx;
     } else if constexpr (std::is_same_v<T, float>) {
       path_ = f32_brgemm ? Path::kBrgemmF32 : micro ? Path::kMicro : Path::kBlas;
@@ -214,7 +247,12 @@ class Gemm {
   }
 
   // A operands need a zero-padded number of columns that is a multiple of this.
-  int64_t k_align() const { return path_ == Path::kAmx ? 32 : path_ == Path::kBrgemm ? 2 : 1; }
+  int64_t k_align() const {
+    return path_ == Path::kAmx ? 32 : path_ == Path::kBrgemm || path_ == Path::kDpbf16 ? 2 : 1;
+  }
+
+  // Columns per panel of a packed VNNI B (see pack), 0 for the unpanelled brgemm layout.
+  int64_t panel_width() const { return path_ == Path::kAmx ? 16 : path_ == Path::kDpbf16 ? 64 : 0; }
 
   // Whether products run on this build's micro-kernels (see use_microkernel).
   bool micro() const { return path_ == Path::kMicro; }
@@ -261,16 +299,17 @@ class Gemm {
       return;
     }
     // VNNI layout for brgemm and AMX: pairs of consecutive k rows interleaved, [K/2][n_pad][2];
-    // rows past K are zero. The AMX path cuts it further into panels of 16 columns,
-    // [n_pad/16][K/2][16][2], so that one B tile is 1 KiB of contiguous memory.
+    // rows past K are zero. The AMX and vdpbf16ps paths cut it further into panels of W
+    // columns, [n_pad/W][K/2][W][2] (W = panel_width()), so that the part of B one tile reads
+    // is contiguous: 1 KiB per AMX tile.
+    const int64_t W = panel_width();
     pb.k_even = round_up(K, k_align());
-    pb.n_pad = round_up(N, 16);
+    pb.n_pad = round_up(N, W > 0 ? W : 16);
     const int64_t np = pb.n_pad;
-    const bool panels = path_ == Path::kAmx;
-    const int64_t panel = pb.k_even * 16;
+    const int64_t panel = pb.k_even * W;
     // Offset of the pair (2 kp, 2 kp + 1) of column n; n % 16 == 0 starts 16 contiguous pairs.
     const auto off = [=](int64_t kp, int64_t n) {
-      return panels ? (n / 16) * panel + kp * 32 + 2 * (n % 16) : kp * 2 * np + 2 * n;
+      return W > 0 ? (n / W) * panel + kp * 2 * W + 2 * (n % W) : kp * 2 * np + 2 * n;
     };
     pb.vnni.resize(std::max<int64_t>(pb.k_even * np, 1));
     T* dst = pb.vnni.data();
@@ -407,6 +446,17 @@ class Gemm {
           amx_gemm(round_up(M, 16), std::min(round_up(N, 16), pb.n_pad - n_off), ceil_div(K, 32), a,
                    lda, pb.vnni.data() + (n_off / 16) * pb.k_even * 16 + k_off * 16, pb.k_even * 16,
                    c, ldc, add);
+          return;
+        }
+      }
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (path_ == Path::kDpbf16) {
+          // Panels of 64 columns, k pairs 128 elements apart within one.
+          dpbf16::gemm(M, std::min(round_up(N, 16), pb.n_pad - n_off), ceil_div(K, 2), a, lda,
+                       pb.vnni.data() + (k_off / 2) * dpbf16::kPairStride,
+                       pb.k_even * dpbf16::kPanel, n_off / 16, c, ldc, add);
           return;
         }
       }

@@ -177,6 +177,11 @@ def test_bf16_hardware_peak_for_torch_rows_fp32_fma_for_a_converting_kernel(monk
         # the kernel's AMX tile code exists only in its AVX-512 build
         ("isa=avx2 brgemm=1 amx=1 brgemm_bf16=0 amx_tiles=1", "bf16", True),
         ("isa=avx512 brgemm=1 amx=1 brgemm_fp16=1 amx_tiles=1", "fp16", False),
+        # no brgemm for bf16 (an AVX-512 CPU without AMX): the vdpbf16ps micro-kernel
+        ("isa=avx512 brgemm=1 amx=1 brgemm_bf16=0 amx_tiles=0 vdpbf16ps=1", "bf16", False),
+        ("isa=avx512 brgemm=1 amx=1 brgemm_bf16=0 amx_tiles=0 vdpbf16ps=0", "bf16", True),
+        # vdpbf16ps serves bf16 only
+        ("isa=avx512 brgemm=1 amx=1 brgemm_fp16=0 amx_tiles=0 vdpbf16ps=1", "fp16", True),
     ],
 )
 def test_kernel_path_from_its_config(config, dtype, fp32_math):
@@ -185,7 +190,7 @@ def test_kernel_path_from_its_config(config, dtype, fp32_math):
 
 def test_this_machines_kernel_config_parses():
     fields = _fields(" ".join(p for p in torch.ops.aigc_ext._cpu_kernel_config().split()))
-    assert {"isa", "brgemm", "amx", "brgemm_bf16", "amx_tiles"} <= set(fields)
+    assert {"isa", "brgemm", "amx", "brgemm_bf16", "amx_tiles", "vdpbf16ps"} <= set(fields)
 
 
 @pytest.mark.parametrize(

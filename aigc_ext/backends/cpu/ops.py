@@ -54,14 +54,25 @@ register_attention_autograd("aigc_ext::attention_forward", "attention_backward")
 
 
 def cpu_kernel_config(
-    isa: str | None = None, use_brgemm: bool | None = None, use_amx: bool | None = None
+    isa: str | None = None,
+    use_brgemm: bool | None = None,
+    use_amx: bool | None = None,
+    use_avx512_bf16: bool | str | None = None,
 ) -> str:
     """Reads (and optionally sets) the CPU kernel's instruction set and GEMM engines.
 
     ``isa`` is one of ``"auto"``, ``"default"``, ``"avx2"``, ``"avx512"``; ``use_brgemm``
-    switches bf16/fp16 GEMMs between torch's brgemm (AMX where present) and fp32 BLAS;
-    ``use_amx`` switches the bf16 forward between the kernel's own AMX tile code (on CPUs with
-    AMX-BF16, AVX-512 build) and the brgemm path. Returns a description such as
-    ``"isa=avx512 brgemm=1 amx=1 ... compiled=default,avx2,avx512 threads=2"``.
+    switches bf16/fp16 GEMMs between torch's brgemm (AMX where present) and the kernel's own
+    paths; ``use_amx`` switches the bf16 forward between the kernel's own AMX tile code (on CPUs
+    with AMX-BF16, AVX-512 build) and the brgemm path; ``use_avx512_bf16`` switches bf16 GEMMs
+    that brgemm does not serve (no AMX, or ``use_brgemm=False``) between the kernel's
+    ``vdpbf16ps`` micro-kernel (AVX-512 build, CPUs with AVX512_BF16) and fp32 math on widened
+    operands: ``True``/``"on"``, ``False``/``"off"``, or ``"auto"`` (the default: on where the CPU
+    has no AMX; on AMX CPUs such as Sapphire Rapids ``vdpbf16ps`` runs at half the fp32 FMA
+    rate). Returns a description such as ``"isa=avx512 brgemm=1 amx=1 ... avx512_bf16=auto
+    vdpbf16ps=0 compiled=default,avx2,avx512 threads=2"`` (``vdpbf16ps``: whether bf16 products
+    that brgemm does not take run on the micro-kernel now).
     """
-    return torch.ops.aigc_ext._cpu_kernel_config(isa, use_brgemm, use_amx)
+    if isinstance(use_avx512_bf16, bool):
+        use_avx512_bf16 = "on" if use_avx512_bf16 else "off"
+    return torch.ops.aigc_ext._cpu_kernel_config(isa, use_brgemm, use_amx, use_avx512_bf16)
