@@ -5,7 +5,11 @@ Build against the installed torch, without build isolation:
     pip install --no-build-isolation -e .
 
 Environment:
-    AIGC_EXT_WITH_CUDA=1   also compile csrc/cuda/*.cu (needs nvcc and a CUDA build of torch)
+    AIGC_EXT_WITH_CUDA=1   also compile csrc/cuda/**/*.cu (needs nvcc and a CUDA build of torch)
+    AIGC_EXT_CUDA_ARCHS    with CUDA: the architectures, e.g. "80+PTX;90a" (the default); NN or
+                           NNa for real code, +PTX to add that architecture's PTX
+    AIGC_EXT_CUTLASS_INCLUDE  with CUDA: CUTLASS's include directory (default: the one of the
+                           installed nvidia-cutlass wheel)
     MAX_JOBS=N             parallel compile jobs (default: number of CPUs)
 """
 
@@ -21,6 +25,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "80+PTX;90a"  # the default of AIGC_EXT_CUDA_ARCHS in CMakeLists.txt too
 
 
 class CMakeExtension(Extension):
@@ -57,6 +62,11 @@ class CMakeBuild(build_ext):
             "-DAIGC_EXT_PYTHON_MODULE=ON",
             f"-DAIGC_EXT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
+        if with_cuda:
+            archs = os.environ.get("AIGC_EXT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+            cfg.append(f"-DAIGC_EXT_CUDA_ARCHS={archs}")
+            cutlass = os.environ.get("AIGC_EXT_CUTLASS_INCLUDE", "")
+            cfg.append(f"-DAIGC_EXT_CUTLASS_INCLUDE={cutlass}")
         subprocess.run(cfg, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(
