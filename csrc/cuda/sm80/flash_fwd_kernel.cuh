@@ -129,10 +129,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       float unused;
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        const int i = m0 + get<0>(cS_rc(r, 0));
+        const auto row = score.row(m0 + get<0>(cS_rc(r, 0)));
         CUTE_UNROLL
         for (int c = 0; c < size<1>(s_rc); ++c) {
-          s_rc(r, c) = score(s_rc(r, c), i, n0 + get<1>(cS_rc(0, c)), &unused);
+          s_rc(r, c) = score(s_rc(r, c), row, n0 + get<1>(cS_rc(0, c)), &unused);
         }
       }
     }
