@@ -13,7 +13,7 @@
 // finish with out = 0 and lse = -inf. lse is natural-log, of the scaled (modified) scores.
 //
 // Tiles (kBlockM x kBlockN, flash_fwd_hdim*.cu), chosen for zero register spills: head dim 64:
-// 64 x 64, 4 warps (24 KB shared); 128: 128 x 64, 8 warps (64 KB); 256: 64 x 32, 4 warps
+// 128 x 64, 4 warps (32 KB shared); 128: 128 x 64, 8 warps (64 KB); 256: 64 x 32, 4 warps
 // (64 KB). All fit the 99 KB a CTA may have on every sm8x and sm90.
 #pragma once
 
