@@ -167,11 +167,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       const int ic = get<1>(cS_rc(0, c));
       const float lse2 = ic < rows ? ws_lse[ws_row0 + ic] : INFINITY;
       const float dsum = ic < rows ? ws_d[ws_row0 + ic] : 0.f;
+      const auto row = score.row(m0 + ic);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         float t = 0.f;
         const float x = fast ? s_rc(r, c) * score.scale_log2
-                             : score(s_rc(r, c), m0 + ic, n0 + get<0>(cS_rc(r, 0)), &t);
+                             : score(s_rc(r, c), row, n0 + get<0>(cS_rc(r, 0)), &t);
         const float pr = exp2f(x - lse2);
         s_rc(r, c) = pr;
         if constexpr (kDoDk) {

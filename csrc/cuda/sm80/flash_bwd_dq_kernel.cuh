@@ -146,12 +146,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const bool fast = score.plain() && n0 >= full_lo && n0 + kBlockN <= full_hi;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      const int i = m0 + get<0>(cS_rc(r, 0));
+      const auto row = score.row(m0 + get<0>(cS_rc(r, 0)));
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s_rc); ++c) {
         float t = 0.f;
         const float x = fast ? s_rc(r, c) * score.scale_log2
-                             : score(s_rc(r, c), i, n0 + get<1>(cS_rc(0, c)), &t);
+                             : score(s_rc(r, c), row, n0 + get<1>(cS_rc(0, c)), &t);
         const float pr = exp2f(x - lse2[r]);
         float ds = pr * (dp_rc(r, c) - dsum[r]);
         if (score.softcap > 0.f) ds *= 1.f - t * t;

@@ -1,4 +1,4 @@
-// Forward instantiation for head dim 64, float16: tiles 64 x 64, 4 warps.
+// Forward instantiation for head dim 64, float16: tiles 128 x 64, 4 warps.
 #include "cuda/sm80/flash_fwd_launch.cuh"
 #include "cuda/sm80/launch_list.h"
 
@@ -8,7 +8,7 @@ namespace sm80 {
 
 template <>
 cudaError_t run_fwd<64, false>(const AttentionForwardParams& p, cudaStream_t stream) {
-  return launch_fwd<FwdTraits<cute::half_t, 64, 64, 64, 4>>(p, stream);
+  return launch_fwd<FwdTraits<cute::half_t, 64, 128, 64, 4>>(p, stream);
 }
 
 }  // namespace sm80

@@ -13,7 +13,7 @@
 // finish with out = 0 and lse = -inf. lse is natural-log, of the scaled (modified) scores.
 //
 // Tiles (kBlockM x kBlockN, flash_fwd_hdim*.cu), chosen for zero register spills: head dim 64:
-// 64 x 64, 4 warps (24 KB shared); 128: 128 x 64, 8 warps (64 KB); 256: 64 x 32, 4 warps
+// 128 x 64, 4 warps (32 KB shared); 128: 128 x 64, 8 warps (64 KB); 256: 64 x 32, 4 warps
 // (64 KB). All fit the 99 KB a CTA may have on every sm8x and sm90.
 #pragma once
 
@@ -129,10 +129,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       float unused;
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        const int i = m0 + get<0>(cS_rc(r, 0));
+        const auto row = score.row(m0 + get<0>(cS_rc(r, 0)));
         CUTE_UNROLL
         for (int c = 0; c < size<1>(s_rc); ++c) {
-          s_rc(r, c) = score(s_rc(r, c), i, n0 + get<1>(cS_rc(0, c)), &unused);
+          s_rc(r, c) = score(s_rc(r, c), row, n0 + get<1>(cS_rc(0, c)), &unused);
         }
       }
     }

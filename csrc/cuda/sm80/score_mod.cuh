@@ -39,8 +39,23 @@ struct ScoreMod {
     return softcap <= 0.f && !alibi && mask_kind == MaskKind::kNone;
   }
 
-  __device__ __forceinline__ float mask_value(int i, int j) const {
-    const int64_t off = static_cast<int64_t>(i) * mask_stride_l + j * mask_stride_s;
+  // What the scores of query row i need, computed once per row rather than per element: the
+  // keys [lo, hi) it sees (none past the sequence's rows), i + diag for ALiBi and the offset of
+  // its mask row. 32-bit key bounds keep the per-element test to two integer compares.
+  struct Row {
+    int lo = 0, hi = 0;
+    int64_t i_diag = 0, mask_off = 0;
+  };
+  __device__ __forceinline__ Row row(int i) const {
+    Row r;
+    r.lo = seq.lo(i);
+    r.hi = i < seq.len_q ? seq.hi(i) : 0;
+    r.i_diag = static_cast<int64_t>(i) + seq.diag;
+    r.mask_off = static_cast<int64_t>(i) * mask_stride_l;
+    return r;
+  }
+
+  __device__ __forceinline__ float mask_value(int64_t off) const {
     switch (mask_kind) {
       case MaskKind::kBool:
         return reinterpret_cast<const uint8_t*>(mask)[off] ? 0.f : -INFINITY;
@@ -53,11 +68,12 @@ struct ScoreMod {
     }
   }
 
-  // The score in log2 units of raw product s = q_i . k_j (sequence indices i, j); -inf where
-  // key j takes no part. *tanh_out receives tanh(scale * s / softcap) when softcap > 0 (for
+  // The score in log2 units of raw product s = q_i . k_j (row r = row(i), sequence key index
+  // j); -inf where key j takes no part (j outside [lo(i), hi(i)) is exactly
+  // !seq.visible(i, j)). *tanh_out receives tanh(scale * s / softcap) when softcap > 0 (for
   // the backward's 1 - tanh^2).
-  __device__ __forceinline__ float operator()(float s, int i, int j, float* tanh_out) const {
-    if (!seq.visible(i, j)) return -INFINITY;
+  __device__ __forceinline__ float operator()(float s, const Row& r, int j, float* tanh_out) const {
+    if (j < r.lo || j >= r.hi) return -INFINITY;
     if (plain()) return s * scale_log2;
     float x;
     if (softcap > 0.f) {
@@ -67,8 +83,8 @@ struct ScoreMod {
     } else {
       x = s * scale;
     }
-    if (alibi) x -= slope * fabsf(static_cast<float>(static_cast<int64_t>(i) + seq.diag - j));
-    if (mask_kind != MaskKind::kNone) x += mask_value(i, j);
+    if (alibi) x -= slope * fabsf(static_cast<float>(r.i_diag - j));
+    if (mask_kind != MaskKind::kNone) x += mask_value(r.mask_off + j * mask_stride_s);
     return x * kLog2e;
   }
 };

@@ -28,21 +28,30 @@ __device__ __forceinline__ void load_tile(const Element* g, int64_t ld, int rows
   Tensor tD = thr.partition_D(s);
   Tensor tC = thr.partition_S(cT);
   static_assert(decltype(size<0>(tD))::value == 8);
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tD); ++m) {
-    const int r = get<0>(tC(0, m, 0));
-    const bool row_ok = r < rows;
+  // The vector test outside the loops: one branch per tile, not one per chunk (a per-chunk
+  // branch keeps both paths' addresses and predicates live).
+  if (vec) {
     CUTE_UNROLL
-    for (int k = 0; k < size<2>(tD); ++k) {
-      const int c = get<1>(tC(0, m, k));
-      if (vec) {
-        const bool ok = row_ok && c < cols;
+    for (int m = 0; m < size<1>(tD); ++m) {
+      const bool row_ok = get<0>(tC(0, m, 0)) < rows;
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tD); ++k) {
+        const bool ok = row_ok && get<1>(tC(0, m, k)) < cols;
         // An out-of-range chunk reads nothing (size 0) but needs a valid address: the base.
         const Element* src = ok ? &tS(0, m, k) : g;
         SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
             *reinterpret_cast<const cute::uint128_t*>(src),
             *reinterpret_cast<cute::uint128_t*>(&tD(0, m, k)), ok);
-      } else {
+      }
+    }
+  } else {
+    // The rare unaligned case, rolled: its addresses are computed as it goes rather than held.
+#pragma unroll 1
+    for (int m = 0; m < size<1>(tD); ++m) {
+      const bool row_ok = get<0>(tC(0, m, 0)) < rows;
+#pragma unroll 1
+      for (int k = 0; k < size<2>(tD); ++k) {
+        const int c = get<1>(tC(0, m, k));
         CUTE_UNROLL
         for (int v = 0; v < 8; ++v) {
           tD(v, m, k) = row_ok && c + v < cols ? (&tS(0, m, k))[v] : Element(0.f);
@@ -63,19 +72,25 @@ __device__ __forceinline__ void store_tile(Element* g, int64_t ld, int rows, int
   Tensor tS = thr.partition_S(s);
   Tensor tD = thr.partition_D(gT);
   Tensor tC = thr.partition_S(cT);
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tS); ++m) {
-    const int r = get<0>(tC(0, m, 0));
-    if (r >= rows) continue;
+  if (vec) {
     CUTE_UNROLL
-    for (int k = 0; k < size<2>(tS); ++k) {
-      const int c = get<1>(tC(0, m, k));
-      if (vec) {
-        if (c < cols) {
+    for (int m = 0; m < size<1>(tS); ++m) {
+      if (get<0>(tC(0, m, 0)) >= rows) continue;
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tS); ++k) {
+        if (get<1>(tC(0, m, k)) < cols) {
           *reinterpret_cast<cute::uint128_t*>(&tD(0, m, k)) =
               *reinterpret_cast<const cute::uint128_t*>(&tS(0, m, k));
         }
-      } else {
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int m = 0; m < size<1>(tS); ++m) {
+      if (get<0>(tC(0, m, 0)) >= rows) continue;
+#pragma unroll 1
+      for (int k = 0; k < size<2>(tS); ++k) {
+        const int c = get<1>(tC(0, m, k));
         CUTE_UNROLL
         for (int v = 0; v < 8; ++v) {
           if (c + v < cols) (&tD(0, m, k))[v] = tS(v, m, k);
