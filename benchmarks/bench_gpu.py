@@ -1,20 +1,23 @@
 #!/usr/bin/env python
-"""GPU attention benchmark: the triton backend against torch's SDPA backends and FlexAttention.
+"""GPU attention benchmark: the triton and cuda backends against torch's SDPA and FlexAttention.
 
-Providers: ``ours`` (the Triton operators of ``aigc_ext.backends.triton``), torch's
+Providers: ``triton`` (the Triton operators of ``aigc_ext.backends.triton``), ``cuda`` (the CUDA
+C++ kernels of ``torch.ops.aigc_ext.attention_forward``, builds with ``AIGC_EXT_WITH_CUDA=1``),
+torch's
 ``scaled_dot_product_attention`` restricted to one backend each (``flash``, ``efficient``,
 ``cudnn``; one that cannot serve a shape is reported as such) and ``flex``
 (``torch.compile``'d ``flex_attention``; causal through a block mask). Defaults: bfloat16,
-head dims 128 and 64, H = 16, L = S in {1k, 2k, 4k, 8k, 16k} with B * L = 16k tokens, causal
-and not, forward and forward+backward.
+head dims 64, 128 and 256, H * E = 2048 (H = 2048 / E), L = S in {1k, 2k, 4k, 8k, 16k} with
+B * L = 16k tokens, causal and not, forward and forward+backward. A bf16 matmul
+(``--matmul-size``, square) is timed in the same run: the table's "% of matmul" columns.
 
 Timing: ``triton.testing.do_bench`` (median; it flushes the L2 cache before every run).
 FLOPs: ``aigc_ext.bench.flops.attention_flop``, forward ``4 * B * H * L * S * E`` (halved when
 causal); forward+backward 3.5x that.
 Every measurement is appended to ``<out>/bench_gpu.jsonl`` at once, so a run cut short by a
 timeout keeps what it measured; ``--time-budget`` stops cleanly before that. The summary
-(``bench_gpu.json`` and a table of TFLOP/s with ours / fastest torch SDPA backend and
-ours / flex) is written at the end, or rebuilt from JSON-lines files with ``--report``.
+(``bench_gpu.json`` and a table of TFLOP/s with triton and cuda / fastest torch SDPA backend,
+/ flex and as % of the matmul rate) is written at the end, or rebuilt from JSON-lines files with ``--report``.
 
     python benchmarks/bench_gpu.py --out results/
     python benchmarks/bench_gpu.py --report results/bench_gpu.jsonl
@@ -38,7 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 TORCH_SDPA = ("flash", "efficient", "cudnn")
-PROVIDERS = ("ours", *TORCH_SDPA, "flex")
+OURS = ("triton", "cuda")
+PROVIDERS = (*OURS, *TORCH_SDPA, "flex")
 MODES = ("fwd", "fwdbwd")
 DTYPES = ("bf16", "fp16")
 
@@ -48,10 +52,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes, interpreter")
     p.add_argument("--out", default=os.environ.get("OUT"), help="results directory ($OUT)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--tokens", type=int, default=16384, help="B * L")
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--heads", type=int, default=0, help="heads (0: --head-product / E, at least 1)")
+    p.add_argument("--head-product", type=int, default=2048, help="H * E when --heads is 0")
+    p.add_argument("--matmul-size", type=int, default=8192, help="N of the N x N matmul (0: none)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -65,8 +71,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--report", nargs="+", metavar="JSONL", help="only print the table of these files"
     )
     a = p.parse_args(argv)
+    for name in ("heads", "head_product", "matmul_size", "tokens"):
+        if getattr(a, name) < 0 or (name in ("head_product", "tokens") and getattr(a, name) < 1):
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if any(e < 1 for e in a.head_dims) or any(n < 1 for n in a.seqs):
+        p.error(f"--head-dims and --seqs must be positive, got {a.head_dims} and {a.seqs}")
     if a.dry_run:
-        a.head_dims, a.seqs, a.tokens, a.heads = [16], [64], 64, 2
+        a.head_dims, a.seqs, a.tokens, a.heads, a.matmul_size = [16], [64], 64, 2, 64
         a.no_flex_compile = True
     return a
 
@@ -94,11 +105,31 @@ def flops(b: int, h: int, lq: int, lkv: int, e: int, causal: bool, mode: str) ->
     return attention_flop(b, h, lq, lkv, e, causal=causal, mode=_FLOP_MODES[mode])
 
 
-def _ours(torch):
+def heads_for(a, e: int) -> int:
+    """H for head dim ``e``: ``--heads``, or ``--head-product // e`` (at least 1)."""
+    return a.heads if a.heads else max(1, a.head_product // e)
+
+
+def _triton(torch):
     from aigc_ext.backends.triton import ops
 
     def fn(q, k, v, causal, scale):
         return ops.attention_with_lse(q, k, v, None, causal, scale)[0]
+
+    return fn
+
+
+def _cuda(torch):
+    from aigc_ext.backends.cpu import ops  # noqa: F401  (loads the library, its autograd)
+    from aigc_ext.backends.cuda.backend import unavailable_reason
+
+    why = unavailable_reason()
+    forward = torch.ops.aigc_ext.attention_forward
+
+    def fn(q, k, v, causal, scale):
+        if why is not None:
+            raise RuntimeError(f"cuda backend unavailable: {why}")
+        return forward(q, k, v, None, causal, scale)[0]
 
     return fn
 
@@ -144,8 +175,10 @@ def _flex(torch, compile_it: bool):
 
 
 def make_provider(torch, name: str, flex_compile: bool) -> Callable:
-    if name == "ours":
-        return _ours(torch)
+    if name == "triton":
+        return _triton(torch)
+    if name == "cuda":
+        return _cuda(torch)
     if name == "flex":
         return _flex(torch, flex_compile)
     return _torch_sdpa(torch, name)
@@ -194,6 +227,14 @@ def measure(torch, provider_fn, q, k, v, dout, causal, mode, time_ms) -> float:
         out.backward(dout)
 
     return time_ms(step, leaves)
+
+
+def matmul_tflops(torch, n: int, dtype, device: str, time_ms) -> float:
+    """TFLOP/s of an ``n x n`` by ``n x n`` matmul (``2 n^3`` FLOPs), timed as the attention."""
+    gen = torch.Generator(device="cpu").manual_seed(n)
+    x, y = (torch.randn((n, n), generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    ms = time_ms(lambda: torch.matmul(x, y), None)
+    return 2.0 * n**3 / (ms * 1e-3) / 1e12
 
 
 def _max_diff(torch, a, b) -> float:
@@ -245,10 +286,23 @@ def run(a) -> list[dict]:
         f"{torch.__version__}, dtype {dtype}, providers {', '.join(providers)}",
         flush=True,
     )
+    if a.matmul_size:
+        row = {"provider": "matmul", "mode": "matmul", "N": a.matmul_size, "device": device,
+               "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+        try:
+            row["tflops"] = matmul_tflops(torch, a.matmul_size, dtype, device, time_ms)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        rows.append(row)
+        if jsonl is not None:
+            with jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"matmul {a.matmul_size}^3: {row.get('tflops', row.get('error'))}", flush=True)
     for e, b, lq, causal in _cases(a):
+        heads = heads_for(a, e)
         gen = torch.Generator(device="cpu").manual_seed(lq + e)
         q, k, v, dout = (
-            torch.randn((b, a.heads, lq, e), generator=gen).to(device=device, dtype=dtype)
+            torch.randn((b, heads, lq, e), generator=gen).to(device=device, dtype=dtype)
             for _ in range(4)
         )
         reference, reference_name = None, None
@@ -262,7 +316,7 @@ def run(a) -> list[dict]:
                     "mode": mode,
                     "dtype": str(dtype).removeprefix("torch."),
                     "B": b,
-                    "H": a.heads,
+                    "H": heads,
                     "L": lq,
                     "S": lq,
                     "E": e,
@@ -279,7 +333,7 @@ def run(a) -> list[dict]:
                         row["diff_against"] = reference_name
                     ms = measure(torch, fn, q, k, v, dout, causal, mode, time_ms)
                     row["ms"] = ms
-                    row["tflops"] = flops(b, a.heads, lq, lq, e, causal, mode) / (ms * 1e-3) / 1e12
+                    row["tflops"] = flops(b, heads, lq, lq, e, causal, mode) / (ms * 1e-3) / 1e12
                 except Exception as exc:  # a backend that cannot serve this shape
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 rows.append(row)
@@ -302,17 +356,22 @@ def run(a) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One entry per (E, L, causal, mode): TFLOP/s per provider and ours' ratios."""
+    """One entry per (E, L, causal, mode): TFLOP/s per provider, and for triton and cuda the
+    ratios to the fastest torch SDPA backend, to flex and to the run's matmul rate."""
     groups: dict[tuple, dict] = {}
+    matmul = max((r["tflops"] for r in rows if r["mode"] == "matmul" and r.get("tflops")),
+                 default=None)  # fmt: skip
     for r in rows:
+        if r["mode"] == "matmul":
+            continue
         key = (r["E"], r["L"], r["causal"], r["mode"])
         g = groups.setdefault(
             key,
             {"E": r["E"], "L": r["L"], "B": r["B"], "causal": r["causal"], "mode": r["mode"]},
         )
         g.setdefault("tflops", {})[r["provider"]] = r.get("tflops")
-        if r.get("diff_against") == "ours" and r["provider"] != "ours":
-            g.setdefault("max_abs_diff_vs_ours", {})[r["provider"]] = r["max_abs_diff"]
+        if r.get("max_abs_diff") is not None and r.get("diff_against") != r["provider"]:
+            g.setdefault("max_abs_diff", {})[r["provider"]] = r["max_abs_diff"]
     out = []
     for key in sorted(groups):
         g = groups[key]
@@ -321,28 +380,43 @@ def summarize(rows: list[dict]) -> list[dict]:
             ((p, t[p]) for p in TORCH_SDPA if t.get(p)), key=lambda x: x[1], default=(None, None)
         )
         g["fastest_torch_sdpa"] = torch_best[0]
-        ours = t.get("ours")
-        g["ours_vs_fastest_torch_sdpa"] = ours / torch_best[1] if ours and torch_best[1] else None
-        g["ours_vs_flex"] = ours / t["flex"] if ours and t.get("flex") else None
+        g["matmul_tflops"] = matmul
+        for p in OURS:
+            ours = t.get(p)
+            g[f"{p}_vs_fastest_torch_sdpa"] = (
+                ours / torch_best[1] if ours and torch_best[1] else None
+            )
+            g[f"{p}_vs_flex"] = ours / t["flex"] if ours and t.get("flex") else None
+            g[f"{p}_pct_of_matmul"] = 100.0 * ours / matmul if ours and matmul else None
         out.append(g)
     return out
 
 
 def _diff_cell(g: dict) -> str:
-    """Forward rows: the largest max|ours - other provider| over the providers that served."""
-    diffs = [d for d in g.get("max_abs_diff_vs_ours", {}).values() if d is not None]
+    """Forward rows: the largest max|diff| against the first provider that served."""
+    diffs = [d for d in g.get("max_abs_diff", {}).values() if d is not None]
     return f"{max(diffs):.1e}" if diffs else "-"
 
 
+def _ratio(value: float | None, suffix: str = "x", digits: int = 2) -> str:
+    return f"{value:.{digits}f}{suffix}" if value else "-"
+
+
 def table(summary: list[dict]) -> str:
+    ratio_heads = [f"{p}/sdpa" for p in OURS] + [f"{p}/flex" for p in OURS]
+    ratio_heads += [f"{p}%mm" for p in OURS]
     head = (
         f"{'E':>3} {'L':>6} {'B':>3} {'causal':6} {'mode':6} "
         + " ".join(f"{p:>9}" for p in PROVIDERS)
-        + f" {'ours/sdpa':>9} {'best sdpa':>9} {'ours/flex':>9} {'max|diff|':>9}"
+        + " ".join(f" {h:>11}" for h in ratio_heads)
+        + f" {'best sdpa':>9} {'max|diff|':>9}"
     )
+    matmul = next((g["matmul_tflops"] for g in summary if g.get("matmul_tflops")), None)
     lines = [
-        "TFLOP/s (- = not served or not measured); max|diff|: forward output, ours against the "
-        "other providers",
+        "TFLOP/s (- = not served or not measured); x/sdpa: against the fastest torch SDPA "
+        "backend; x%mm: % of the bf16 matmul rate "
+        + (f"({matmul:.1f} TFLOP/s)" if matmul else "(not measured)")
+        + "; max|diff|: forward output against the first provider that served",
         head,
         "-" * len(head),
     ]
@@ -351,13 +425,14 @@ def table(summary: list[dict]) -> str:
         for p in PROVIDERS:
             v = g["tflops"].get(p)
             cells.append(f"{v:9.1f}" if v else f"{'-':>9}")
-        r1, r2 = g["ours_vs_fastest_torch_sdpa"], g["ours_vs_flex"]
+        ratios = [_ratio(g[f"{p}_vs_fastest_torch_sdpa"]) for p in OURS]
+        ratios += [_ratio(g[f"{p}_vs_flex"]) for p in OURS]
+        ratios += [_ratio(g[f"{p}_pct_of_matmul"], "%", 1) for p in OURS]
         lines.append(
             f"{g['E']:>3} {g['L']:>6} {g['B']:>3} {g['causal']!s:6} {g['mode']:6} "
             + " ".join(cells)
-            + f" {(f'{r1:.2f}x' if r1 else '-'):>9} {g['fastest_torch_sdpa'] or '-':>9}"
-            + f" {(f'{r2:.2f}x' if r2 else '-'):>9}"
-            + f" {_diff_cell(g):>9}"
+            + "".join(f" {r:>11}" for r in ratios)
+            + f" {g['fastest_torch_sdpa'] or '-':>9} {_diff_cell(g):>9}"
         )
     return "\n".join(lines)
 

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# GPU check of the triton backend, in one command, within 8 minutes:
+# GPU check of the triton and cuda backends, in one command, within 8 minutes:
 #
 #   bash benchmarks/gpu_check.sh
 #
 # On a machine with one CUDA GPU and torch + Triton already installed (nothing is downloaded):
-#   1. installs this package in place (pip install --no-build-isolation --no-deps --no-index -e .;
-#      builds the C++ CPU extension, about 1-2 minutes);
-#   2. runs the triton tests on the GPU (tests/attention/test_triton*.py and the contract suite's triton
-#      cases, AIGC_EXT_TEST_DEVICE=cuda), split over parallel pytest processes because Triton
+#   1. installs this package in place with the CUDA kernels (AIGC_EXT_WITH_CUDA=1,
+#      AIGC_EXT_CUDA_ARCHS=90a; needs nvcc and the CUTLASS headers of the nvidia-cutlass wheel);
+#      if that build fails, installs it without them so that the triton stages still run;
+#   2. runs the triton and cuda tests on the GPU (tests/attention/test_triton*.py, the contract
+#      suites' triton and cuda cases, tests/flash/test_triton_flash.py, tests/cuda with its
+#      compute-sanitizer run; AIGC_EXT_TEST_DEVICE=cuda), split over parallel pytest processes because Triton
 #      compiles kernels on one core per process;
-#   3. benchmarks the triton backend against torch's SDPA backends (flash, efficient, cuDNN),
-#      then against torch.compile'd FlexAttention (benchmarks/bench_gpu.py), bf16, head dims 128
-#      and 64, L = S in 1k..16k with B * L = 16k, H = 16, causal and not, fwd and fwd+bwd;
+#   3. benchmarks the triton and cuda backends against torch's SDPA backends (flash, efficient,
+#      cuDNN), then against torch.compile'd FlexAttention (benchmarks/bench_gpu.py), bf16, head
+#      dims 64, 128 and 256, H * E = 2048, L = S in 1k..16k with B * L = 16k, causal and not,
+#      fwd and fwd+bwd, with a bf16 matmul rate for the "% of matmul" columns;
 #   4. prints the test counts and the benchmark table.
 #
 # Every stage runs under `timeout` with a share of the overall budget (GPU_CHECK_BUDGET seconds,
@@ -82,11 +85,26 @@ say "machine"
 
 # ---------------------------------------------------------------------------------------------
 export MAX_JOBS=${MAX_JOBS:-$NPROC}
-if ! run install "$(allot 240 200)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
+PIP_INSTALL=("$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
+CUDA_BUILT=0
+if ! command -v nvcc > /dev/null 2>&1; then
+  say "install-cuda: no nvcc on PATH; building without the CUDA kernels"
+  STATUS+=("install-cuda: failed (no nvcc)")
+elif ! "$PY" -c "import cutlass_library" > /dev/null 2>&1; then
+  say "install-cuda: the nvidia-cutlass wheel (CUTLASS headers) is not installed; building without the CUDA kernels"
+  STATUS+=("install-cuda: failed (no nvidia-cutlass wheel)")
+elif AIGC_EXT_WITH_CUDA=1 AIGC_EXT_CUDA_ARCHS=${AIGC_EXT_CUDA_ARCHS:-90a} \
+    run install-cuda "$(allot 300 170)" "${PIP_INSTALL[@]}"; then
+  CUDA_BUILT=1
+else
+  say "install-cuda: the CUDA build failed (see install-cuda.log); building without the CUDA kernels"
+fi
+if (( ! CUDA_BUILT )) && ! run install "$(allot 240 150)" "${PIP_INSTALL[@]}"; then
   say "install failed: the package cannot be imported, stopping"
   printf '%s\n' "${STATUS[@]}" | tee -a "$LOG"
   exit 1
 fi
+"$PY" -c "from aigc_ext.backends.cuda.backend import unavailable_reason as r; print('cuda backend:', r() or 'available')" 2>&1 | tee -a "$LOG"
 
 # ---------------------------------------------------------------------------------------------
 # Tests: collected once, then split round-robin over SHARDS pytest processes (pytest-xdist is
@@ -95,7 +113,7 @@ TEST_SECS=$(allot 170 170)
 SHARDS=${SHARDS:-$(( NPROC > 16 ? 8 : (NPROC + 1) / 2 ))}
 export AIGC_EXT_TEST_DEVICE=cuda
 PYTEST_ARGS=(-p no:cacheprovider -rfEs -v --maxfail=200)
-TEST_SEL=(tests/attention/test_triton.py tests/attention/test_triton_nonfinite.py tests/attention/test_triton_opcheck.py tests/attention/test_triton_tools.py tests/attention/test_attention_contract.py -k triton)
+TEST_SEL=(tests/attention/test_triton.py tests/attention/test_triton_nonfinite.py tests/attention/test_triton_opcheck.py tests/attention/test_triton_tools.py tests/attention/test_attention_contract.py tests/flash/test_triton_flash.py tests/flash/test_flash_contract.py tests/cuda -k "triton or cuda")
 if "$PY" -c "import xdist" 2>/dev/null; then
   run tests "$TEST_SECS" "$PY" -m pytest "${TEST_SEL[@]}" "${PYTEST_ARGS[@]}" -n "$SHARDS"
 else
@@ -142,10 +160,10 @@ unset AIGC_EXT_TEST_DEVICE
 # Benchmark: ours and torch's SDPA backends first, FlexAttention (compiles per shape) after.
 BENCH_SECS=$(allot 160 90)
 run bench "$BENCH_SECS" "$PY" benchmarks/bench_gpu.py --out "$OUT_DIR" \
-  --providers ours flash efficient cudnn --time-budget $(( BENCH_SECS > 30 ? BENCH_SECS - 20 : 10 ))
+  --providers triton cuda flash efficient cudnn --time-budget $(( BENCH_SECS > 30 ? BENCH_SECS - 20 : 10 ))
 FLEX_SECS=$(allot 200 25)
 run bench-flex "$FLEX_SECS" "$PY" benchmarks/bench_gpu.py --out "$OUT_DIR" \
-  --providers flex --time-budget $(( FLEX_SECS > 30 ? FLEX_SECS - 20 : 10 ))
+  --providers flex --matmul-size 0 --time-budget $(( FLEX_SECS > 30 ? FLEX_SECS - 20 : 10 ))
 
 # ---------------------------------------------------------------------------------------------
 say "summary"

@@ -20,6 +20,7 @@ __all__ = ["BUILTIN_BACKENDS", "aigc_register_attention_backends", "builtin_spec
 BUILTIN_BACKENDS: tuple[str, ...] = (
     "cpu",
     "triton",
+    "cuda",
     "reference",
 )
 

@@ -62,6 +62,7 @@ BACKWARD_SCHEMA = (
 BACKEND_OPERATORS: dict[str, tuple[str, str]] = {
     "cpu": ("flash_forward", "flash_backward"),
     "triton": ("triton_flash_forward", "triton_flash_backward"),
+    "cuda": ("flash_forward", "flash_backward"),  # the C++ operators' CUDA kernels
     "reference": ("flash_reference_forward", "flash_reference_backward"),
 }
 _TRITON_MODULE = "aigc_ext.backends.triton.flash_ops"  # defines the triton pair when imported
@@ -231,9 +232,23 @@ def _load_triton() -> None:
     register_flash_operator(forward, backward)
 
 
+def _has_cuda_kernels() -> bool:
+    """Whether ``flash_forward`` / ``flash_backward`` have CUDA kernels (AIGC_EXT_WITH_CUDA=1)."""
+    forward, backward = BACKEND_OPERATORS["cuda"]
+    return all(
+        _has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(_qualname(name), "CUDA")
+        for name in (forward, backward)
+    )
+
+
 def available_flash_backends() -> list[str]:
-    """The backends whose operators exist in this process (``triton`` once it is loaded)."""
-    return [name for name, (fwd, bwd) in BACKEND_OPERATORS.items() if _has_op(fwd) and _has_op(bwd)]
+    """The backends whose operators exist in this process (``triton`` once it is loaded,
+    ``cuda`` in builds with CUDA kernels)."""
+    return [
+        name
+        for name, (fwd, bwd) in BACKEND_OPERATORS.items()
+        if _has_op(fwd) and _has_op(bwd) and (name != "cuda" or _has_cuda_kernels())
+    ]
 
 
 def _operator(device_type: str, backend: str | None):
@@ -264,6 +279,12 @@ def _operator(device_type: str, backend: str | None):
         raise FlashArgumentError(
             "flash_attention: backend 'cpu' needs torch.ops.aigc_ext.flash_forward, which this "
             "build of aigc_ext._C does not define"
+        )
+    elif backend == "cuda" and not _has_cuda_kernels():
+        raise FlashArgumentError(
+            "flash_attention: backend 'cuda' needs the CUDA kernels of "
+            "torch.ops.aigc_ext.flash_forward / flash_backward; this build of aigc_ext._C has "
+            "none (build with AIGC_EXT_WITH_CUDA=1)"
         )
     return getattr(torch.ops.aigc_ext, BACKEND_OPERATORS[backend][0])
 
@@ -314,6 +335,7 @@ def flash_attention(
     (:func:`new_rng_state`) and that q, k, v whose last dim is strided are copied first. ``backend``: ``None`` picks by device (CPU tensors: the C++
     operator, or the reference with a one-time warning where the build lacks it; CUDA: the
     Triton operator), or ``"cpu"``, ``"triton"`` (on CPU tensors under ``TRITON_INTERPRET=1``),
+    ``"cuda"`` (the CUDA C++ kernels, CUDA tensors, builds with ``AIGC_EXT_WITH_CUDA=1``),
     ``"reference"``. Differentiable in q, k, v and sinks except for the KV-cache forms.
     """
     if scale is None and isinstance(q, torch.Tensor):

@@ -25,6 +25,21 @@ BACKWARD = "aigc_ext::attention_backward"
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DEVICE_TYPES = ("cpu", "meta")  # the operator's CPU kernel, and shape propagation on meta
+_cuda_kernels: bool | None = None  # whether the library has CUDA kernels (read once, lazily)
+
+
+def _device_served(device_type: str) -> bool:
+    """Whether the operators have a kernel for ``device_type``: CPU and meta always, CUDA in
+    builds with ``AIGC_EXT_WITH_CUDA=1`` (so the fake kernels accept CUDA tensors there)."""
+    global _cuda_kernels
+    if device_type in _DEVICE_TYPES:
+        return True
+    if device_type != "cuda":
+        return False
+    if _cuda_kernels is None:
+        _cuda_kernels = bool(torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, "CUDA"))
+    return _cuda_kernels
+
 
 # The names c10 prints for a ScalarType, so that messages read as the C++ kernel's do.
 _C10_DTYPE_NAMES = {
@@ -67,9 +82,10 @@ def _check_devices(
                 f"{op}: {name} is on {t.device} but query is on {query.device}; "
                 "all tensors must be on one device"
             )
-    if query.device.type not in _DEVICE_TYPES:
+    if not _device_served(query.device.type):
+        served = "CPU and CUDA" if _device_served("cuda") else "CPU"
         raise RuntimeError(
-            f"{op}: the tensors are on {query.device}; this operator has a kernel for CPU "
+            f"{op}: the tensors are on {query.device}; this operator has a kernel for {served} "
             "tensors only"
         )
 
