@@ -5,7 +5,8 @@
 #
 # On a machine with one CUDA GPU and torch + Triton already installed (nothing is downloaded):
 #   1. installs this package in place with the CUDA kernels (AIGC_EXT_WITH_CUDA=1,
-#      AIGC_EXT_CUDA_ARCHS=90a; needs nvcc and the CUTLASS headers of the nvidia-cutlass wheel);
+#      AIGC_EXT_CUDA_ARCHS=90a; needs nvcc and the CUTLASS headers: AIGC_EXT_CUTLASS_INCLUDE, the
+#      nvidia-cutlass wheel installed, or its wheel file in .whl/, unpacked into /tmp);
 #      if that build fails, installs it without them so that the triton stages still run;
 #   2. runs the triton and cuda tests on the GPU (tests/attention/test_triton*.py, the contract
 #      suites' triton and cuda cases, tests/flash/test_triton_flash.py, tests/cuda with its
@@ -87,11 +88,23 @@ say "machine"
 export MAX_JOBS=${MAX_JOBS:-$NPROC}
 PIP_INSTALL=("$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
 CUDA_BUILT=0
+# CUTLASS/CuTe headers: AIGC_EXT_CUTLASS_INCLUDE, the installed nvidia-cutlass wheel, or that
+# wheel carried in .whl/ (an image without it: `pip download --no-deps nvidia-cutlass==4.2.0.0
+# -d .whl` beforehand), unpacked here into a private folder.
+CUTLASS_WHEEL=$(ls .whl/nvidia_cutlass-*.whl 2> /dev/null | head -n 1)
+if [[ -z "${AIGC_EXT_CUTLASS_INCLUDE:-}" && -n "$CUTLASS_WHEEL" ]] &&
+  ! "$PY" -c "import cutlass_library" > /dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/aigc-ext-cutlass \
+    "$CUTLASS_WHEEL" >> "$OUT_DIR/install-cuda.log" 2>&1; then
+    export AIGC_EXT_CUTLASS_INCLUDE=/tmp/aigc-ext-cutlass/cutlass_library/source/include
+    say "install-cuda: CUTLASS headers from $CUTLASS_WHEEL"
+  fi
+fi
 if ! command -v nvcc > /dev/null 2>&1; then
   say "install-cuda: no nvcc on PATH; building without the CUDA kernels"
   STATUS+=("install-cuda: failed (no nvcc)")
-elif ! "$PY" -c "import cutlass_library" > /dev/null 2>&1; then
-  say "install-cuda: the nvidia-cutlass wheel (CUTLASS headers) is not installed; building without the CUDA kernels"
+elif [[ -z "${AIGC_EXT_CUTLASS_INCLUDE:-}" ]] && ! "$PY" -c "import cutlass_library" > /dev/null 2>&1; then
+  say "install-cuda: no CUTLASS headers (AIGC_EXT_CUTLASS_INCLUDE unset, no nvidia-cutlass wheel installed or in .whl/); building without the CUDA kernels"
   STATUS+=("install-cuda: failed (no nvidia-cutlass wheel)")
 elif AIGC_EXT_WITH_CUDA=1 AIGC_EXT_CUDA_ARCHS=${AIGC_EXT_CUDA_ARCHS:-90a} \
     run install-cuda "$(allot 300 170)" "${PIP_INSTALL[@]}"; then
