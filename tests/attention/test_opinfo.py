@@ -222,11 +222,13 @@ def check_sample(
 
 
 def _known_decode_score_mismatch(dtype: torch.dtype, index: int, backend: str | None) -> bool:
-    """A known defect, kept visible: in the AVX-512 build the fp32 decoding forward (a few query
-    rows) takes its scores from its own dot products, and the backward recomputes them with
-    BLAS. Scores of magnitude ~60 then differ by an ulp between the two, and the causal samples
-    with 3 query rows and 6 keys end up with grad query errors about 4x torch's (2.5e-5 on
-    values up to 10.5)."""
+    """A known defect, kept visible: the fp32 decoding forward (a few query rows) computes its
+    scores with MKL sgemm calls of one shape (the rows of a KV head x a decoding block) and the
+    backward recomputes them with calls of another (its tiles); on an Intel Xeon (AVX-512 kernel)
+    MKL rounds the two differently. With scores of magnitude ~60 the probabilities then miss
+    their normalisation by a few ulps, and the causal samples with 3 query rows and 6 keys get
+    grad query errors about 4x torch's (2.5e-5 on values up to 10.5). On AMD EPYC the two agree
+    and the samples pass."""
     if dtype != F32 or backend not in (None, "cpu"):
         return False
     if "isa=avx512" not in aigc_ext.ops.cpu_kernel_config():
