@@ -16,12 +16,11 @@ with ``AIGC_EXT_WITH_CUDA=1``. The Triton backend uses operators of its own
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+# The same operator as the cpu backend's: the dispatcher picks its CUDA kernel for CUDA tensors.
+from aigc_ext.backends.cpu.backend import serve
 from aigc_ext.backends.spec import BackendSpec
-from aigc_ext.layout import run_attention_op
 from aigc_ext.validation import AttentionCall
 
 __all__ = [
@@ -39,7 +38,6 @@ MAX_HEAD_DIM = 256
 PRIORITY = 150
 _DTYPES = (torch.float16, torch.bfloat16)
 _FORWARD = "aigc_ext::attention_forward"
-_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # set by the first call
 
 
 def has_cuda_kernels(op: str = _FORWARD) -> bool:
@@ -93,16 +91,6 @@ def unsupported_reason(call: AttentionCall) -> str | None:
     if call.head_dim < 1 or call.head_dim_v < 1:
         return "head dims of 0 are not supported"
     return None
-
-
-def serve(call: AttentionCall) -> torch.Tensor:
-    """Runs a validated call on the operator's CUDA kernel."""
-    global _forward
-    if _forward is None:
-        from aigc_ext.backends.cpu import ops  # noqa: F401  (registers fakes and autograd)
-
-        _forward = torch.ops.aigc_ext.attention_forward
-    return run_attention_op(_forward, call)
 
 
 BACKEND = BackendSpec(
