@@ -15,9 +15,9 @@
 // is reused from L1/L2 by every 6-row tile of A.
 //
 // Part of the per-ISA CPU kernel (AVX-512 build only): included by gemm.h inside
-// aigc_ext::cpu::AIGC_ISA_NAMESPACE. Every function carries target("avx512bf16"): the build
-// flags of the AVX-512 copy do not include it, and callers reach it only where the CPU has it
-// (cpu_has_avx512_bf16()).
+// aigc_ext::cpu::AIGC_ISA_NAMESPACE. The tiles carry target("avx512bf16"): the build flags of
+// the AVX-512 copy do not include it, and callers reach them only where the CPU has it
+// (cpu_has_avx512_bf16(), in vnni_engine).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -73,11 +73,10 @@ using TileFn = void (*)(int64_t, const c10::BFloat16*, int64_t, const c10::BFloa
 
 // tiles[mr - 1][nr - 1] is tile<mr, nr>: the ragged edges of a product get their own tiles.
 template <int... M, int... N>
-constexpr auto make_tiles(std::integer_sequence<int, M...>, std::integer_sequence<int, N...> ns) {
+constexpr auto make_tiles(std::integer_sequence<int, M...>, std::integer_sequence<int, N...>) {
   const auto row = [](auto m) {
     return std::array<TileFn, sizeof...(N)>{&tile<decltype(m)::value + 1, N + 1>...};
   };
-  (void)ns;
   return std::array<std::array<TileFn, sizeof...(N)>, sizeof...(M)>{
       row(std::integral_constant<int, M>{})...};
 }
