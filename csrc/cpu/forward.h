@@ -112,6 +112,12 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
 
   const FlashFeatures& f = p.flash;
   const bool mods = f.any_score_mod();
+  // A softcap alone is fused into the exponential pass (row_exp_sum_to) instead of a pass of
+  // its own over the scores. It is increasing, so a row's largest capped score is the cap of its
+  // largest raw score.
+  const bool fused_cap = !std::is_same_v<T, double> && f.softcap > 0 && !f.alibi &&
+                         p.mask_kind == MaskKind::kNone && scale > 0;
+  const float cap = fused_cap ? static_cast<float>(f.softcap) : 0.f;
   const Dropout drop(f);
 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
@@ -183,7 +189,7 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             const int64_t lo = std::clamp<int64_t>(sq.lo(i) - base, 0, width);
             const int64_t valid = std::clamp<int64_t>(sq.hi(i) - base, lo, width);
             A eff_scale = scale;
-            if (mods) {
+            if (mods && !fused_cap) {
               score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, base, nullptr);
               if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
                 apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
@@ -208,10 +214,17 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                 A sum = 0;
                 bool visible = valid > lo;
                 if (visible && m[ri] == neg_inf<A>()) {
-                  const A bmax = row_max(s, valid) * eff_scale;
+                  A bmax = row_max(s, valid) * eff_scale;
+                  if (fused_cap) bmax = cap * std::tanh(bmax / cap);
                   visible = bmax != neg_inf<A>();
                   if (visible) m[ri] = bmax;
                 }
+                // The fused softcap maps the -inf before the window to -cap: it starts at lo.
+                const auto exp_pass = [&](A shift, float* xmax) {
+                  if (!fused_cap) return row_exp_sum_to(s, valid, eff_scale, shift, pr, xmax);
+                  std::fill(pr, pr + lo, P(0));
+                  return row_exp_sum_to(s + lo, valid - lo, eff_scale, shift, pr + lo, xmax, cap);
+                };
                 if (visible) {
                   // A NaN m (NaN among the first visible scores) makes every exponential, hence l
                   // and the row's output, NaN; NaN scores in later blocks make their sum NaN.
@@ -221,13 +234,13 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                   bool lazy = !(std::abs(m[ri]) > kExactShift<A>);
                   if (lazy) {
                     float xmax;
-                    sum = row_exp_sum_to(s, valid, eff_scale, m[ri], pr, &xmax);
+                    sum = exp_pass(m[ri], &xmax);
                     if (xmax > kLazyMax) {
                       const A m_new = m[ri] + xmax;
                       lazy = !(std::abs(m_new) > kExactShift<A>);
                       if (lazy) {
                         const A alpha = std::exp(m[ri] - m_new);
-                        sum = row_exp_sum_to(s, valid, eff_scale, m_new, pr, &xmax);
+                        sum = exp_pass(m_new, &xmax);
                         row_scale(acc_row, Ev, alpha);
                         l[ri] *= alpha;
                         m[ri] = m_new;
@@ -237,6 +250,10 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                   if (lazy) {
                     l[ri] += sum;
                   } else {
+                    if (fused_cap) {  // the capped scores, for the exact update
+                      score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, base, nullptr);
+                      eff_scale = 1;
+                    }
                     online_softmax_block(s, valid, eff_scale, m[ri], l[ri], acc_row, Ev);
                     convert_row(s, pr, valid);
                   }

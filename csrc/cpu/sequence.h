@@ -114,20 +114,7 @@ inline void score_mods_row(A* s, int64_t start, int64_t end, A scale, const Flas
     int64_t j = start;
     const Vec vinv(inv), vcap(cap);
     for (; j + Vec::size() <= end; j += Vec::size()) {
-      Vec t;
-      if constexpr (std::is_same_v<A, float>) {
-        // tanh(y) = 1 - 2 / (e^(2y) + 1) on the kernel's fast exponential: a few ulp of 1 in
-        // absolute error (the score's own rounding is softcap * 2^-24), a fraction of
-        // Sleef's tanh cost. e^(2y) overflows to inf for large y: t = 1; NaN stays NaN.
-#if defined(CPU_CAPABILITY_AVX2)
-        t = Vec(tanh_avx2(Vec::loadu(s + j) * vinv));
-#else
-        const Vec one(1.f), two(2.f);
-        t = one - two / (vexp(Vec::loadu(s + j) * (vinv * two)) + one);
-#endif
-      } else {
-        t = (Vec::loadu(s + j) * vinv).tanh();
-      }
+      const Vec t = vtanh(Vec::loadu(s + j) * vinv);
       if (tanh_out) t.store(tanh_out + j);
       (t * vcap).store(s + j);
     }

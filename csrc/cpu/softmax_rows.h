@@ -20,6 +20,17 @@ namespace {
 template <typename A>
 constexpr A kExactShift = A(1) / (64 * std::numeric_limits<A>::epsilon());
 
+// tanh(x) ~= x P(x^2) / Q(x^2) for |x| <= kTanhClamp (where tanh rounds to 1 in fp32; beyond, x is
+// clamped): a rational fit of degree 4 over 4 in x^2, minimising the relative error (5.7e-9 in
+// exact arithmetic, 3 ulp evaluated in fp32). Unlike 1 - 2 / (e^(2x) + 1) it keeps its relative
+// accuracy for small |x|, where a softcap far above the scores puts them. Q has no zero on the
+// real line's positive half (its roots are at x^2 < 0).
+constexpr float kTanhClamp = 7.90531110763549805f;
+constexpr float kTanhP[5] = {1.f, 0.134502917528152f, 3.57859418727457523e-3f, 2.20163110498106e-5f,
+                             1.541727456810804e-8f};
+constexpr float kTanhQ[5] = {1.f, 0.467836201190948f, 2.619074285030365e-2f, 3.4229850280098617e-4f,
+                             8.59465615121735e-7f};
+
 // ------------------------------------------------------------------------------------------
 // Row operations of the online softmax (vectorised over keys)
 // ------------------------------------------------------------------------------------------
@@ -126,26 +137,55 @@ inline __m512 exp2_avx512(__m512 x) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
+// tanh for 16 floats on the rational fit above; the division as vrcp14ps and one Newton step
+// (relative error ~2^-23; vdivps would cost more than the rest of the softcap). The clamp keeps
+// NaN (vminps/vmaxps return their second operand when one is NaN).
+inline __m512 tanh_avx512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-kTanhClamp), _mm512_min_ps(_mm512_set1_ps(kTanhClamp), x));
+  // Estrin's scheme in x^2 and x^4: shorter dependency chains than Horner's.
+  const __m512 x2 = _mm512_mul_ps(x, x), x4 = _mm512_mul_ps(x2, x2);
+  const auto poly = [&](const float* c) {
+    const __m512 lo = _mm512_fmadd_ps(_mm512_set1_ps(c[1]), x2, _mm512_set1_ps(c[0]));
+    const __m512 hi = _mm512_fmadd_ps(_mm512_set1_ps(c[3]), x2, _mm512_set1_ps(c[2]));
+    return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(c[4]), x4, hi), x4, lo);
+  };
+  const __m512 p = poly(kTanhP), q = poly(kTanhQ);
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(1.f)), r);
+  return _mm512_mul_ps(_mm512_mul_ps(x, p), r);
+}
+
 // The fused row pass of the forward for bf16 (hardware conversion) and fp32 probabilities:
-// out[i] = exp(s[i] * scale - shift) rounded to T, the fp32 sum returned, max(s[i] * scale -
-// shift) in *xmax. Computed as 2^(s * scale * log2e - shift * log2e), which saves the range
-// reduction's multiply. Marked avx512bf16 for the bf16 conversion; the fp32 instantiation
-// contains no bf16 instruction and runs on any AVX-512 CPU.
-template <typename T>
+// out[i] = exp(x[i]) rounded to T, the fp32 sum returned, max(x[i]) in *xmax, where x[i] =
+// s[i] * scale - shift, or softcap * tanh(s[i] * scale / softcap) - shift when softcap > 0.
+// Computed in base 2, 2^(x * log2e), which saves the range reduction's multiply. Marked
+// avx512bf16 for the bf16 conversion; the fp32 instantiation contains no bf16 instruction and
+// runs on any AVX-512 CPU.
+template <typename T, bool kCap>
 __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const float* s, int64_t n,
                                                                       float scale, float shift,
-                                                                      T* out, float* xmax) {
+                                                                      float softcap, T* out,
+                                                                      float* xmax) {
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   static_assert(kBf16 || std::is_same_v<T, float>);
   constexpr int kDegree = kBf16 ? 4 : 5;
   const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
+  const __m512 vinv = _mm512_set1_ps(kCap ? scale / softcap : 0.f);
+  const __m512 vcap = _mm512_set1_ps(softcap * kLog2e);
+  const auto exponent = [&](__m512 x) {
+    if constexpr (kCap) {
+      return _mm512_fmsub_ps(tanh_avx512(_mm512_mul_ps(x, vinv)), vcap, vshift);
+    } else {
+      return _mm512_fmsub_ps(x, vscale, vshift);
+    }
+  };
   // Two sums and two maxima: independent chains for the two halves of each step.
   __m512 vsum = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vmax1 = vmax;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vscale, vshift);
-    const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vscale, vshift);
+    const __m512 x0 = exponent(_mm512_loadu_ps(s + i));
+    const __m512 x1 = exponent(_mm512_loadu_ps(s + i + 16));
     vmax = _mm512_max_ps(vmax, x0);
     vmax1 = _mm512_max_ps(vmax1, x1);
     const __m512 e0 = exp2_avx512<kDegree>(x0);
@@ -162,7 +202,7 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
   for (; i < n; i += 16) {
     const int64_t r = std::min<int64_t>(16, n - i);
     const __mmask16 k = static_cast<__mmask16>((1u << r) - 1);
-    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vscale, vshift);
+    const __m512 x = exponent(_mm512_maskz_loadu_ps(k, s + i));
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
     const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<kDegree>(x));
     vsum = _mm512_add_ps(vsum, e);
@@ -202,33 +242,44 @@ inline __m256 exp2_avx2(__m256 x) {
 constexpr float kLog2eAvx2 = 1.44269504088896341f;
 constexpr float kLn2Avx2 = 0.693147180559945309f;
 
-// tanh(x) for 8 floats, as 1 - 2 / (2^(2 x log2e) + 1) on exp2_avx2: the softcap's score
-// modification. The exponent is capped at 64 (tanh is 1 in fp32 long before), which keeps
-// exp2_avx2 in range; vminps with the cap first returns x itself for NaN, so NaN propagates.
-// Absolute error a few ulp of 1, as the scores' own rounding at softcap magnitude.
+// tanh for 8 floats on the rational fit above (vdivps ymm is cheap enough here). The clamp keeps
+// NaN (vminps/vmaxps return their second operand when one is NaN).
 inline __m256 tanh_avx2(__m256 x) {
-  const __m256 z =
-      _mm256_min_ps(_mm256_set1_ps(64.f), _mm256_mul_ps(x, _mm256_set1_ps(2.f * kLog2eAvx2)));
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 d = _mm256_add_ps(exp2_avx2(z), one);
-  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), d));
+  x = _mm256_max_ps(_mm256_set1_ps(-kTanhClamp), _mm256_min_ps(_mm256_set1_ps(kTanhClamp), x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kTanhP[4]), x2, _mm256_set1_ps(kTanhP[3]));
+  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(kTanhQ[4]), x2, _mm256_set1_ps(kTanhQ[3]));
+  for (int c = 2; c >= 0; --c) {
+    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kTanhP[c]));
+    q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(kTanhQ[c]));
+  }
+  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
 }
 
-// The forward's fused row pass on AVX2 (row_exp_sum_to's contract): out[i] = exp(s[i] * scale
-// - shift) rounded to T, the fp32 sum returned, max(s[i] * scale - shift) in *xmax. Computed as
-// 2^(s * scale * log2e - shift * log2e), one FMA for the exponent; 16 scores a step, two
-// independent sums and maxima.
-template <typename T>
-inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift, T* out,
-                              float* xmax) {
+// The forward's fused row pass on AVX2 (row_exp_sum_to's contract, softcap included): out[i] =
+// exp(x[i]) rounded to T, the fp32 sum returned, max(x[i]) in *xmax. Computed as
+// 2^(x * log2e), one FMA for the exponent without a softcap; 16 scores a step, two independent
+// sums and maxima.
+template <typename T, bool kCap>
+inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift, float softcap,
+                              T* out, float* xmax) {
   const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
   const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
+  const __m256 vinv = _mm256_set1_ps(kCap ? scale / softcap : 0.f);
+  const __m256 vcap = _mm256_set1_ps(softcap * kLog2eAvx2);
+  const auto exponent = [&](__m256 x) {
+    if constexpr (kCap) {
+      return _mm256_fmsub_ps(tanh_avx2(_mm256_mul_ps(x, vinv)), vcap, vshift);
+    } else {
+      return _mm256_fmsub_ps(x, vscale, vshift);
+    }
+  };
   const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 vsum = _mm256_setzero_ps(), vsum1 = vsum, vmax = lowest, vmax1 = lowest;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256 x0 = _mm256_fmsub_ps(_mm256_loadu_ps(s + i), vscale, vshift);
-    const __m256 x1 = _mm256_fmsub_ps(_mm256_loadu_ps(s + i + 8), vscale, vshift);
+    const __m256 x0 = exponent(_mm256_loadu_ps(s + i));
+    const __m256 x1 = exponent(_mm256_loadu_ps(s + i + 8));
     vmax = _mm256_max_ps(vmax, x0);
     vmax1 = _mm256_max_ps(vmax1, x1);
     const __m256 e0 = exp2_avx2(x0), e1 = exp2_avx2(x1);
@@ -248,9 +299,7 @@ inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shif
     const __m256 keep =
         _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), lane));
     const __m256 x = _mm256_blendv_ps(
-        lowest,
-        _mm256_fmsub_ps(_mm256_maskload_ps(s + i, _mm256_castps_si256(keep)), vscale, vshift),
-        keep);
+        lowest, exponent(_mm256_maskload_ps(s + i, _mm256_castps_si256(keep))), keep);
     vmax = _mm256_max_ps(vmax, x);
     const __m256 e = exp2_avx2(x);
     vsum = _mm256_add_ps(vsum, e);
@@ -289,6 +338,19 @@ inline Vectorized<A> vexp(const Vectorized<A>& x) {
   }
 }
 
+// tanh(x) (the softcap): the rational fit on AVX-512 and AVX2 for fp32, ATen's elsewhere.
+template <typename A>
+inline Vectorized<A> vtanh(const Vectorized<A>& x) {
+  if constexpr (std::is_same_v<A, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vectorized<float>(tanh_avx512(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return Vectorized<float>(tanh_avx2(x));
+#endif
+  }
+  return x.tanh();
+}
+
 // s[i] = exp(s[i] * scale - shift) for i < n; returns the sum.
 template <typename A>
 inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
@@ -310,29 +372,39 @@ inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
   return total;
 }
 
-// out[i] = exp(s[i] * scale - shift) rounded to T (bf16/fp16), for i < n; returns the fp32 sum
-// and, in *xmax, max(s[i] * scale - shift). Fuses the exponential, the row sum, the row maximum
-// and the down-conversion into one pass over the scores.
+// out[i] = exp(x[i]) rounded to T (fp32, bf16 or fp16), for i < n, where x[i] = s[i] * scale -
+// shift, or softcap * tanh(s[i] * scale / softcap) - shift when softcap > 0 (the softcap fused
+// into the pass instead of a pass of its own); returns the fp32 sum and, in *xmax, max(x[i]).
+// Fuses the score modification, the exponential, the row sum, the row maximum and the
+// down-conversion into one pass over the scores.
 template <typename T>
 inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift, T* out,
-                            float* xmax) {
+                            float* xmax, float softcap = 0.f) {
+  const bool cap = softcap > 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (cpu_has_avx512_bf16()) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
+  constexpr bool kFast = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+  if constexpr (kFast) {
+    if (std::is_same_v<T, float> || cpu_has_avx512_bf16()) {
+      return cap ? row_exp_sum_avx512<T, true>(s, n, scale, shift, softcap, out, xmax)
+                 : row_exp_sum_avx512<T, false>(s, n, scale, shift, softcap, out, xmax);
+    }
   }
-  if constexpr (std::is_same_v<T, float>) return row_exp_sum_avx512(s, n, scale, shift, out, xmax);
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
-  return row_exp_sum_avx2(s, n, scale, shift, out, xmax);
+  return cap ? row_exp_sum_avx2<T, true>(s, n, scale, shift, softcap, out, xmax)
+             : row_exp_sum_avx2<T, false>(s, n, scale, shift, softcap, out, xmax);
 #endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;
-  const fVec vscale(scale), vshift(shift);
+  const fVec vscale(scale), vshift(shift), vinv(cap ? scale / softcap : 0.f), vcap(softcap);
+  const auto arg = [&](const fVec& x) {
+    return cap ? vcap * (x * vinv).tanh() - vshift : at::vec::fmsub(x, vscale, vshift);
+  };
   fVec vsum(0.f), vmax(neg_inf<float>());
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
     for (; i + fVec::size() <= n; i += fVec::size()) {
-      const fVec x = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
+      const fVec x = arg(fVec::loadu(s + i));
       vmax = at::vec::maximum(vmax, x);
       const fVec e = vexp(x);
       vsum = vsum + e;
@@ -341,8 +413,8 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
   } else {
     static_assert(rVec::size() == 2 * fVec::size());
     for (; i + rVec::size() <= n; i += rVec::size()) {
-      const fVec x0 = at::vec::fmsub(fVec::loadu(s + i), vscale, vshift);
-      const fVec x1 = at::vec::fmsub(fVec::loadu(s + i + fVec::size()), vscale, vshift);
+      const fVec x0 = arg(fVec::loadu(s + i));
+      const fVec x1 = arg(fVec::loadu(s + i + fVec::size()));
       vmax = at::vec::maximum(vmax, at::vec::maximum(x0, x1));
       const fVec e0 = vexp(x0);
       const fVec e1 = vexp(x1);
@@ -354,7 +426,8 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
   float mx =
       at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, vmax);
   for (; i < n; ++i) {
-    const float x = s[i] * scale - shift;
+    const float x =
+        cap ? softcap * std::tanh(s[i] * scale / softcap) - shift : s[i] * scale - shift;
     mx = std::max(mx, x);
     const float e = std::exp(x);
     out[i] = static_cast<T>(e);
