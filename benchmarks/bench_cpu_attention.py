@@ -188,7 +188,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--memory-head-dim", type=int, default=64, help="E (default: 64)")
     p.add_argument("--json", metavar="PATH", help="also write rows and machine info as JSON")
+    p.add_argument(
+        "--cpu-kernel",
+        nargs="+",
+        metavar="KEY=VALUE",
+        default=[],
+        help="cpu_kernel_config settings for the run, e.g. use_amx=0 use_brgemm=0 "
+        "use_avx512_bf16=1 (the AVX-512-without-AMX paths on an AMX CPU) or isa=avx2",
+    )
     args = p.parse_args(argv)
+    args.cpu_kernel = _kernel_settings(p, args.cpu_kernel)
 
     preset = QUICK if args.quick else DEFAULTS
     dtypes = _split(args.dtypes) or preset["dtypes"]
@@ -744,9 +753,30 @@ def _json_safe(value):
     return value
 
 
+def _kernel_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``--cpu-kernel`` items as keyword arguments of ``cpu_kernel_config``."""
+    known = {"isa": str, "use_brgemm": bool, "use_amx": bool, "use_avx512_bf16": bool}
+    settings: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            parser.error(
+                f"--cpu-kernel: {item!r} is not KEY=VALUE with KEY one of {', '.join(known)}"
+            )
+        if known[key] is bool and value != "auto":
+            if value.lower() not in ("0", "1", "true", "false", "on", "off"):
+                parser.error(f"--cpu-kernel: {key} takes 0/1, true/false or on/off, not {value!r}")
+            settings[key] = value.lower() in ("1", "true", "on")
+        else:
+            settings[key] = value
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cpu_kernel:
+        aigc_ext.ops.cpu_kernel_config(**args.cpu_kernel)
     info = machine_info(args.threads)
     if not args.memory:
         # The roofline of aigc-ext bench: fp32 FMA probe, a bounded bf16/fp16 matmul only where
@@ -770,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps,
             "warmup": args.warmup,
             "math_max_seq": args.math_max_seq,
+            "cpu_kernel": args.cpu_kernel,
             "flop_model": "fwd 4*B*H*L*S*E (halved if causal); fwd+bwd 3.5x fwd",
         },
     }

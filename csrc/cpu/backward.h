@@ -86,8 +86,8 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pkt, pvt, pk;
-    // fp32: BLAS, whose transposed operands cost no copies (the backward has two per tile), or
-    // the AVX2 build's micro-kernels, which read them in place too. Where the forward took the
+    // fp32: the micro-kernels (AVX2 and AVX-512 builds), which read transposed operands in place
+    // (the backward has two per tile), as BLAS does elsewhere. Where the forward took the
     // decoding path, whose scores come from BLAS, BLAS recomputes them here: the same products
     // give the same scores, so P = exp(scale * S - lse) stays normalised to fp32 rounding.
     gemm.configure(vnni, /*f32_brgemm=*/false, /*amx=*/false, /*micro=*/!decode_forward);

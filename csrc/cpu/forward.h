@@ -34,7 +34,7 @@ constexpr int64_t kFwdBlockQ = 128;
 // 64 rows (a 64 x 512 fp32 score tile) measured best here.
 constexpr int64_t kFwdBlockQAmx = 64;
 constexpr int64_t kFwdBlockKV = 512;
-// fp32 through the JIT brgemm, or the AVX2 micro-kernels: the GEMMs run near the FMA peak and
+// fp32 on the micro-kernels (or the JIT brgemm): the GEMMs run near the FMA peak and
 // the score tile's trips through the cache dominate the rest, so 128 x 128 tiles (64 KiB of
 // scores; with 128 keys of K and V packed in fp32, 192 KiB in all for E = 128) measured best.
 constexpr int64_t kFwdBlockKVF32 = 128;
@@ -73,8 +73,8 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
 #if AIGC_EXT_AMX
   amx = std::is_same_v<T, c10::BFloat16> && opt.use_amx && cpu_has_amx_bf16();
 #endif
-  // The AVX2 build's own micro-kernels (gemm.h): they take fp32 probabilities for bf16/fp16
-  // too, which saves rounding P to T and widening it back.
+  // The build's own micro-kernels (gemm.h; AVX2 and AVX-512): they take fp32 probabilities for
+  // bf16/fp16 too, which saves rounding P to T and widening it back.
   const bool micro = !std::is_same_v<T, double> && !brgemm && !amx && use_microkernel();
   const bool p32 = kReduced<T> && micro;
   // The AMX path computes whole 16-row tiles: blocks of query rows are multiples of 16.

@@ -1,10 +1,10 @@
 // The GEMM layer of the CPU kernel: every product of the forward and backward goes through
-// Gemm<T>. fp32/fp64 through the BLAS torch links (MKL on x86) or, for fp32 in the AVX-512
-// build, oneDNN's brgemm; bf16/fp16 through torch's brgemm (oneDNN, AMX tiles where the CPU has
-// them) with B packed to VNNI layout, bf16 also through amx.h's micro-kernel, or, where brgemm
-// is unavailable, through this build's AVX512_BF16 micro-kernel (AVX-512 CPUs with vdpbf16ps)
-// or fp32 BLAS on converted tiles. Also the operand preparation: packing, transposes and zero
-// padding.
+// Gemm<T>. fp32 through the build's register-blocked micro-kernels (AVX2, AVX-512), or the BLAS
+// torch links (MKL on x86), which also serves fp64, or opt-in oneDNN's brgemm; bf16/fp16 through
+// torch's brgemm (oneDNN, AMX tiles where the CPU has them) with B packed to VNNI layout, bf16 also
+// through amx.h's micro-kernel, or, where brgemm is unavailable, through this build's AVX512_BF16
+// micro-kernel (AVX-512 CPUs with vdpbf16ps) or fp32 BLAS on converted tiles. Also the operand
+// preparation: packing, transposes and zero padding.
 //
 // Part of the per-ISA CPU kernel: included by csrc/cpu/kernels.cpp only, inside
 // aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h).
@@ -18,10 +18,16 @@
 #include "cpu/amx.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/softmax_rows.h"
-#if defined(CPU_CAPABILITY_AVX2)
+// The fp32 micro-kernels: AVX2's (6 x 16 tiles) and AVX-512's (6 x 64 tiles, on the same
+// packed panels).
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define AIGC_EXT_MICROKERNEL 1
 #include "cpu/microkernel_avx2.h"
+#else
+#define AIGC_EXT_MICROKERNEL 0
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
+#include "cpu/microkernel_avx512.h"
 #include "cpu/microkernel_avx512_bf16.h"
 #endif
 
@@ -37,15 +43,22 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
 namespace {
 
+#if defined(CPU_CAPABILITY_AVX512)
+namespace mk = avx512_micro;
+#elif AIGC_EXT_MICROKERNEL
+namespace mk = avx2_micro;
+#endif
+
 constexpr int64_t kPackN = 64;  // GEMM outputs (C) are padded to a multiple of this many columns
 
-// fp32 GEMMs through oneDNN's brgemm (JIT AVX-512) rather than BLAS: faster for the small,
-// fixed-shape tiles of this kernel. Only in the AVX-512 build; AIGC_EXT_CPU_F32_BRGEMM=0 opts out.
+// fp32 forward GEMMs through oneDNN's brgemm (JIT AVX-512) instead of the micro-kernels: opt-in
+// with AIGC_EXT_CPU_F32_BRGEMM=1, AVX-512 build only. The micro-kernels measured as fast in the
+// forward, and they compute the backward's recomputed scores with the forward's own rounding.
 inline bool use_f32_brgemm() {
 #if defined(CPU_CAPABILITY_AVX512)
   static const bool on = [] {
     const char* v = std::getenv("AIGC_EXT_CPU_F32_BRGEMM");
-    return v == nullptr || std::string(v) != "0";
+    return v != nullptr && std::string(v) == "1";
   }();
   return on;
 #else
@@ -54,11 +67,11 @@ inline bool use_f32_brgemm() {
 }
 
 // fp32 GEMMs, and bf16/fp16 ones where brgemm is unavailable, through this build's own
-// register-blocked micro-kernels (microkernel_avx2.h) rather than BLAS: B packed once per block
-// into panels and no per-call packing of A. Only in the AVX2 build;
-// AIGC_EXT_CPU_MICROKERNEL=0 opts out (to BLAS, or fp32 BLAS on converted tiles).
+// register-blocked micro-kernels (microkernel_avx2.h, microkernel_avx512.h) rather than BLAS: B
+// packed once per block into panels and no per-call packing of A. In the AVX2 and AVX-512
+// builds; AIGC_EXT_CPU_MICROKERNEL=0 opts out (to BLAS, or fp32 BLAS on converted tiles).
 inline bool use_microkernel() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if AIGC_EXT_MICROKERNEL
   static const bool on = [] {
     const char* v = std::getenv("AIGC_EXT_CPU_MICROKERNEL");
     return v == nullptr || std::string(v) != "0";
@@ -211,8 +224,8 @@ class Gemm {
   // kBlas: fp32/fp64 BLAS (MKL); kBrgemmF32: fp32 through oneDNN's brgemm (JIT AVX-512);
   // kBrgemm: bf16/fp16 VNNI brgemm (AMX); kConvert: bf16/fp16 converted to fp32 BLAS;
   // kAmx: bf16 through this file's AMX micro-kernel (run() only, padded operands); kMicro:
-  // fp32 (bf16/fp16 widened) through the AVX2 build's micro-kernels; kDpbf16: bf16 through the
-  // AVX-512 build's vdpbf16ps micro-kernel, on brgemm's operand layouts.
+  // fp32 (bf16/fp16 widened) through the AVX2 or AVX-512 build's micro-kernels; kDpbf16: bf16
+  // through the AVX-512 build's vdpbf16ps micro-kernel, on brgemm's operand layouts.
   enum class Path { kBlas, kBrgemmF32, kBrgemm, kConvert, kAmx, kMicro, kDpbf16 };
 
   explicit Gemm(VnniEngine vnni = VnniEngine::kNone, bool f32_brgemm = false) {
@@ -261,11 +274,11 @@ class Gemm {
   void pack(PackedB<T>& pb, bool trans, int64_t K, int64_t N, const T* src, int64_t ld) {
     pb.K = K;
     pb.N = N;
-#if defined(CPU_CAPABILITY_AVX2)
+#if AIGC_EXT_MICROKERNEL
     if constexpr (!std::is_same_v<T, double>) {
       if (path_ == Path::kMicro) {
-        pb.f32.resize(std::max<int64_t>(avx2_micro::panels_size(K, N), 1));
-        avx2_micro::pack_panels(trans, K, N, src, ld, pb.f32.data());
+        pb.f32.resize(std::max<int64_t>(mk::panels_size(K, N), 1));
+        mk::pack_panels(trans, K, N, src, ld, pb.f32.data());
         return;
       }
     }
@@ -399,12 +412,11 @@ class Gemm {
       c += n_off;
     }
     if (M == 0 || N == 0) return;
-#if defined(CPU_CAPABILITY_AVX2)
+#if AIGC_EXT_MICROKERNEL
     if constexpr (!std::is_same_v<T, double>) {
       if (path_ == Path::kMicro) {
         // Panels of 16 columns, K rows of 16 floats each (n_off is a multiple of 32).
-        const float* b = pb.f32.data() + (n_off / avx2_micro::kNR) * pb.K * avx2_micro::kNR +
-                         k_off * avx2_micro::kNR;
+        const float* b = pb.f32.data() + (n_off / mk::kNR) * pb.K * mk::kNR + k_off * mk::kNR;
         return micro_run(M, false, a, lda, K, b, pb.K, N, c, ldc, add);
       }
     }
@@ -474,7 +486,7 @@ class Gemm {
                bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0,
                int64_t k_off = 0) {
     TORCH_CHECK(micro(), "aigc_ext: internal error: Gemm::run_f32 off the micro-kernel path");
-#if defined(CPU_CAPABILITY_AVX2)
+#if AIGC_EXT_MICROKERNEL
     if constexpr (!std::is_same_v<T, double>) {
       int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
       n_off = std::min(n_off, N);
@@ -482,10 +494,8 @@ class Gemm {
       N -= n_off;
       K -= k_off;
       if (M == 0 || N == 0) return;
-      const float* b = pb.f32.data() + (n_off / avx2_micro::kNR) * pb.K * avx2_micro::kNR +
-                       k_off * avx2_micro::kNR;
-      avx2_micro::gemm(M, N, K, false, a + k_off, lda, b, pb.K * avx2_micro::kNR, c + n_off, ldc,
-                       add);
+      const float* b = pb.f32.data() + (n_off / mk::kNR) * pb.K * mk::kNR + k_off * mk::kNR;
+      mk::gemm(M, N, K, false, a + k_off, lda, b, pb.K * mk::kNR, c + n_off, ldc, add);
     }
 #endif
   }
@@ -494,7 +504,7 @@ class Gemm {
   void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
           int64_t ldb, acc_t* c, int64_t ldc, bool add) {
     TORCH_CHECK(path_ != Path::kAmx, "aigc_ext: internal error: Gemm::mm on the AMX path");
-#if defined(CPU_CAPABILITY_AVX2)
+#if AIGC_EXT_MICROKERNEL
     if constexpr (!std::is_same_v<T, double>) {
       if (path_ == Path::kMicro) {
         if (M == 0 || N == 0) return;
@@ -538,7 +548,7 @@ class Gemm {
   }
 
  private:
-#if defined(CPU_CAPABILITY_AVX2)
+#if AIGC_EXT_MICROKERNEL
   // C[M x N] (+)= op(A)[M x K] * B on the micro-kernels: b points into panels packed by pack()
   // for a B of panel_k rows, at its first row and column used. A bf16/fp16 operand is widened
   // into one fp32 copy first, in its own layout.
@@ -553,12 +563,11 @@ class Gemm {
       // ta: A is stored as K rows of M elements.
       const int64_t rows = ta ? K : M, cols = ta ? M : K;
       a32_.resize(std::max<int64_t>(rows * cols, 1));
-      for (int64_t i = 0; i < rows; ++i)
-        avx2_micro::widen_row(a + i * lda, a32_.data() + i * cols, cols);
+      for (int64_t i = 0; i < rows; ++i) mk::widen_row(a + i * lda, a32_.data() + i * cols, cols);
       af = a32_.data();
       ldf = cols;
     }
-    avx2_micro::gemm(M, N, K, ta, af, ldf, b, panel_k * avx2_micro::kNR, c, ldc, add);
+    mk::gemm(M, N, K, ta, af, ldf, b, panel_k * mk::kNR, c, ldc, add);
   }
 #endif
 

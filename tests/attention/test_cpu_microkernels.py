@@ -1,13 +1,16 @@
-"""The AVX2 build's register-blocked micro-kernels (csrc/cpu/microkernel_avx2.h) against float64.
+"""The CPU kernel's register-blocked fp32 micro-kernels against float64: the AVX2 build's 6 x 16
+tiles (csrc/cpu/microkernel_avx2.h) and the AVX-512 build's 6 x 64 tiles
+(csrc/cpu/microkernel_avx512.h), on the same packed panels.
 
-In the AVX2 build every product of the tiled forward and of the backward runs on 6 x 16
-micro-kernels over B packed into panels of 16 columns, with bf16/fp16 widened to fp32 while
-packing. These tests pick that build (``isa="avx2"``, on any CPU with AVX2) and give it shapes
-whose rows (M), columns (N) and inner dimension (K) are no multiples of the micro-kernel's 6 x
-16 block nor of the 8-wide vectors: query blocks of 1 to 5 rows, row tails of 7 and 8 rows
-(run as 4 + 3 and 4 + 4), column panels with 1 to 15 real columns, head dims from 3 to 256,
-and transposed operands (P^T, dS^T in the backward; K^T packed from K's rows). Results are
-held to FlashAttention's error rule against the float64 reference, gradients included.
+In both builds every fp32 product of the tiled forward and of the backward runs on them, over
+B packed into panels of 16 columns, with bf16/fp16 widened to fp32 while packing (the AVX-512
+build sends bf16/fp16 there where torch's brgemm and vdpbf16ps are off or unavailable, as
+selected here). The tests give them shapes whose rows (M), columns (N) and inner dimension (K)
+are no multiples of the tiles nor of the vectors: query blocks of 1 to 5 rows, row tails of 7
+and 8 rows (run as 4 + 3 and 4 + 4), column groups of 1 to 3 panels and panels with 1 to 15
+real columns, head dims from 3 to 256, and transposed operands (P^T, dS^T in the backward; K^T
+packed from K's rows). Results are held to FlashAttention's error rule against the float64
+reference, gradients included.
 """
 
 from __future__ import annotations
@@ -29,20 +32,23 @@ from aigc_ext.testing import check_error_rule
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
-pytestmark = pytest.mark.skipif(
-    not cpu_isa_supported("avx2"), reason="the AVX2 build is not compiled in or not supported"
-)
+ISAS = ["avx2", "avx512"]
 
 
 def _ids(x):
     return {F32: "fp32", BF16: "bf16", F16: "fp16"}.get(x, str(x))
 
 
-@pytest.fixture
-def avx2(cpu_backend):
-    """The cpu backend with the AVX2 build selected for the test."""
-    with cpu_kernel(isa="avx2") as config:
-        assert "isa=avx2" in config
+@pytest.fixture(params=ISAS)
+def avx2(request, cpu_backend):
+    """The cpu backend with the AVX2 or the AVX-512 build selected for the test; on AVX-512,
+    bf16/fp16 GEMMs off torch's brgemm and vdpbf16ps, so that they take the micro-kernels."""
+    isa = request.param
+    if not cpu_isa_supported(isa):
+        pytest.skip(f"the {isa} build is not compiled in or not supported here")
+    extra = {"use_brgemm": False, "use_avx512_bf16": False} if isa == "avx512" else {}
+    with cpu_kernel(isa=isa, **extra) as config:
+        assert f"isa={isa}" in config
         yield cpu_backend
 
 
@@ -129,7 +135,7 @@ _SUBPROCESS = textwrap.dedent(
     import json, sys, torch
     import aigc_ext
     from aigc_ext import ops
-    ops.cpu_kernel_config(isa="avx2")
+    ops.cpu_kernel_config(isa=sys.argv[1])
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 256, generator=g) for n in (300, 600, 600))
     with aigc_ext.use_backend("cpu"):
@@ -139,13 +145,13 @@ _SUBPROCESS = textwrap.dedent(
 )
 
 
-def _run_with_microkernel(enabled: bool) -> torch.Tensor:
+def _run_with_microkernel(isa: str, enabled: bool) -> torch.Tensor:
     env = dict(os.environ)
     env["AIGC_EXT_CPU_MICROKERNEL"] = "1" if enabled else "0"
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-c", _SUBPROCESS],
+        [sys.executable, "-c", _SUBPROCESS, isa],
         env=env,
         capture_output=True,
         text=True,
@@ -155,10 +161,13 @@ def _run_with_microkernel(enabled: bool) -> torch.Tensor:
     return torch.tensor(json.loads(done.stdout), dtype=torch.float64)
 
 
-def test_microkernel_is_the_path_taken():
+@pytest.mark.parametrize("isa", ISAS)
+def test_microkernel_is_the_path_taken(isa):
     """AIGC_EXT_CPU_MICROKERNEL=0 sends fp32 back to BLAS: both agree to fp32 rounding, and
     they are not bitwise equal (BLAS splits these long inner dimensions, the micro-kernels
     accumulate them in one chain), so the micro-kernels did run."""
-    micro, blas = _run_with_microkernel(True), _run_with_microkernel(False)
+    if not cpu_isa_supported(isa):
+        pytest.skip(f"the {isa} build is not compiled in or not supported here")
+    micro, blas = _run_with_microkernel(isa, True), _run_with_microkernel(isa, False)
     torch.testing.assert_close(micro, blas, rtol=0, atol=1e-5)
     assert not torch.equal(micro, blas)

@@ -1,0 +1,157 @@
+// Register-blocked fp32 GEMM micro-kernels for AVX-512 (32 zmm registers).
+//
+// C[M x N] (+)= A[M x K] * B[K x N] with fp32 accumulation, on the operands of
+// microkernel_avx2.h, whose packing this build shares: B in panels of 16 columns (one zmm per
+// panel row, K rows per panel, bf16/fp16 widened while packing), A read in place with any row
+// and column strides (A given as its transpose too), C row-major with room for N rounded up to
+// 16 columns.
+//
+// The micro-kernel keeps a 6 x 64 block of C (four panels) in 24 accumulators; each step over
+// k loads four vectors of B and broadcasts six elements of A into 24 FMAs: 10 loads a step,
+// below the two FMAs a cycle, and 24 independent chains cover the FMA latency (4 cycles, two
+// ports). Narrower column tails take fewer panels, row tails fewer rows (as in the AVX2
+// build: 7 or 8 rows run as 4 + 3 or 4 + 4).
+//
+// Part of the per-ISA CPU kernel: included by csrc/cpu/gemm.h in the AVX-512 build only, inside
+// aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h), after microkernel_avx2.h.
+#pragma once
+
+#if !defined(__AVX512F__)
+#error "microkernel_avx512.h needs -mavx512f (the AVX-512 build of the CPU kernel)"
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
+namespace {
+namespace avx512_micro {
+
+using avx2_micro::for_row_blocks;
+using avx2_micro::kMR;  // rows of C per micro-kernel call
+using avx2_micro::kNR;  // columns per panel of B (one zmm)
+using avx2_micro::pack_panels;
+using avx2_micro::panels_size;
+using avx2_micro::widen_row;
+
+constexpr int kNV = 4;  // panels (zmm columns) per micro-kernel call
+
+// C[kRows x 16 kCols] (+)= A[kRows x K] * B over the panels b[0, kCols), row k of panel j at
+// b[j] + 16 k (64-byte aligned). kTransA: A(i, k) = a[i + k * ld], else a[i * ld + k].
+// The loops over rows and panels are unrolled by the compiler (constant trip counts), which
+// keeps the accumulators in registers.
+template <int kRows, int kCols, bool kTransA>
+inline void tile(int64_t K, const float* a, int64_t ld, const float* const* b, float* c,
+                 int64_t ldc, bool add) {
+  static_assert(kRows >= 1 && kRows <= kMR && kCols >= 1 && kCols <= kNV);
+  __m512 acc[kRows][kCols];
+#pragma GCC unroll 6
+  for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_setzero_ps();
+  const float* b0 = b[0];
+  const float* b1 = kCols > 1 ? b[1] : b0;
+  const float* b2 = kCols > 2 ? b[2] : b0;
+  const float* b3 = kCols > 3 ? b[3] : b0;
+  const int64_t rs = kTransA ? 1 : ld, ks = kTransA ? ld : 1;
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[kCols];
+    bv[0] = _mm512_load_ps(b0 + k * kNR);
+    if constexpr (kCols > 1) bv[1] = _mm512_load_ps(b1 + k * kNR);
+    if constexpr (kCols > 2) bv[2] = _mm512_load_ps(b2 + k * kNR);
+    if constexpr (kCols > 3) bv[3] = _mm512_load_ps(b3 + k * kNR);
+    const float* ak = a + k * ks;
+#pragma GCC unroll 6
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 x = _mm512_set1_ps(ak[i * rs]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_fmadd_ps(x, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < kRows; ++i) {
+    float* ci = c + i * ldc;
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) {
+      __m512 v = acc[i][j];
+      if (add) v = _mm512_add_ps(v, _mm512_loadu_ps(ci + 16 * j));
+      _mm512_storeu_ps(ci + 16 * j, v);
+    }
+  }
+}
+
+template <int kRows, bool kTransA>
+inline void tile_cols(int cols, int64_t K, const float* a, int64_t ld, const float* const* b,
+                      float* c, int64_t ldc, bool add) {
+  switch (cols) {
+    case 4:
+      return tile<kRows, 4, kTransA>(K, a, ld, b, c, ldc, add);
+    case 3:
+      return tile<kRows, 3, kTransA>(K, a, ld, b, c, ldc, add);
+    case 2:
+      return tile<kRows, 2, kTransA>(K, a, ld, b, c, ldc, add);
+    default:
+      return tile<kRows, 1, kTransA>(K, a, ld, b, c, ldc, add);
+  }
+}
+
+template <bool kTransA>
+inline void tile_dispatch(int rows, int cols, int64_t K, const float* a, int64_t ld,
+                          const float* const* b, float* c, int64_t ldc, bool add) {
+  switch (rows) {
+    case 6:
+      return tile_cols<6, kTransA>(cols, K, a, ld, b, c, ldc, add);
+    case 5:
+      return tile_cols<5, kTransA>(cols, K, a, ld, b, c, ldc, add);
+    case 4:
+      return tile_cols<4, kTransA>(cols, K, a, ld, b, c, ldc, add);
+    case 3:
+      return tile_cols<3, kTransA>(cols, K, a, ld, b, c, ldc, add);
+    case 2:
+      return tile_cols<2, kTransA>(cols, K, a, ld, b, c, ldc, add);
+    default:
+      return tile_cols<1, kTransA>(cols, K, a, ld, b, c, ldc, add);
+  }
+}
+
+// Four panels up to this size in all (K <= 128) stay in L1 while every row block passes over
+// them; longer ones are walked row block by row block instead.
+constexpr int64_t kPanelsInL1Bytes = 32 * 1024;
+
+template <bool kTransA>
+inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t ld, const float* b,
+                      int64_t panel_stride, float* c, int64_t ldc, bool add) {
+  const int64_t rs = kTransA ? 1 : ld;
+  const int64_t np = (N + kNR - 1) / kNR;
+  const auto column_group = [&](int64_t p0, int64_t i, int rows) {
+    const int cols = static_cast<int>(std::min<int64_t>(kNV, np - p0));
+    const float* bp[kNV];
+    for (int j = 0; j < cols; ++j) bp[j] = b + (p0 + j) * panel_stride;
+    tile_dispatch<kTransA>(rows, cols, K, a + i * rs, ld, bp, c + i * ldc + p0 * kNR, ldc, add);
+  };
+  if (K * kNV * kNR * static_cast<int64_t>(sizeof(float)) <= kPanelsInL1Bytes) {
+    for (int64_t p0 = 0; p0 < np; p0 += kNV)
+      for_row_blocks(M, [&](int64_t i, int rows) { column_group(p0, i, rows); });
+    return;
+  }
+  for_row_blocks(M, [&](int64_t i, int rows) {
+    for (int64_t p0 = 0; p0 < np; p0 += kNV) column_group(p0, i, rows);
+  });
+}
+
+// avx2_micro::gemm's contract: C[M x N] (+)= A[M x K] * B for B packed by pack_panels with
+// panel_stride = 16 * (its K); A(i, k) = a[i * ld + k], or a[k * ld + i] when trans_a; C
+// receives N rounded up to 16 columns; K = 0 gives zeros (or leaves C, with add).
+inline void gemm(int64_t M, int64_t N, int64_t K, bool trans_a, const float* a, int64_t ld,
+                 const float* b, int64_t panel_stride, float* c, int64_t ldc, bool add) {
+  if (M <= 0 || N <= 0) return;
+  if (trans_a) return gemm_rows<true>(M, N, K, a, ld, b, panel_stride, c, ldc, add);
+  gemm_rows<false>(M, N, K, a, ld, b, panel_stride, c, ldc, add);
+}
+
+}  // namespace avx512_micro
+}  // namespace
+}  // namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE
