@@ -87,10 +87,10 @@ void backward_impl(const AttentionBackwardParams& bp, const KernelOptions& opt) 
     thread_local Gemm<T> gemm;
     thread_local PackedB<T> pkt, pvt, pk;
     // fp32: the micro-kernels (AVX2 and AVX-512 builds), which read transposed operands in place
-    // (the backward has two per tile), as BLAS does elsewhere. Where the forward took the
-    // decoding path, whose scores come from BLAS, BLAS recomputes them here: the same products
-    // give the same scores, so P = exp(scale * S - lse) stays normalised to fp32 rounding.
-    gemm.configure(vnni, /*f32_brgemm=*/false, /*amx=*/false, /*micro=*/!decode_forward);
+    // (the backward has two per tile), as BLAS does elsewhere. The forward computed its scores
+    // on them too (the decoding path's for more than two rows): the same products give the same
+    // scores, so P = exp(scale * S - lse) stays normalised to fp32 rounding.
+    gemm.configure(vnni, /*f32_brgemm=*/false, /*amx=*/false);
     A* sbuf = thread_buffer<A, 10>(bq_cap * BK);
     A* dpbuf = thread_buffer<A, 11>(bq_cap * BK);
     A* dk_acc = thread_buffer<A, 12>(BK * e_pad);

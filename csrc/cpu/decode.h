@@ -100,9 +100,10 @@ __attribute__((target("avx512bf16"))) void qk_dot(const T* q, int64_t G, int64_t
 #endif
 
 constexpr int64_t kDecodeMaxLen = 16;
-constexpr int64_t kDecodeMaxRows = 128;  // group * L
-constexpr int64_t kDecodeBlock = 512;    // keys per block
-constexpr int64_t kDecodeDotRows = 8;    // bf16 scores by dot products up to this many rows
+constexpr int64_t kDecodeMaxRows = 128;   // group * L
+constexpr int64_t kDecodeBlock = 512;     // keys per block
+constexpr int64_t kDecodeDotRows = 8;     // bf16 scores by dot products up to this many rows
+constexpr int64_t kDecodePanelKeys = 64;  // keys packed at a time for the fp32 micro-kernels
 
 #if defined(CPU_CAPABILITY_AVX512)
 // acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
@@ -174,6 +175,13 @@ void decode_impl(const AttentionForwardParams& p) {
 #if defined(CPU_CAPABILITY_AVX512)
   fused_pv = (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) && G <= 2;
 #endif
+  // fp32 scores of more rows on the micro-kernels, as the backward recomputes them: the same
+  // products in the same order give the same scores, so the backward's probabilities stay
+  // normalised by this logsumexp (BLAS calls of other shapes round differently).
+  bool micro_scores = false;
+#if AIGC_EXT_MICROKERNEL
+  micro_scores = std::is_same_v<T, float> && !fused_pv && use_microkernel();
+#endif
 
   // Merges the splits of rows [begin, end) of (B, Hkv, G) into the output:
   // out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
@@ -209,6 +217,11 @@ void decode_impl(const AttentionForwardParams& p) {
     A* kf = thread_buffer<A, 22>(kReduced<T> ? kDecodeBlock * E : 0);
     T* qb = thread_buffer<T, 24>(G * E);
     A* vf = thread_buffer<A, 23>(kReduced<T> && !fused_pv ? kDecodeBlock * Ev : 0);
+#if AIGC_EXT_MICROKERNEL
+    // fp32 keys packed for the micro-kernels (see below).
+    float* kpanel = thread_buffer<float, 26>(
+        micro_scores ? std::max<int64_t>(mk::panels_size(E, kDecodePanelKeys), 1) : 0);
+#endif
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t sp = t % splits, bhk = t / splits;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
@@ -283,6 +296,19 @@ void decode_impl(const AttentionForwardParams& p) {
           ldk = p.k_stride_l;
           ldv = p.v_stride_l;
         }
+#if AIGC_EXT_MICROKERNEL
+        if constexpr (std::is_same_v<T, float>) {
+          if (micro_scores) {
+            // 64 keys at a time: their panels stay in L1 between packing and the product.
+            for (int64_t j0 = 0; j0 < nb; j0 += kDecodePanelKeys) {
+              const int64_t w = std::min(kDecodePanelKeys, nb - j0);
+              mk::pack_panels(/*trans=*/true, E, w, kblk + j0 * p.k_stride_l, p.k_stride_l, kpanel);
+              mk::gemm(G, w, E, false, qf, E, kpanel, E * mk::kNR, sbuf + j0, kDecodeBlock, false);
+            }
+            scores_done = true;
+          }
+        }
+#endif
         if (!scores_done) {
           blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeBlock);
         }

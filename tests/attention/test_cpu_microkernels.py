@@ -171,3 +171,19 @@ def test_microkernel_is_the_path_taken(isa):
     micro, blas = _run_with_microkernel(isa, True), _run_with_microkernel(isa, False)
     torch.testing.assert_close(micro, blas, rtol=0, atol=1e-5)
     assert not torch.equal(micro, blas)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [3, 8], ids=["3rows", "8rows"])
+def test_decoding_forward_and_backward_share_scores(cpu_backend, isa, rows):
+    """The decoding forward (a few query rows, more than two per KV head) computes its fp32
+    scores on the micro-kernels, as the backward recomputes them: with large scores (up to ~60,
+    where a few ulps of difference would leave the probabilities unnormalised) the gradients
+    meet the error rule against float64."""
+    if not cpu_isa_supported(isa):
+        pytest.skip(f"the {isa} build is not compiled in or not supported here")
+    with cpu_kernel(isa=isa):
+        for seed in range(10):
+            q, k, v = make_qkv(4, 2, 2, rows, 2 * rows, 8, dtype=F32, seed=50 + seed)
+            q, k = q * 6.0, k * 6.0
+            check_sdpa(cpu_backend, q, k, v, is_causal=True)

@@ -211,29 +211,9 @@ def check_sample(
             )
     assert ours[0].dtype == dtype
     names = ["out", "grad query", "grad key", "grad value", "grad attn_mask"]
-    try:
-        for name, o, r, *base in zip(names, ours, ref, torch_same, torch_fused, torch_math,
-                                     strict=False):  # fmt: skip
-            assert_matches_torch(name, o, r, base, factor)
-    except AssertionError as exc:
-        if _known_decode_score_mismatch(dtype, index, backend):
-            pytest.xfail(f"known: {exc}")
-        raise
-
-
-def _known_decode_score_mismatch(dtype: torch.dtype, index: int, backend: str | None) -> bool:
-    """A known defect, kept visible: the fp32 decoding forward (a few query rows) computes its
-    scores with MKL sgemm calls of one shape (the rows of a KV head x a decoding block) and the
-    backward recomputes them with calls of another (its tiles); on an Intel Xeon (AVX-512 kernel)
-    MKL rounds the two differently. With scores of magnitude ~60 the probabilities then miss
-    their normalisation by a few ulps, and the causal samples with 3 query rows and 6 keys get
-    grad query errors about 4x torch's (2.5e-5 on values up to 10.5). On AMD EPYC the two agree
-    and the samples pass."""
-    if dtype != F32 or backend not in (None, "cpu"):
-        return False
-    if "isa=avx512" not in aigc_ext.ops.cpu_kernel_config():
-        return False
-    return SAMPLE_IDS[index].endswith("q4x3x8-k4x6x8-v4x6x8-is_causal")
+    for name, o, r, *base in zip(names, ours, ref, torch_same, torch_fused, torch_math,
+                                 strict=False):  # fmt: skip
+        assert_matches_torch(name, o, r, base, factor)
 
 
 def test_opinfo_has_cross_rank_samples():
