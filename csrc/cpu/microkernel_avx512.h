@@ -47,10 +47,13 @@ inline void tile(int64_t K, const float* a, int64_t ld, const float* const* b, f
                  int64_t ldc, bool add) {
   static_assert(kRows >= 1 && kRows <= kMR && kCols >= 1 && kCols <= kNV);
   __m512 acc[kRows][kCols];
+  // With add the chains start from C: a product split over k (gemm_rows) gives the bits of the
+  // unsplit one.
 #pragma GCC unroll 6
   for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < kCols; ++j)
+      acc[i][j] = add ? _mm512_loadu_ps(c + i * ldc + 16 * j) : _mm512_setzero_ps();
   const float* b0 = b[0];
   const float* b1 = kCols > 1 ? b[1] : b0;
   const float* b2 = kCols > 2 ? b[2] : b0;
@@ -72,15 +75,9 @@ inline void tile(int64_t K, const float* a, int64_t ld, const float* const* b, f
     }
   }
 #pragma GCC unroll 6
-  for (int i = 0; i < kRows; ++i) {
-    float* ci = c + i * ldc;
+  for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < kCols; ++j) {
-      __m512 v = acc[i][j];
-      if (add) v = _mm512_add_ps(v, _mm512_loadu_ps(ci + 16 * j));
-      _mm512_storeu_ps(ci + 16 * j, v);
-    }
-  }
+    for (int j = 0; j < kCols; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
 }
 
 template <int kRows, bool kTransA>
@@ -117,29 +114,32 @@ inline void tile_dispatch(int rows, int cols, int64_t K, const float* a, int64_t
   }
 }
 
-// Four panels up to this size in all (K <= 128) stay in L1 while every row block passes over
-// them; longer ones are walked row block by row block instead.
+// Four panels' rows over this many bytes in all (128 rows of k) stay in L1 while every row block
+// passes over them: longer products are cut into slices of k that long, each slice's partial
+// sums carried in C to the next (so a 512-key P V streams its panels from L2 once per slice, not
+// once per row block).
 constexpr int64_t kPanelsInL1Bytes = 32 * 1024;
+constexpr int64_t kSliceK = kPanelsInL1Bytes / (kNV * kNR * static_cast<int64_t>(sizeof(float)));
 
 template <bool kTransA>
 inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t ld, const float* b,
                       int64_t panel_stride, float* c, int64_t ldc, bool add) {
-  const int64_t rs = kTransA ? 1 : ld;
+  const int64_t rs = kTransA ? 1 : ld, ks = kTransA ? ld : 1;
   const int64_t np = (N + kNR - 1) / kNR;
-  const auto column_group = [&](int64_t p0, int64_t i, int rows) {
-    const int cols = static_cast<int>(std::min<int64_t>(kNV, np - p0));
-    const float* bp[kNV];
-    for (int j = 0; j < cols; ++j) bp[j] = b + (p0 + j) * panel_stride;
-    tile_dispatch<kTransA>(rows, cols, K, a + i * rs, ld, bp, c + i * ldc + p0 * kNR, ldc, add);
-  };
-  if (K * kNV * kNR * static_cast<int64_t>(sizeof(float)) <= kPanelsInL1Bytes) {
-    for (int64_t p0 = 0; p0 < np; p0 += kNV)
-      for_row_blocks(M, [&](int64_t i, int rows) { column_group(p0, i, rows); });
-    return;
+  // K = 0 still visits the tiles once: they write zeros (or keep C, with add).
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kSliceK) {
+    const int64_t kc = std::min(kSliceK, K - k0);
+    const bool add_slice = add || k0 > 0;
+    for (int64_t p0 = 0; p0 < np; p0 += kNV) {
+      const int cols = static_cast<int>(std::min<int64_t>(kNV, np - p0));
+      const float* bp[kNV];
+      for (int j = 0; j < cols; ++j) bp[j] = b + (p0 + j) * panel_stride + k0 * kNR;
+      for_row_blocks(M, [&](int64_t i, int rows) {
+        tile_dispatch<kTransA>(rows, cols, kc, a + i * rs + k0 * ks, ld, bp, c + i * ldc + p0 * kNR,
+                               ldc, add_slice);
+      });
+    }
   }
-  for_row_blocks(M, [&](int64_t i, int rows) {
-    for (int64_t p0 = 0; p0 < np; p0 += kNV) column_group(p0, i, rows);
-  });
 }
 
 // avx2_micro::gemm's contract: C[M x N] (+)= A[M x K] * B for B packed by pack_panels with
