@@ -84,10 +84,11 @@ inline A row_max(const A* s, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
 // exp(x) for 16 floats: x = n*ln2 + r with |r| <= ln2/2 (ln2 split in two for the reduction),
 // e^r by its Taylor polynomial of degree 6 (relative error ~1e-7), 2^n applied with vscalefps.
-// Inputs below -126.5 give exactly 0 (-inf included); NaN propagates. Used where the
-// exponentials are stored in fp32 outside the forward's fused row pass.
+// Inputs at or below -87 give exactly 0 (-inf included), never a denormal (see exp2_avx512); NaN
+// propagates. Used where the exponentials are stored in fp32 outside the forward's fused row
+// pass.
 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-126.5f), x);  // NaN in x is returned as is
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLE_UQ);
   x = _mm512_min_ps(_mm512_set1_ps(88.5f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -99,7 +100,7 @@ inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 inline bool cpu_has_avx512_bf16() {
@@ -109,13 +110,15 @@ inline bool cpu_has_avx512_bf16() {
 
 // 2^x for 16 floats: x = n + f with |f| <= 1/2, 2^f by a minimax polynomial of degree kDegree
 // (4: relative error 2.7e-6, for probabilities rounded to bf16 next, far below half an ulp;
-// 5: 2.3e-7 evaluated in fp32, for fp32 probabilities), 2^n applied with vscalefps. Inputs
-// below -127 give 0 or a denormal (-inf included); NaN propagates; large inputs give +inf (the
-// caller redoes such rows against a larger maximum).
+// 5: 2.3e-7 evaluated in fp32, for fp32 probabilities), 2^n applied with vscalefps. Inputs at or
+// below -125.5 give exactly 0 (-inf included), never a denormal: denormal probabilities would
+// send every FMA of the P V product that reads them through a microcode assist (a window's
+// hidden keys, -inf, made the forward 4x slower). NaN propagates (the unordered compare keeps its
+// lane); large inputs give +inf (the caller redoes such rows against a larger maximum).
 template <int kDegree>
 inline __m512 exp2_avx512(__m512 x) {
   static_assert(kDegree == 4 || kDegree == 5);
-  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // NaN in x is returned as is
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.5f), _CMP_NLE_UQ);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p;
@@ -131,7 +134,7 @@ inline __m512 exp2_avx512(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146944f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
   }
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
