@@ -164,41 +164,6 @@ void transpose_into(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// The transpose of a 16 x 16 block of 32-bit words (pairs of 16-bit elements): word j of
-// source row i (16 rows of T, ld elements apart, starting at src) goes to word i of output
-// row j (16 rows, out_step elements apart). Unpacks and lane shuffles, no memory round trip.
-template <typename T>
-inline void transpose16x16_words(const T* src, int64_t ld, T* out, int64_t out_step) {
-  static_assert(sizeof(T) == 2);
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ld);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // Now 128-bit lane L of r[4 g + j] holds rows 4g..4g+3 of word column 4 L + j.
-  for (int j = 0; j < 4; ++j) {
-    t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);           // lanes 0 and 2 of groups 0, 1
-    t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // lanes 1 and 3
-    t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // same for groups 2, 3
-    t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
-  }
-  for (int j = 0; j < 4; ++j) {
-    _mm512_storeu_si512(out + j * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));
-    _mm512_storeu_si512(out + (4 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88));
-    _mm512_storeu_si512(out + (8 + j) * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));
-    _mm512_storeu_si512(out + (12 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xDD));
-  }
-}
-#endif
-
 // The B operand of a GEMM, prepared once and reused for several A operands.
 template <typename T>
 struct PackedB {
@@ -370,7 +335,7 @@ class Gemm {
         // Whole 16 x 16 blocks of pairs: a register transpose of 32-bit words.
         if constexpr (sizeof(T) == 2) {
           for (; kp + 16 <= K / 2; kp += 16)
-            transpose16x16_words(base + 2 * kp, ld, dst + off(kp, n_done), out_step);
+            avx512_micro::transpose16x16_words(base + 2 * kp, ld, dst + off(kp, n_done), out_step);
         }
         for (; kp < K / 2; ++kp) {
           const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(2 * kp)));

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
 namespace {
@@ -32,11 +33,68 @@ namespace avx512_micro {
 using avx2_micro::for_row_blocks;
 using avx2_micro::kMR;  // rows of C per micro-kernel call
 using avx2_micro::kNR;  // columns per panel of B (one zmm)
-using avx2_micro::pack_panels;
 using avx2_micro::panels_size;
 using avx2_micro::widen_row;
 
 constexpr int kNV = 4;  // panels (zmm columns) per micro-kernel call
+
+// The transpose of a 16 x 16 block of 32-bit words (fp32 elements, or pairs of 16-bit ones):
+// word j of source row i (16 rows of T, ld elements apart, starting at src) goes to word i of
+// output row j (16 rows, out_step elements apart). Unpacks and lane shuffles, no memory round
+// trip.
+template <typename T>
+inline void transpose16x16_words(const T* src, int64_t ld, T* out, int64_t out_step) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4);
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Now 128-bit lane L of r[4 g + j] holds rows 4g..4g+3 of word column 4 L + j.
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);           // lanes 0 and 2 of groups 0, 1
+    t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // lanes 1 and 3
+    t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // same for groups 2, 3
+    t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm512_storeu_si512(out + j * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_si512(out + (4 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_si512(out + (8 + j) * out_step, _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));
+    _mm512_storeu_si512(out + (12 + j) * out_step, _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xDD));
+  }
+}
+
+// pack_panels for fp32 B given as its transpose (K^T from K's rows) in 16 x 16 register
+// transposes of whole blocks; everything else (bf16/fp16, untransposed B, ragged edges) as in
+// the AVX2 build.
+template <typename T>
+void pack_panels(bool trans, int64_t K, int64_t N, const T* src, int64_t ld, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (trans) {
+      const int64_t n_full = N / kNR * kNR, k_full = K / 16 * 16;
+      for (int64_t n0 = 0; n0 < n_full; n0 += kNR) {
+        const float* s = src + n0 * ld;
+        float* d = dst + n0 * K;  // panel n0 / 16
+        for (int64_t k0 = 0; k0 < k_full; k0 += 16)
+          transpose16x16_words(s + k0, ld, d + k0 * kNR, kNR);
+        for (int64_t k = k_full; k < K; ++k)
+          for (int64_t j = 0; j < kNR; ++j) d[k * kNR + j] = s[j * ld + k];
+      }
+      if (n_full < N)
+        avx2_micro::pack_panels(true, K, N - n_full, src + n_full * ld, ld, dst + n_full * K);
+      return;
+    }
+  }
+  avx2_micro::pack_panels(trans, K, N, src, ld, dst);
+}
 
 // C[kRows x 16 kCols] (+)= A[kRows x K] * B over the panels b[0, kCols), row k of panel j at
 // b[j] + 16 k (64-byte aligned). kTransA: A(i, k) = a[i + k * ld], else a[i * ld + k].
