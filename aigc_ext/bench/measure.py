@@ -223,10 +223,11 @@ def fma_peak(
     threads: int | None = None,
     per_core_s: float | None = None,
     all_threads_s: float | None = None,
+    isa: str = "auto",
 ) -> FmaPeak | None:
     """This machine's fp32 FMA peak, per core and for ``threads`` threads together (default:
     torch's thread count), from register-only FMAs in the widest vector width the CPU has
-    (csrc/cpu/fma_peak.h). About ``per_core_s + all_threads_s`` seconds (default
+    (csrc/cpu/fma_peak.h), or in ``isa`` (``scalar``, ``avx2``, ``avx512``). About ``per_core_s + all_threads_s`` seconds (default
     :data:`FMA_SECONDS_PER_CORE` and :data:`FMA_SECONDS_ALL_THREADS`). None in a build of the
     extension without the probe.
 
@@ -241,9 +242,10 @@ def fma_peak(
     threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"fma_peak: threads must be >= 1, got {threads}")
-    per_core = float(ops[0](per_core_s, 1))
-    together = float(ops[0](all_threads_s, threads)) if threads > 1 else per_core
-    isa = (fma_info() or {}).get("isa", "?")
+    per_core = float(ops[0](per_core_s, 1, isa))
+    together = float(ops[0](all_threads_s, threads, isa)) if threads > 1 else per_core
+    if isa == "auto":
+        isa = (fma_info() or {}).get("isa", "?")
     return FmaPeak(per_core, max(per_core, together), threads, isa, _usable_cpus())
 
 

@@ -202,6 +202,10 @@ def kernel_computes_in_fp32(dtype: str, config: Mapping[str, str] | None) -> boo
     return not (dtype == "bf16" and "vdpbf16ps" in on)
 
 
+# The FMA probe's loop for each instruction set the CPU kernel is built for.
+_KERNEL_FMA_ISA = {"avx512": "avx512", "avx2": "avx2", "default": "scalar"}
+
+
 def cpu_peaks(
     dtypes: list[str],
     threads: int | None = None,
@@ -217,7 +221,10 @@ def cpu_peaks(
     """
     features = cpu_features() if features is None else features
     kernel_config = _kernel_config() if kernel_config is None else kernel_config
-    fma = measure.fma_peak(threads)
+    # The FMAs of the kernel's own build: a kernel held to AVX2 (cpu_kernel_config(isa=...)) on
+    # an AVX-512 CPU is measured against the AVX2 peak.
+    isa = _KERNEL_FMA_ISA.get((kernel_config or {}).get("isa", ""), "auto")
+    fma = measure.fma_peak(threads, isa=isa)
     matmuls: dict[str, float] = {}
     if fma is not None:
         fp32 = Peak(fma.all_threads_gflops, _FP32_FMA)

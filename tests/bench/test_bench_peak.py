@@ -317,3 +317,20 @@ def test_gpu_peaks_are_bounded_matmuls_labelled_in_tflops(monkeypatch):
     assert calls == [(torch.float32, "cuda", {}), (torch.bfloat16, "cuda", {})]
     assert peaks.for_row("bf16", "cpu") == peaks["bf16"] == 8e5  # no CPU-kernel override
     assert peaks.summary() == "fp32 matmul 50 TFLOP/s; bf16 matmul 800 TFLOP/s"
+
+
+@pytest.mark.parametrize(("kernel_isa", "probe_isa"), [("avx2", "avx2"), ("default", "scalar")])
+def test_fma_peak_follows_the_kernels_instruction_set(kernel_isa, probe_isa):
+    """A kernel held to a narrower build (cpu_kernel_config(isa=...)) is scaled by the FMA peak
+    of that build's vectors, not of the widest ones the CPU has."""
+    info = measure.fma_info()
+    if info is None:
+        pytest.skip("this build has no FMA probe")
+    if kernel_isa == "avx2" and info.get("isa") not in ("avx2", "avx512"):
+        pytest.skip("the CPU has no AVX2")
+    peaks = roofline.cpu_peaks(["fp32"], 1, kernel_config={"isa": kernel_isa})
+    assert peaks.fma is not None and peaks.fma.isa == probe_isa
+    assert f"probe, {probe_isa}," in peaks.summary()
+    if info.get("isa") == "avx512" and kernel_isa == "avx2":
+        widest = roofline.cpu_peaks(["fp32"], 1, kernel_config={"isa": "avx512"})
+        assert peaks.fma.per_core_gflops < 0.8 * widest.fma.per_core_gflops
