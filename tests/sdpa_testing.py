@@ -356,6 +356,17 @@ def cpu_kernel(
         ops.cpu_kernel_config(isa="auto", use_brgemm=True, use_amx=True, use_avx512_bf16="auto")
 
 
+@contextlib.contextmanager
+def cpu_isa(isa: str, **settings) -> Iterator[str]:
+    """``cpu_kernel(isa=isa, **settings)`` for the block, skipping the test where that build is
+    not compiled in or the CPU lacks it; checks that the configuration report names the ISA."""
+    if not cpu_isa_supported(isa):
+        pytest.skip(f"CPU ISA {isa} not compiled in or not supported here")
+    with cpu_kernel(isa=isa, **settings) as config:
+        assert f"isa={isa}" in config
+        yield config
+
+
 def cpu_isa_supported(isa: str) -> bool:
     from aigc_ext import ops
 

@@ -18,7 +18,8 @@
 //     4 + 4, never with one or two rows alone); column tails compute the whole zero-padded
 //     panel, so C must have room for N rounded up to 16 columns.
 //
-// Part of the per-ISA CPU kernel: included by csrc/cpu/gemm.h in the AVX2 build only, inside
+// Part of the per-ISA CPU kernel: included by csrc/cpu/gemm.h in the AVX2 build, and in the AVX-512
+// build for its packing and row blocking (microkernel_avx512.h), inside
 // aigc_ext::cpu::AIGC_ISA_NAMESPACE (see cpu/kernel_utils.h). It includes no torch header but
 // c10's bf16/fp16 types, so that a standalone program can time it.
 #pragma once

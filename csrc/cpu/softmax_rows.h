@@ -401,7 +401,7 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
   using rVec = Vectorized<T>;
   const fVec vscale(scale), vshift(shift), vinv(cap ? scale / softcap : 0.f), vcap(softcap);
   const auto arg = [&](const fVec& x) {
-    return cap ? vcap * (x * vinv).tanh() - vshift : at::vec::fmsub(x, vscale, vshift);
+    return cap ? vcap * vtanh(x * vinv) - vshift : at::vec::fmsub(x, vscale, vshift);
   };
   fVec vsum(0.f), vmax(neg_inf<float>());
   int64_t i = 0;

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sdpa_testing import check_sdpa, cpu_isa_supported, cpu_kernel, make_qkv, randn
+from sdpa_testing import check_sdpa, cpu_isa, cpu_isa_supported, make_qkv, randn
 
 from aigc_ext.flash import ops as flash_ops
 from aigc_ext.flash.reference import flash_reference
@@ -44,11 +44,8 @@ def avx2(request, cpu_backend):
     """The cpu backend with the AVX2 or the AVX-512 build selected for the test; on AVX-512,
     bf16/fp16 GEMMs off torch's brgemm and vdpbf16ps, so that they take the micro-kernels."""
     isa = request.param
-    if not cpu_isa_supported(isa):
-        pytest.skip(f"the {isa} build is not compiled in or not supported here")
     extra = {"use_brgemm": False, "use_avx512_bf16": False} if isa == "avx512" else {}
-    with cpu_kernel(isa=isa, **extra) as config:
-        assert f"isa={isa}" in config
+    with cpu_isa(isa, **extra):
         yield cpu_backend
 
 
@@ -180,9 +177,7 @@ def test_decoding_forward_and_backward_share_scores(cpu_backend, isa, rows):
     scores on the micro-kernels, as the backward recomputes them: with large scores (up to ~60,
     where a few ulps of difference would leave the probabilities unnormalised) the gradients
     meet the error rule against float64."""
-    if not cpu_isa_supported(isa):
-        pytest.skip(f"the {isa} build is not compiled in or not supported here")
-    with cpu_kernel(isa=isa):
+    with cpu_isa(isa):
         for seed in range(10):
             q, k, v = make_qkv(4, 2, 2, rows, 2 * rows, 8, dtype=F32, seed=50 + seed)
             q, k = q * 6.0, k * 6.0
