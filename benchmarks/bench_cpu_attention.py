@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aigc_ext
+from aigc_ext.bench import emulate
 from aigc_ext.bench.flops import attention_flop
 from aigc_ext.bench.measure import reset_peak_rss, status_kib
 from aigc_ext.bench.roofline import cpu_peaks
@@ -196,8 +197,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cpu_kernel_config settings for the run, e.g. use_amx=0 use_brgemm=0 "
         "use_avx512_bf16=1 (the AVX-512-without-AMX paths on an AMX CPU) or isa=avx2",
     )
+    p.add_argument(
+        "--emulate",
+        choices=sorted(emulate.EMULATIONS),
+        help="run as a smaller CPU family, torch included: avx2 (AMD Zen 2/3) or avx512 "
+        "(AVX512_BF16 without AMX, as on Zen 4); restarts the run with MKL, oneDNN and ATen "
+        "limited to it and the kernel set to match (see aigc_ext.bench.emulate)",
+    )
     args = p.parse_args(argv)
     args.cpu_kernel = _kernel_settings(p, args.cpu_kernel)
+    if args.emulate:
+        script_argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+        try:
+            emulate.reexec(args.emulate, script_argv, _cpu_flags())
+        except ValueError as e:
+            p.error(str(e))
+        args.cpu_kernel = {**emulate.EMULATIONS[args.emulate].kernel, **args.cpu_kernel}
 
     preset = QUICK if args.quick else DEFAULTS
     dtypes = _split(args.dtypes) or preset["dtypes"]
@@ -308,6 +323,8 @@ def print_machine_info(info: dict) -> None:
     print(f"threads:    {info['torch_threads']} (os.cpu_count() = {info['cpu_count']})")
     print(f"torch:      {info['torch_version']} (cpu capability {info['torch_cpu_capability']})")
     print(f"aigc_ext:   {info['aigc_ext_version']}  {info['cpu_kernel_config']}")
+    if info.get("emulation"):
+        print(f"emulating:  {info['emulation']}")
     ext = info["extension"]
     if "sha256" in ext:
         print(f"extension:  {ext['path']} ({ext['mtime']}, sha256 {ext['sha256']})")
@@ -778,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_kernel:
         aigc_ext.ops.cpu_kernel_config(**args.cpu_kernel)
     info = machine_info(args.threads)
+    if args.emulate:
+        info["emulation"] = emulate.EMULATIONS[args.emulate].describe()
     if not args.memory:
         # The roofline of aigc-ext bench: fp32 FMA probe, a bounded bf16/fp16 matmul only where
         # the CPU has hardware for the dtype (about a second per probe on any machine).
@@ -801,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "math_max_seq": args.math_max_seq,
             "cpu_kernel": args.cpu_kernel,
+            "emulate": args.emulate,
             "flop_model": "fwd 4*B*H*L*S*E (halved if causal); fwd+bwd 3.5x fwd",
         },
     }

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aigc_ext.bench import measure
+from aigc_ext.bench import emulate, measure
 
 __all__ = [
     "CPU_KERNEL_BACKEND",
@@ -158,11 +158,14 @@ def _fma_note(fma: measure.FmaPeak) -> str:
 
 def cpu_features() -> dict[str, bool]:
     """The CPU's bf16/fp16 hardware: keys ``amx_bf16``, ``avx512_bf16``, ``amx_fp16``,
-    ``avx512_fp16``. From the extension's cpuid reading, else from ``/proc/cpuinfo``."""
+    ``avx512_fp16``. From the extension's cpuid reading, else from ``/proc/cpuinfo``; under an
+    emulated CPU family (:mod:`aigc_ext.bench.emulate`) without what that family lacks."""
     keys = [feature for options in _HARDWARE.values() for feature, _ in options]
+    emulation = emulate.active()
+    lacks = set(emulation.lacks) if emulation is not None else set()
     info = measure.fma_info()
     if info is not None:
-        return {k: info.get(k) == "1" for k in keys}
+        return {k: info.get(k) == "1" and k not in lacks for k in keys}
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -173,7 +176,7 @@ def cpu_features() -> dict[str, bool]:
                     break
     except OSError:
         pass
-    return {k: k in flags for k in keys}
+    return {k: k in flags and k not in lacks for k in keys}
 
 
 def _kernel_config() -> dict[str, str] | None:
