@@ -100,8 +100,10 @@ __attribute__((target("avx512bf16"))) void qk_dot(const T* q, int64_t G, int64_t
 #endif
 
 constexpr int64_t kDecodeMaxLen = 16;
-constexpr int64_t kDecodeMaxRows = 128;   // group * L
-constexpr int64_t kDecodeBlock = 512;     // keys per block
+constexpr int64_t kDecodeMaxRows = 128;  // group * L
+constexpr int64_t kDecodeBlock = 512;    // keys per block
+// Score rows a block wide plus room for a product's columns rounded up to 16 past the block.
+constexpr int64_t kDecodeLds = kDecodeBlock + 16;
 constexpr int64_t kDecodeDotRows = 8;     // bf16 scores by dot products up to this many rows
 constexpr int64_t kDecodePanelKeys = 64;  // keys packed at a time for the fp32 micro-kernels
 
@@ -213,7 +215,7 @@ void decode_impl(const AttentionForwardParams& p) {
 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     A* qf = thread_buffer<A, 20>(G * E);
-    A* sbuf = thread_buffer<A, 21>(G * kDecodeBlock);
+    A* sbuf = thread_buffer<A, 21>(G * kDecodeLds);
     A* kf = thread_buffer<A, 22>(kReduced<T> ? kDecodeBlock * E : 0);
     T* qb = thread_buffer<T, 24>(G * E);
     A* vf = thread_buffer<A, 23>(kReduced<T> && !fused_pv ? kDecodeBlock * Ev : 0);
@@ -221,6 +223,12 @@ void decode_impl(const AttentionForwardParams& p) {
     // fp32 keys packed for the micro-kernels (see below).
     float* kpanel = thread_buffer<float, 26>(
         micro_scores ? std::max<int64_t>(mk::panels_size(E, kDecodePanelKeys), 1) : 0);
+    // fp32 values of a small page of a paged cache, packed for the micro-kernels (P V of more rows
+    // than pv_rows takes). The product writes whole 16-column panels: Ev must fill them, or a
+    // row's columns past Ev would land on the next row's accumulator.
+    const bool micro_pv = micro_scores && p.flash.block_table != nullptr && Ev % mk::kNR == 0;
+    float* vpanel = thread_buffer<float, 27>(
+        micro_pv ? std::max<int64_t>(mk::panels_size(kDecodePanelKeys, Ev), 1) : 0);
 #endif
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t sp = t % splits, bhk = t / splits;
@@ -256,65 +264,102 @@ void decode_impl(const AttentionForwardParams& p) {
       const int64_t kv_lo = sq.lo(0), kv_hi = sq.hi(sq.len_q - 1);
       const int64_t s0 = kv_lo + sp * blocks_per_split * kDecodeBlock;
       const int64_t s1 = std::min(kv_hi, s0 + blocks_per_split * kDecodeBlock);
+      // The pieces of keys [n0, n0 + nb) that lie in one page of a paged cache (the whole range
+      // for a dense one): fn(j0, w, k rows, v rows) for keys n0 + j0 .. n0 + j0 + w - 1. A block
+      // spans pages, so that small pages (16 keys) do not make small blocks: each page is read
+      // in place, and only the memory-touching steps go page by page.
+      const auto for_pages = [&](int64_t n0, int64_t nb, const auto& fn) {
+        for (int64_t j0 = 0, w = 0; j0 < nb; j0 += w) {
+          w = vr.run(n0 + j0, kr.run(n0 + j0, nb - j0));
+          fn(j0, w, kr.row(n0 + j0), vr.row(n0 + j0));
+        }
+      };
       for (int64_t n0 = s0, nb = 0; n0 < s1; n0 += nb) {
-        // A block never crosses a page of a paged cache.
-        nb = vr.run(n0, kr.run(n0, std::min(kDecodeBlock, s1 - n0)));
-        const T* kblk = kr.row(n0);
-        const T* vblk = vr.row(n0);
-        const A* kb;
-        const A* vb;
-        int64_t ldk, ldv;
+        nb = std::min(kDecodeBlock, s1 - n0);
+        const bool one_page = kr.run(n0, nb) == nb && vr.run(n0, nb) == nb;
+        const A* kb = nullptr;
+        const A* vb = nullptr;
+        int64_t ldk = 0, ldv = 0;
         bool scores_done = false;
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<T, c10::BFloat16>) {
           // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
           // amortise converting the keys for a GEMM.
           if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
-            qk_dot(qb, G, E, kblk, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+              qk_dot(qb, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
+            });
             scores_done = true;
           }
         }
         if constexpr (std::is_same_v<T, float>) {
           if (fused_pv) {
-            qk_dot(qf, G, E, kblk, p.k_stride_l, nb, sbuf, kDecodeBlock);
+            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+              qk_dot(qf, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
+            });
             scores_done = true;
           }
         }
 #endif
         if constexpr (kReduced<T>) {
-          for (int64_t j = 0; j < nb; ++j) {
-            if (!scores_done) convert_row(kblk + j * p.k_stride_l, kf + j * E, E);
-            if (!fused_pv) convert_row(vblk + j * p.v_stride_l, vf + j * Ev, Ev);
-          }
+          for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
+            for (int64_t j = 0; j < w; ++j) {
+              if (!scores_done) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
+              if (!fused_pv) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
+            }
+          });
           kb = kf;
           vb = vf;
           ldk = E;
           ldv = Ev;
-        } else {
-          kb = kblk;
-          vb = vblk;
+        } else if (one_page) {
+          kb = kr.row(n0);
+          vb = vr.row(n0);
           ldk = p.k_stride_l;
           ldv = p.v_stride_l;
         }
 #if AIGC_EXT_MICROKERNEL
         if constexpr (std::is_same_v<T, float>) {
           if (micro_scores) {
-            // 64 keys at a time: their panels stay in L1 between packing and the product.
-            for (int64_t j0 = 0; j0 < nb; j0 += kDecodePanelKeys) {
-              const int64_t w = std::min(kDecodePanelKeys, nb - j0);
-              mk::pack_panels(/*trans=*/true, E, w, kblk + j0 * p.k_stride_l, p.k_stride_l, kpanel);
-              mk::gemm(G, w, E, false, qf, E, kpanel, E * mk::kNR, sbuf + j0, kDecodeBlock, false);
+            // 64 keys at a time: their panels stay in L1 between packing and the product. Pages
+            // that start on a panel (16 keys) are packed side by side into one product; others
+            // take a product each (whose columns past the page, up to the next 16, land on keys
+            // computed next or on the row's padding).
+            for (int64_t w0 = 0; w0 < nb; w0 += kDecodePanelKeys) {
+              const int64_t ww = std::min(kDecodePanelKeys, nb - w0);
+              bool aligned = true;
+              for_pages(n0 + w0, ww, [&](int64_t j0, int64_t, const T*, const T*) {
+                aligned = aligned && j0 % mk::kNR == 0;
+              });
+              for_pages(n0 + w0, ww, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+                if (aligned) {
+                  mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel + j0 * E);
+                } else {
+                  mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel);
+                  mk::gemm(G, w, E, false, qf, E, kpanel, E * mk::kNR, sbuf + w0 + j0, kDecodeLds,
+                           false);
+                }
+              });
+              if (aligned)
+                mk::gemm(G, ww, E, false, qf, E, kpanel, E * mk::kNR, sbuf + w0, kDecodeLds, false);
             }
             scores_done = true;
           }
         }
 #endif
         if (!scores_done) {
-          blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeBlock);
+          if (kb != nullptr) {
+            blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeLds);
+          } else if constexpr (!kReduced<T>) {  // (reduced types always have kb: kf)
+            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+              blas_gemm<A>(false, true, G, w, E, qf, E, kp, p.k_stride_l, A(0), sbuf + j0,
+                           kDecodeLds);
+            });
+          }
         }
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * group + g / L, i = g % L;
-          A* s = sbuf + g * kDecodeBlock;
+          A* s = sbuf + g * kDecodeLds;
           if (i >= sq.len_q) {
             std::fill(s, s + nb, A(0));
             continue;
@@ -347,12 +392,33 @@ void decode_impl(const AttentionForwardParams& p) {
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
           if (fused_pv) {
-            pv_rows(sbuf, kDecodeBlock, G, vblk, p.v_stride_l, nb, acc, Ev);
+            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T*, const T* vp) {
+              pv_rows(sbuf + j0, kDecodeLds, G, vp, p.v_stride_l, w, acc, Ev);
+            });
             continue;
           }
         }
 #endif
-        blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeBlock, vb, ldv, A(1), acc, Ev);
+        if (vb != nullptr) {
+          blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeLds, vb, ldv, A(1), acc, Ev);
+        } else if constexpr (!kReduced<T>) {  // (reduced types always have vb: vf)
+          for_pages(n0, nb, [&](int64_t j0, int64_t w, const T*, const T* vp) {
+#if AIGC_EXT_MICROKERNEL
+            // A small page's values packed for the micro-kernel (in L1): a BLAS call would cost
+            // more than its product. Larger pages stay with BLAS, which reads them in place.
+            if constexpr (std::is_same_v<T, float>) {
+              if (micro_pv && w <= kDecodePanelKeys) {
+                mk::pack_panels(/*trans=*/false, w, Ev, vp, p.v_stride_l, vpanel);
+                mk::gemm(G, Ev, w, false, sbuf + j0, kDecodeLds, vpanel, w * mk::kNR, acc, Ev,
+                         /*add=*/true);
+                return;
+              }
+            }
+#endif
+            blas_gemm<A>(false, false, G, Ev, w, sbuf + j0, kDecodeLds, vp, p.v_stride_l, A(1), acc,
+                         Ev);
+          });
+        }
       }
       // A single split needs no merging pass: finish its rows here.
       if (splits == 1) merge_rows(bhk * G, bhk * G + G);
