@@ -107,6 +107,20 @@ constexpr int64_t kDecodeLds = kDecodeBlock + 16;
 constexpr int64_t kDecodeDotRows = 8;     // bf16 scores by dot products up to this many rows
 constexpr int64_t kDecodePanelKeys = 64;  // keys packed at a time for the fp32 micro-kernels
 
+// Paged caches: the rows of the next page prefetched while a page is read (at most this many;
+// the hardware prefetchers follow the stride from there).
+constexpr int64_t kDecodePrefetchRows = 16;
+constexpr int kAheadK = 1, kAheadV = 2;
+
+template <typename T>
+inline void prefetch_rows(const KeyRows<T>& rows, int64_t j, int64_t n, int64_t width) {
+  const int64_t bytes = width * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < n; ++r) {
+    const char* row = reinterpret_cast<const char*>(rows.row(j + r));
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
 // fp32 or bf16 values (widened on the fly). Each 64-column chunk of the rows' accumulators stays
@@ -268,9 +282,17 @@ void decode_impl(const AttentionForwardParams& p) {
       // for a dense one): fn(j0, w, k rows, v rows) for keys n0 + j0 .. n0 + j0 + w - 1. A block
       // spans pages, so that small pages (16 keys) do not make small blocks: each page is read
       // in place, and only the memory-touching steps go page by page.
-      const auto for_pages = [&](int64_t n0, int64_t nb, const auto& fn) {
+      // ahead (kAheadK, kAheadV): the rows to prefetch from the next page meanwhile. Pages lie
+      // anywhere in the pool, and the hardware's stride prefetchers stop at each jump.
+      const auto for_pages = [&](int64_t n0, int64_t nb, int ahead, const auto& fn) {
         for (int64_t j0 = 0, w = 0; j0 < nb; j0 += w) {
           w = vr.run(n0 + j0, kr.run(n0 + j0, nb - j0));
+          if (ahead != 0 && kr.pages != nullptr && j0 + w < nb) {
+            const int64_t j1 = n0 + j0 + w;
+            const int64_t rows = std::min(kDecodePrefetchRows, vr.run(j1, kr.run(j1, nb - j0 - w)));
+            if (ahead & kAheadK) prefetch_rows(kr, j1, rows, E);
+            if (ahead & kAheadV) prefetch_rows(vr, j1, rows, Ev);
+          }
           fn(j0, w, kr.row(n0 + j0), vr.row(n0 + j0));
         }
       };
@@ -286,7 +308,7 @@ void decode_impl(const AttentionForwardParams& p) {
           // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
           // amortise converting the keys for a GEMM.
           if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
-            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+            for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
               qk_dot(qb, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
             });
             scores_done = true;
@@ -294,7 +316,7 @@ void decode_impl(const AttentionForwardParams& p) {
         }
         if constexpr (std::is_same_v<T, float>) {
           if (fused_pv) {
-            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+            for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
               qk_dot(qf, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
             });
             scores_done = true;
@@ -302,12 +324,13 @@ void decode_impl(const AttentionForwardParams& p) {
         }
 #endif
         if constexpr (kReduced<T>) {
-          for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
-            for (int64_t j = 0; j < w; ++j) {
-              if (!scores_done) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
-              if (!fused_pv) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
-            }
-          });
+          for_pages(n0, nb, kAheadK | kAheadV,
+                    [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
+                      for (int64_t j = 0; j < w; ++j) {
+                        if (!scores_done) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
+                        if (!fused_pv) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
+                      }
+                    });
           kb = kf;
           vb = vf;
           ldk = E;
@@ -328,10 +351,10 @@ void decode_impl(const AttentionForwardParams& p) {
             for (int64_t w0 = 0; w0 < nb; w0 += kDecodePanelKeys) {
               const int64_t ww = std::min(kDecodePanelKeys, nb - w0);
               bool aligned = true;
-              for_pages(n0 + w0, ww, [&](int64_t j0, int64_t, const T*, const T*) {
+              for_pages(n0 + w0, ww, 0, [&](int64_t j0, int64_t, const T*, const T*) {
                 aligned = aligned && j0 % mk::kNR == 0;
               });
-              for_pages(n0 + w0, ww, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+              for_pages(n0 + w0, ww, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
                 if (aligned) {
                   mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel + j0 * E);
                 } else {
@@ -351,7 +374,7 @@ void decode_impl(const AttentionForwardParams& p) {
           if (kb != nullptr) {
             blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeLds);
           } else if constexpr (!kReduced<T>) {  // (reduced types always have kb: kf)
-            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+            for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
               blas_gemm<A>(false, true, G, w, E, qf, E, kp, p.k_stride_l, A(0), sbuf + j0,
                            kDecodeLds);
             });
@@ -392,7 +415,7 @@ void decode_impl(const AttentionForwardParams& p) {
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
           if (fused_pv) {
-            for_pages(n0, nb, [&](int64_t j0, int64_t w, const T*, const T* vp) {
+            for_pages(n0, nb, kAheadV, [&](int64_t j0, int64_t w, const T*, const T* vp) {
               pv_rows(sbuf + j0, kDecodeLds, G, vp, p.v_stride_l, w, acc, Ev);
             });
             continue;
@@ -402,7 +425,7 @@ void decode_impl(const AttentionForwardParams& p) {
         if (vb != nullptr) {
           blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeLds, vb, ldv, A(1), acc, Ev);
         } else if constexpr (!kReduced<T>) {  // (reduced types always have vb: vf)
-          for_pages(n0, nb, [&](int64_t j0, int64_t w, const T*, const T* vp) {
+          for_pages(n0, nb, kAheadV, [&](int64_t j0, int64_t w, const T*, const T* vp) {
 #if AIGC_EXT_MICROKERNEL
             // A small page's values packed for the micro-kernel (in L1): a BLAS call would cost
             // more than its product. Larger pages stay with BLAS, which reads them in place.
