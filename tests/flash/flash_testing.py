@@ -137,3 +137,20 @@ def naive_dense(
         p = p * keep / (1 - dropout_p)
     out = (p @ vt).transpose(1, 2)
     return out, lse
+
+
+def paged_cache(
+    cache: torch.Tensor, page_size: int, seed: int = 0, *, spare: int = 2, fill: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache ``(B, S, H, D)`` cut into pages of ``page_size``, shuffled (by ``seed``) into a
+    pool with ``spare`` unused pages, and the int32 block table ``(B, pages per sequence)`` that
+    reads it back. Positions past S and the spare pages hold ``fill``."""
+    batch, length = cache.shape[:2]
+    per_seq = -(-length // page_size)
+    padded = torch.full((batch, per_seq * page_size, *cache.shape[2:]), fill, dtype=cache.dtype)
+    padded[:, :length] = cache
+    n = batch * per_seq
+    order = torch.randperm(n + spare, generator=torch.Generator().manual_seed(seed))[:n]
+    pool = torch.full((n + spare, page_size, *cache.shape[2:]), fill, dtype=cache.dtype)
+    pool[order] = padded.reshape(n, page_size, *cache.shape[2:])
+    return pool, order.view(batch, per_seq).to(torch.int32)

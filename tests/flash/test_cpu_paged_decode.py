@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flash_testing import cpu_ready, rand
+from flash_testing import cpu_ready, paged_cache, rand
 from sdpa_testing import cpu_isa
 
 from aigc_ext import flash_attn_interface as fa
@@ -20,19 +20,7 @@ from aigc_ext import flash_attn_interface as fa
 pytestmark = pytest.mark.skipif(not cpu_ready(), reason="no C++ flash op")
 
 ISAS = ["default", "avx2", "avx512"]
-
-
-def _paged(cache: torch.Tensor, page_size: int, seed: int):
-    """The cache ``(B, S, H, D)`` cut into pages shuffled into a pool with spare pages."""
-    batch, length = cache.shape[:2]
-    per_seq = -(-length // page_size)
-    padded = torch.zeros((batch, per_seq * page_size, *cache.shape[2:]), dtype=cache.dtype)
-    padded[:, :length] = cache
-    n = batch * per_seq
-    order = torch.randperm(n + 3, generator=torch.Generator().manual_seed(seed))[:n]
-    pool = torch.full((n + 3, page_size, *cache.shape[2:]), float("nan"), dtype=cache.dtype)
-    pool[order] = padded.reshape(n, page_size, *cache.shape[2:])
-    return pool, order.view(batch, per_seq).to(torch.int32)
+nan = float("nan")  # in the spare pages and past each sequence: a read of them would show
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -45,8 +33,8 @@ def test_paged_decode_equals_the_contiguous_cache(isa, dtype, group, page_size, 
     q = rand((2, 1, hkv * group, d), dtype, seed=1)
     k_cache = rand((2, length, hkv, d), dtype, seed=2)
     v_cache = rand((2, length, hkv, d), dtype, seed=3)
-    pool_k, table = _paged(k_cache, page_size, seed=page_size)
-    pool_v, _ = _paged(v_cache, page_size, seed=page_size)
+    pool_k, table = paged_cache(k_cache, page_size, seed=page_size, spare=3, fill=nan)
+    pool_v, _ = paged_cache(v_cache, page_size, seed=page_size, spare=3, fill=nan)
     seqlens = torch.tensor([length, 777], dtype=torch.int32)
     kw = dict(cache_seqlens=seqlens, causal=True, num_splits=2, return_softmax_lse=True)
     with cpu_isa(isa):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from flash_testing import cu_seqlens, rand
+from flash_testing import cu_seqlens, paged_cache, rand
 
 from aigc_ext import flash_attn_interface as fa
 from aigc_ext.flash.checks import FlashArgumentError, FlashTypeError
@@ -162,26 +162,13 @@ def test_varlen_variants():
     torch.testing.assert_close(out_qkv, ref_qkv, **TOL)
 
 
-def paged(cache: torch.Tensor, page_size: int, seed: int = 0):
-    """The cache ``(B, S, H, D)`` cut into pages shuffled into a pool (plus spare pages)."""
-    batch, length = cache.shape[:2]
-    per_seq = -(-length // page_size)
-    padded = torch.zeros((batch, per_seq * page_size, *cache.shape[2:]), dtype=cache.dtype)
-    padded[:, :length] = cache
-    n = batch * per_seq
-    order = torch.randperm(n + 2, generator=torch.Generator().manual_seed(seed))[:n]
-    pool = torch.zeros((n + 2, page_size, *cache.shape[2:]), dtype=cache.dtype)
-    pool[order] = padded.reshape(n, page_size, *cache.shape[2:])
-    return pool, order.view(batch, per_seq).to(torch.int32)
-
-
 def test_varlen_on_a_paged_cache_equals_the_packed_keys():
     lens_q, lens_k = [2, 0, 3], [5, 3, 7]
     cq, ck = cu_seqlens(lens_q), cu_seqlens(lens_k)
     q = rand((6, 4, 16), seed=1)  # one row past the last sequence
     cache_k, cache_v = rand((3, 7, 2, 16), seed=2), rand((3, 7, 2, 16), seed=3)
-    pool_k, table = paged(cache_k, 3, seed=1)
-    pool_v, _ = paged(cache_v, 3, seed=1)
+    pool_k, table = paged_cache(cache_k, 3, seed=1)
+    pool_v, _ = paged_cache(cache_v, 3, seed=1)
     out, lse, _ = fa.flash_attn_varlen_func(q, pool_k, pool_v, cq, ck, 3, 7, causal=True,
                                             return_attn_probs=True, block_table=table)  # fmt: skip
     packed_k = torch.cat([cache_k[b, :n] for b, n in enumerate(lens_k)])
@@ -252,8 +239,8 @@ def test_kvcache_paged_equals_contiguous(page_size):
     q = rand((2, 1, 8, 16), seed=1)
     k_new, v_new = rand((2, 1, 1, 16), seed=2), rand((2, 1, 1, 16), seed=3)  # MQA
     k_cache, v_cache = rand((2, 10, 1, 16), seed=4), rand((2, 10, 1, 16), seed=5)
-    pool_k, table = paged(k_cache, page_size, seed=page_size)
-    pool_v, _ = paged(v_cache, page_size, seed=page_size)
+    pool_k, table = paged_cache(k_cache, page_size, seed=page_size)
+    pool_v, _ = paged_cache(v_cache, page_size, seed=page_size)
     seqlens = torch.tensor([9, 3], dtype=torch.int32)
     kw = dict(cache_seqlens=seqlens, causal=True, softcap=4.0, num_splits=2)
     out_paged = fa.flash_attn_with_kvcache(q, pool_k, pool_v, k_new, v_new, block_table=table,
@@ -301,7 +288,7 @@ def test_kvcache_bad_input_names_flash_attentions_arguments():
     with pytest.raises(FlashArgumentError, match="cache_batch_idx"):
         fa.flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=1,
                                    cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32))  # fmt: skip
-    pool, table = paged(k_cache, 4)
+    pool, table = paged_cache(k_cache, 4)
     with pytest.raises(FlashArgumentError, match="block_table"):
         fa.flash_attn_with_kvcache(q, pool, pool, cache_seqlens=8, block_table=table + 10)
     with pytest.raises(FlashArgumentError, match="k and v"):

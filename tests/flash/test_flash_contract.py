@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from flash_testing import cpu_ready, cu_seqlens, rand, triton_ready
+from flash_testing import cpu_ready, cu_seqlens, paged_cache, rand, triton_ready
 
 from aigc_ext.flash import ops
 from aigc_ext.flash.reference import dropout_keep_mask, flash_reference
@@ -355,19 +355,6 @@ def test_kv_cache_seqused_leftpad_batch_index(backend):
         assert bool((out[2] == 0).all())
 
 
-def _paged(cache, page_size, seed):
-    """The cache cut into pages, shuffled into a pool with spare pages, and its block table."""
-    batch, length = cache.shape[:2]
-    per_seq = -(-length // page_size)
-    padded = torch.zeros((batch, per_seq * page_size, *cache.shape[2:]))
-    padded[:, :length] = cache
-    n = batch * per_seq
-    order = torch.randperm(n + 3, generator=torch.Generator().manual_seed(seed))[:n]
-    pool = torch.zeros((n + 3, page_size, *cache.shape[2:]))
-    pool[order] = padded.reshape(n, page_size, *cache.shape[2:])
-    return pool, order.view(batch, per_seq).to(torch.int32)
-
-
 @pytest.mark.parametrize("page_size", [1, 3, 16])
 def test_paged_cache_equals_contiguous(backend, page_size):
     declined_by_cuda(backend, "the KV-cache arguments")
@@ -376,8 +363,8 @@ def test_paged_cache_equals_contiguous(backend, page_size):
     lq = 1 if small(backend) else 3
     q = rand((2, lq, 4, 16), seed=1)
     cache_k, cache_v = rand((2, 19, 2, 16), seed=2), rand((2, 19, 2, 16), seed=3)
-    pool_k, table = _paged(cache_k, page_size, seed=page_size)
-    pool_v, _ = _paged(cache_v, page_size, seed=page_size)
+    pool_k, table = paged_cache(cache_k, page_size, seed=page_size, spare=3)
+    pool_v, _ = paged_cache(cache_v, page_size, seed=page_size, spare=3)
     kw = dict(
         seqused_k=torch.tensor([19, 7], dtype=torch.int32),
         leftpad_k=torch.tensor([1, 0], dtype=torch.int32), causal=True, softcap=8.0,

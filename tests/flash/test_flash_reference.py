@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from flash_testing import cu_seqlens, naive_dense, rand
+from flash_testing import cu_seqlens, naive_dense, paged_cache, rand
 
 from aigc_ext.flash.reference import (
     dropout_keep_mask,
@@ -201,31 +201,14 @@ def test_kv_cache_seqused_leftpad_and_batch_index():
     assert bool((out[2] == 0).all())
 
 
-def paged(cache: torch.Tensor, page_size: int, seed: int = 0):
-    """``cache`` (B, S, H, D) cut into pages of ``page_size`` in a shuffled pool, and the
-    block table that reads it back (plus two unused pages)."""
-    batch, length = cache.shape[:2]
-    per_seq = -(-length // page_size)
-    padded = torch.zeros((batch, per_seq * page_size, *cache.shape[2:]), dtype=cache.dtype)
-    padded[:, :length] = cache
-    pages = padded.view(batch * per_seq, page_size, *cache.shape[2:])
-    order = torch.randperm(batch * per_seq + 2, generator=torch.Generator().manual_seed(seed))
-    pool = torch.zeros((batch * per_seq + 2, page_size, *cache.shape[2:]), dtype=cache.dtype)
-    table = torch.empty((batch, per_seq), dtype=torch.int32)
-    for n in range(batch * per_seq):
-        pool[order[n]] = pages[n]
-        table[n // per_seq, n % per_seq] = int(order[n])
-    return pool, table
-
-
 @pytest.mark.parametrize("page_size", [1, 3, 16])
 def test_paged_cache_equals_contiguous(page_size):
     q = rand((2, 3, 4, 8), seed=1)
     cache_k, cache_v = rand((2, 10, 2, 8), seed=2), rand((2, 10, 2, 8), seed=3)
     used = torch.tensor([10, 6], dtype=torch.int32)
     left = torch.tensor([1, 0], dtype=torch.int32)
-    pool_k, table = paged(cache_k, page_size, seed=page_size)
-    pool_v, _ = paged(cache_v, page_size, seed=page_size)
+    pool_k, table = paged_cache(cache_k, page_size, seed=page_size)
+    pool_v, _ = paged_cache(cache_v, page_size, seed=page_size)
     kw = dict(seqused_k=used, leftpad_k=left, causal=True, softcap=5.0)
     out, lse = flash_reference(q, pool_k, pool_v, block_table=table, **kw)
     ref_out, ref_lse = flash_reference(q, cache_k, cache_v, **kw)
