@@ -33,7 +33,6 @@ class Emulation:
     ``cpu_kernel_config`` settings that limit ours, the host CPU features it needs and the
     bf16/fp16 hardware it lacks (hidden from the roofline)."""
 
-    name: str
     family: str
     env: Mapping[str, str]
     kernel: Mapping[str, object]
@@ -49,7 +48,6 @@ class Emulation:
 
 EMULATIONS: dict[str, Emulation] = {
     "avx2": Emulation(
-        name="avx2",
         family="AVX2 + FMA CPU (AMD Zen 2/3, Intel before Skylake-SP)",
         env={
             "ATEN_CPU_CAPABILITY": "avx2",
@@ -61,7 +59,6 @@ EMULATIONS: dict[str, Emulation] = {
         lacks=("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"),
     ),
     "avx512": Emulation(
-        name="avx512",
         family="AVX-512 CPU with AVX512_BF16 and without AMX (AMD Zen 4, Intel Cooper Lake)",
         env={"MKL_ENABLE_INSTRUCTIONS": "AVX512_E3", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
         kernel={"use_amx": False},

@@ -28,6 +28,11 @@ def no_emulation(monkeypatch):
             monkeypatch.delenv(key, raising=False)
 
 
+def _set_env(monkeypatch, name):
+    for key, value in emulate.EMULATIONS[name].env.items():
+        monkeypatch.setenv(key, value)
+
+
 def _capture_exec(monkeypatch):
     def fake_execve(path, argv, env):
         raise Restarted(path, argv, env)
@@ -59,8 +64,7 @@ def test_reexec_restarts_python_with_the_limits_set(monkeypatch, no_emulation, n
 
 def test_reexec_returns_once_the_limits_are_in_effect(monkeypatch):
     _capture_exec(monkeypatch)
-    for key, value in emulate.EMULATIONS["avx2"].env.items():
-        monkeypatch.setenv(key, value)
+    _set_env(monkeypatch, "avx2")
     assert emulate.reexec("avx2", ["script.py"], ALL_FLAGS) is None
 
 
@@ -73,7 +77,7 @@ def test_reexec_refuses_unknown_families_and_missing_hardware(monkeypatch, no_em
 
 
 @pytest.mark.parametrize("via_probe", [True, False])
-def test_the_roofline_hides_what_the_emulated_family_lacks(monkeypatch, via_probe):
+def test_the_roofline_hides_what_the_emulated_family_lacks(monkeypatch, no_emulation, via_probe):
     info = {k: "1" for k in ALL_FLAGS}
     monkeypatch.setattr(measure, "fma_info", lambda: info if via_probe else None)
     if not via_probe:
@@ -88,16 +92,11 @@ def test_the_roofline_hides_what_the_emulated_family_lacks(monkeypatch, via_prob
             return real_open(path, *a, **k)
 
         monkeypatch.setattr(builtins, "open", fake_open)
-    for emulation in emulate.EMULATIONS.values():
-        for key in emulation.env:
-            monkeypatch.delenv(key, raising=False)
     assert all(roofline.cpu_features().values())
-    for key, value in emulate.EMULATIONS["avx512"].env.items():
-        monkeypatch.setenv(key, value)
+    _set_env(monkeypatch, "avx512")
     features = roofline.cpu_features()
     assert features["avx512_bf16"] and not features["amx_bf16"] and not features["amx_fp16"]
-    for key, value in emulate.EMULATIONS["avx2"].env.items():
-        monkeypatch.setenv(key, value)
+    _set_env(monkeypatch, "avx2")
     assert not any(roofline.cpu_features().values())
 
 
@@ -120,8 +119,7 @@ def test_the_benchmark_restarts_itself_and_sets_the_kernel(monkeypatch, no_emula
     assert e.value.argv[-len(argv) :] == argv
     assert e.value.env["ATEN_CPU_CAPABILITY"] == "avx2"
     # In the restarted process the limits are set: the kernel follows, an explicit setting wins.
-    for key, value in emulate.EMULATIONS["avx2"].env.items():
-        monkeypatch.setenv(key, value)
+    _set_env(monkeypatch, "avx2")
     assert script.parse_args(argv).cpu_kernel == {"isa": "avx2"}
     args = script.parse_args([*argv, "--cpu-kernel", "isa=default"])
     assert args.cpu_kernel == {"isa": "default"}
