@@ -110,7 +110,7 @@ constexpr int64_t kDecodePanelKeys = 64;  // keys packed at a time for the fp32 
 // Paged caches: the rows of the next page prefetched while a page is read (at most this many;
 // the hardware prefetchers follow the stride from there).
 constexpr int64_t kDecodePrefetchRows = 16;
-constexpr int kAheadK = 1, kAheadV = 2;
+constexpr int kAheadK = 1, kAheadV = 2;  // which rows a step reads: keys, values, or both
 
 template <typename T>
 inline void prefetch_rows(const KeyRows<T>& rows, int64_t j, int64_t n, int64_t width) {
@@ -324,13 +324,15 @@ void decode_impl(const AttentionForwardParams& p) {
         }
 #endif
         if constexpr (kReduced<T>) {
-          for_pages(n0, nb, kAheadK | kAheadV,
-                    [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
-                      for (int64_t j = 0; j < w; ++j) {
-                        if (!scores_done) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
-                        if (!fused_pv) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
-                      }
-                    });
+          // Widened: the keys unless their scores are done, the values unless pv_rows reads them.
+          const int widen = (scores_done ? 0 : kAheadK) | (fused_pv ? 0 : kAheadV);
+          if (widen != 0)
+            for_pages(n0, nb, widen, [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
+              for (int64_t j = 0; j < w; ++j) {
+                if (widen & kAheadK) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
+                if (widen & kAheadV) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
+              }
+            });
           kb = kf;
           vb = vf;
           ldk = E;
