@@ -17,6 +17,7 @@
 
 #include "cpu/amx.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/row_band.h"
 #include "cpu/softmax_rows.h"
 // The fp32 micro-kernels: AVX2's (6 x 16 tiles) and AVX-512's (6 x 64 tiles, on the same
 // packed panels).
@@ -364,9 +365,12 @@ class Gemm {
   // n_use / k_use (when >= 0) restrict the product to the first columns / rows of B, e.g. the
   // keys a causal query block can see; n_off / k_off (multiples of 32) skip the first columns /
   // rows of B (and the matching columns of C / A), e.g. the keys before a window: only C's
-  // columns [n_off, n_use) are written.
+  // columns [n_off, n_use) are written. band (row_band.h; its ranges counted from n_off /
+  // k_off) lets the micro-kernels skip what each block of rows does not need; the other paths
+  // compute everything.
   void run(int64_t M, const T* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
-           bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0, int64_t k_off = 0) {
+           bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0, int64_t k_off = 0,
+           const RowBand& band = {}) {
     int64_t N = n_use < 0 ? pb.N : n_use, K = k_use < 0 ? pb.K : k_use;
     if (n_off > 0 || k_off > 0) {
       n_off = std::min(n_off, N);
@@ -382,7 +386,7 @@ class Gemm {
       if (path_ == Path::kMicro) {
         // Panels of 16 columns, K rows of 16 floats each (n_off is a multiple of 32).
         const float* b = pb.f32.data() + (n_off / mk::kNR) * pb.K * mk::kNR + k_off * mk::kNR;
-        return micro_run(M, false, a, lda, K, b, pb.K, N, c, ldc, add);
+        return micro_run(M, false, a, lda, K, b, pb.K, N, c, ldc, add, band);
       }
     }
 #endif
@@ -449,7 +453,7 @@ class Gemm {
   // the forward's probabilities.
   void run_f32(int64_t M, const float* a, int64_t lda, const PackedB<T>& pb, acc_t* c, int64_t ldc,
                bool add, int64_t n_use = -1, int64_t k_use = -1, int64_t n_off = 0,
-               int64_t k_off = 0) {
+               int64_t k_off = 0, const RowBand& band = {}) {
     TORCH_CHECK(micro(), "aigc_ext: internal error: Gemm::run_f32 off the micro-kernel path");
 #if AIGC_EXT_MICROKERNEL
     if constexpr (!std::is_same_v<T, double>) {
@@ -460,7 +464,7 @@ class Gemm {
       K -= k_off;
       if (M == 0 || N == 0) return;
       const float* b = pb.f32.data() + (n_off / mk::kNR) * pb.K * mk::kNR + k_off * mk::kNR;
-      mk::gemm(M, N, K, false, a + k_off, lda, b, pb.K * mk::kNR, c + n_off, ldc, add);
+      mk::gemm(M, N, K, false, a + k_off, lda, b, pb.K * mk::kNR, c + n_off, ldc, add, band);
     }
 #endif
   }
@@ -518,7 +522,8 @@ class Gemm {
   // for a B of panel_k rows, at its first row and column used. A bf16/fp16 operand is widened
   // into one fp32 copy first, in its own layout.
   void micro_run(int64_t M, bool ta, const T* a, int64_t lda, int64_t K, const float* b,
-                 int64_t panel_k, int64_t N, acc_t* c, int64_t ldc, bool add) {
+                 int64_t panel_k, int64_t N, acc_t* c, int64_t ldc, bool add,
+                 const RowBand& band = {}) {
     const float* af;
     int64_t ldf;
     if constexpr (std::is_same_v<T, float>) {
@@ -532,7 +537,7 @@ class Gemm {
       af = a32_.data();
       ldf = cols;
     }
-    mk::gemm(M, N, K, ta, af, ldf, b, panel_k * mk::kNR, c, ldc, add);
+    mk::gemm(M, N, K, ta, af, ldf, b, panel_k * mk::kNR, c, ldc, add, band);
   }
 #endif
 

@@ -36,6 +36,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/row_band.h"
+
 namespace aigc_ext::cpu::AIGC_ISA_NAMESPACE {
 namespace {
 namespace avx2_micro {
@@ -236,32 +238,48 @@ constexpr int64_t kPanelInL1Bytes = 16 * 1024;
 
 template <bool kTransA>
 inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t ld, const float* b,
-                      int64_t panel_stride, float* c, int64_t ldc, bool add) {
-  const int64_t rs = kTransA ? 1 : ld;
-  if (K * kNR * static_cast<int64_t>(sizeof(float)) <= kPanelInL1Bytes) {
-    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
-      const float* bp = b + (n0 / kNR) * panel_stride;
-      for_row_blocks(M, [&](int64_t i, int rows) {
-        rows_dispatch<kTransA>(rows, kNR, K, a + i * rs, ld, bp, panel_stride, c + i * ldc + n0,
-                               ldc, add);
-      });
+                      int64_t panel_stride, float* c, int64_t ldc, bool add, const RowBand& band) {
+  const int64_t rs = kTransA ? 1 : ld, ks = kTransA ? ld : 1;
+  // Rows [i, i + rows) over C's columns [n_lo, n_hi) (n_lo a multiple of 16), within the band.
+  const auto part = [&](int64_t i, int rows, int64_t n_lo, int64_t n_hi) {
+    int64_t k_lo = 0, k_hi = K, lo, hi;
+    if (band.kind == RowBand::Kind::kCols) {
+      if (!band.rows_range(i, rows, N, &lo, &hi)) return;
+      n_lo = std::max(n_lo, lo / kNR * kNR);
+      n_hi = std::min(n_hi, hi);
+      if (n_lo >= n_hi) return;
+    } else if (band.kind == RowBand::Kind::kTerms) {
+      if (band.rows_range(i, rows, K, &lo, &hi)) {
+        k_lo = lo;
+        k_hi = hi;
+      } else if (add) {
+        return;  // no terms: C stays
+      } else {
+        k_hi = 0;  // no terms: zeros
+      }
     }
+    rows_dispatch<kTransA>(rows, n_hi - n_lo, k_hi - k_lo, a + i * rs + k_lo * ks, ld,
+                           b + (n_lo / kNR) * panel_stride + k_lo * kNR, panel_stride,
+                           c + i * ldc + n_lo, ldc, add);
+  };
+  if (K * kNR * static_cast<int64_t>(sizeof(float)) <= kPanelInL1Bytes) {
+    for (int64_t n0 = 0; n0 < N; n0 += kNR)
+      for_row_blocks(M, [&](int64_t i, int rows) { part(i, rows, n0, std::min(n0 + kNR, N)); });
     return;
   }
-  for_row_blocks(M, [&](int64_t i, int rows) {
-    rows_dispatch<kTransA>(rows, N, K, a + i * rs, ld, b, panel_stride, c + i * ldc, ldc, add);
-  });
+  for_row_blocks(M, [&](int64_t i, int rows) { part(i, rows, 0, N); });
 }
 
 // C[M x N] (+)= A[M x K] * B for B packed by pack_panels with panel_stride = 16 * (its K): the
 // product may use only the first K rows of B. A(i, k) = a[i * ld + k], or a[k * ld + i] when
 // trans_a. C (row-major, ldc) receives N rounded up to 16 columns. K = 0 gives zeros (or leaves
-// C as it is, with add).
+// C as it is, with add). band (see row_band.h) narrows each block of rows to its rows' ranges.
 inline void gemm(int64_t M, int64_t N, int64_t K, bool trans_a, const float* a, int64_t ld,
-                 const float* b, int64_t panel_stride, float* c, int64_t ldc, bool add) {
+                 const float* b, int64_t panel_stride, float* c, int64_t ldc, bool add,
+                 const RowBand& band = {}) {
   if (M <= 0 || N <= 0) return;
-  if (trans_a) return gemm_rows<true>(M, N, K, a, ld, b, panel_stride, c, ldc, add);
-  gemm_rows<false>(M, N, K, a, ld, b, panel_stride, c, ldc, add);
+  if (trans_a) return gemm_rows<true>(M, N, K, a, ld, b, panel_stride, c, ldc, add, band);
+  gemm_rows<false>(M, N, K, a, ld, b, panel_stride, c, ldc, add, band);
 }
 
 }  // namespace avx2_micro

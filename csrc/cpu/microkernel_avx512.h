@@ -181,7 +181,7 @@ constexpr int64_t kSliceK = kPanelsInL1Bytes / (kNV * kNR * static_cast<int64_t>
 
 template <bool kTransA>
 inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t ld, const float* b,
-                      int64_t panel_stride, float* c, int64_t ldc, bool add) {
+                      int64_t panel_stride, float* c, int64_t ldc, bool add, const RowBand& band) {
   const int64_t rs = kTransA ? 1 : ld, ks = kTransA ? ld : 1;
   const int64_t np = (N + kNR - 1) / kNR;
   // K = 0 still visits the tiles once: they write zeros (or keep C, with add).
@@ -189,12 +189,31 @@ inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
     const int64_t kc = std::min(kSliceK, K - k0);
     const bool add_slice = add || k0 > 0;
     for (int64_t p0 = 0; p0 < np; p0 += kNV) {
-      const int cols = static_cast<int>(std::min<int64_t>(kNV, np - p0));
-      const float* bp[kNV];
-      for (int j = 0; j < cols; ++j) bp[j] = b + (p0 + j) * panel_stride + k0 * kNR;
+      const int64_t p1 = std::min(np, p0 + kNV);
       for_row_blocks(M, [&](int64_t i, int rows) {
-        tile_dispatch<kTransA>(rows, cols, kc, a + i * rs + k0 * ks, ld, bp, c + i * ldc + p0 * kNR,
-                               ldc, add_slice);
+        // Panels [pl, ph) and terms [kl, kh) of this slice, within the band.
+        int64_t pl = p0, ph = p1, kl = k0, kh = k0 + kc, lo, hi;
+        if (band.kind == RowBand::Kind::kCols) {
+          if (!band.rows_range(i, rows, N, &lo, &hi)) return;
+          pl = std::max(pl, lo / kNR);
+          ph = std::min(ph, (hi + kNR - 1) / kNR);
+          if (pl >= ph) return;
+        } else if (band.kind == RowBand::Kind::kTerms) {
+          if (band.rows_range(i, rows, K, &lo, &hi)) {
+            kl = std::max(kl, lo);
+            kh = std::min(kh, hi);
+          } else {
+            kh = kl;
+          }
+          if (kh <= kl) {
+            if (add_slice) return;  // no terms in this slice: C stays
+            kh = kl;                // zeros, for later slices to add to
+          }
+        }
+        const float* bp[kNV];
+        for (int64_t j = pl; j < ph; ++j) bp[j - pl] = b + j * panel_stride + kl * kNR;
+        tile_dispatch<kTransA>(rows, static_cast<int>(ph - pl), kh - kl, a + i * rs + kl * ks, ld,
+                               bp, c + i * ldc + pl * kNR, ldc, add_slice);
       });
     }
   }
@@ -202,12 +221,13 @@ inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
 
 // avx2_micro::gemm's contract: C[M x N] (+)= A[M x K] * B for B packed by pack_panels with
 // panel_stride = 16 * (its K); A(i, k) = a[i * ld + k], or a[k * ld + i] when trans_a; C
-// receives N rounded up to 16 columns; K = 0 gives zeros (or leaves C, with add).
+// receives N rounded up to 16 columns; K = 0 gives zeros (or leaves C, with add); band as there.
 inline void gemm(int64_t M, int64_t N, int64_t K, bool trans_a, const float* a, int64_t ld,
-                 const float* b, int64_t panel_stride, float* c, int64_t ldc, bool add) {
+                 const float* b, int64_t panel_stride, float* c, int64_t ldc, bool add,
+                 const RowBand& band = {}) {
   if (M <= 0 || N <= 0) return;
-  if (trans_a) return gemm_rows<true>(M, N, K, a, ld, b, panel_stride, c, ldc, add);
-  gemm_rows<false>(M, N, K, a, ld, b, panel_stride, c, ldc, add);
+  if (trans_a) return gemm_rows<true>(M, N, K, a, ld, b, panel_stride, c, ldc, add, band);
+  gemm_rows<false>(M, N, K, a, ld, b, panel_stride, c, ldc, add, band);
 }
 
 }  // namespace avx512_micro
