@@ -164,6 +164,12 @@ def test_paged_copy_addresses_every_position_through_the_block_table():
         paged_decode.paged_copy(cache, 5, torch.Generator())
 
 
+def test_excess_ratio_takes_the_diagonal_out_of_both_times():
+    """Per run (full - diagonal) / (window - diagonal): 8 and 5 here."""
+    r = window.excess_ratio([9.0, 11.0], [2.0, 3.0], [1.0, 1.0])
+    assert (r.median, r.min, r.max, r.n) == (6.5, 5.0, 8.0, 2)
+
+
 @pytest.mark.parametrize("seq, win", [(16, 4), (10, 9), (10, 30), (7, None)])
 def test_visible_pairs_counts_the_window_mask(seq, win):
     i = torch.arange(seq)[:, None]
@@ -181,9 +187,9 @@ def test_every_feature_gives_its_rows_with_ratios_targets_and_checks(fp32_rows):
     by_feature: dict[str, list] = {}
     for r in fp32_rows:
         by_feature.setdefault(r.feature, []).append(r)
-    # varlen: (MHA, GQA) x (fwd, fwd+bwd) x (padded, per sequence); window: 3; 2 each else.
+    # varlen: (MHA, GQA) x (fwd, fwd+bwd) x (padded, per sequence); window: 4; 2 each else.
     counts = {f: len(rows) for f, rows in by_feature.items()}
-    assert counts == {"varlen": 8, "window": 3, "softcap": 2, "paged-decode": 2}
+    assert counts == {"varlen": 8, "window": 4, "softcap": 2, "paged-decode": 2}
     assert {r.mode for r in by_feature["varlen"]} == {"fwd", "fwd+bwd"}
     assert {r.subject for r in by_feature["varlen"]} == {
         "ours packed, H=4",
@@ -213,8 +219,8 @@ def test_every_feature_gives_its_rows_with_ratios_targets_and_checks(fp32_rows):
 
 def test_ratios_follow_the_times_of_the_same_runs(fp32_rows):
     """The window rows share one alternation: their ratios are the per-run quotients."""
-    full, per_row, per_pair = [r for r in fp32_rows if r.feature == "window"]
-    assert full.subject_ms == per_row.subject_ms == per_pair.subject_ms
+    full, per_row, per_pair, less_diagonal = [r for r in fp32_rows if r.feature == "window"]
+    assert full.subject_ms == per_row.subject_ms == per_pair.subject_ms == less_diagonal.subject_ms
     s, w = TINY.window.seq, TINY.window.window
     # per row / per pair differ by a constant factor in every run: the pair counts per row.
     factor = (window.visible_pairs(w, None) / w) / (window.visible_pairs(s, w) / s)

@@ -1,11 +1,14 @@
 """Sliding windows: causal attention with the window ``(W, 0)`` at length ``S``, forward.
 
-Three calls of ``flash_forward`` on the same values, batch 1, ``L = S``:
+Four calls of ``flash_forward`` on the same values, batch 1, ``L = S``:
 
 * **window**: ``causal=True, window_left=W, window_right=0`` at length ``S``: query ``i`` sees
   keys ``i - W .. i`` (at most ``W + 1``);
 * **full causal** at ``S``: query ``i`` sees keys ``0 .. i``;
-* **causal at W**: the first ``W`` rows of the same tensors, plain causal.
+* **causal at W**: the first ``W`` rows of the same tensors, plain causal;
+* **diagonal**: the window ``(0, 0)`` at ``S``: query ``i`` sees key ``i`` alone. It costs what
+  every call at ``S`` pays whatever its window: reading Q, K and V, packing K and V, writing
+  the output and its logsumexp.
 
 Rows (all ratios are of the same run's times):
 
@@ -16,9 +19,12 @@ Rows (all ratios are of the same run's times):
 3. ``(window@S / P_win) / (causal@W / P_W)``, the time **per visible (query, key) pair**, with
    ``P_win = W (W + 1) / 2 + (S - W)(W + 1)`` and ``P_W = W (W + 1) / 2`` (no target: the
    normalisation that takes the different work per row out).
+4. ``(full@S - diagonal) / (window@S - diagonal)`` (no target): row 1 without the cost that
+   does not depend on the window, which bounds row 1 from above; how far the work that grows
+   with the window tracks its pairs.
 
-Check: the window's first ``W`` output rows equal the causal-at-W output (their window covers
-every earlier key), and so do full causal's.
+Checks: the window's first ``W`` output rows equal the causal-at-W output (their window covers
+every earlier key), and so do full causal's; the diagonal's output equals V.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import torch
 from aigc_ext.bench.features.common import OUTPUT_TOLERANCE, flash_ops, max_abs_diff, randn
 from aigc_ext.bench.features.config import WindowSizes
 from aigc_ext.bench.features.rows import FeatureRow, Target, timed_row
-from aigc_ext.bench.features.timing import Timing, paired_ratio
+from aigc_ext.bench.features.timing import Stats, Timing, paired_ratio
 
 __all__ = [
     "FULL_TARGET",
     "ROW_TARGET",
     "describe",
+    "excess_ratio",
     "measure_window",
     "note",
     "visible_pairs",
@@ -66,7 +73,9 @@ def note(sizes: WindowSizes) -> str:
         f"(window time / {s} rows) / (causal @{w} time / {w} rows); a window row sees up to "
         f"{w + 1} keys, a causal @{w} row {(w + 1) / 2:g} on average. per (q, k) pair: each "
         f"time over the (query, key) pairs it computes, {visible_pairs(s, w):,} and "
-        f"{visible_pairs(w, None):,}."
+        f"{visible_pairs(w, None):,}. less diagonal: full and window each less the time of "
+        f"the window (0, 0) at {s} (each query sees its own key: reading, packing and writing, "
+        f"which do not shrink with the window)."
     )
 
 
@@ -92,10 +101,19 @@ def measure_window(
         ],
         "full": lambda: forward(q, k, v, scale=scale, causal=True)[0],
         "short": lambda: forward(qw, kw, vw, scale=scale, causal=True)[0],
+        "diagonal": lambda: forward(
+            q, k, v, scale=scale, causal=True, window_left=0, window_right=0
+        )[0],
     }
-    windowed, full, short = (calls[name]() for name in ("window", "full", "short"))
-    diff = max(max_abs_diff(windowed[:, :w], short), max_abs_diff(full[:, :w], short))
-    del windowed, full, short
+    windowed, full, short, diagonal = (
+        calls[name]() for name in ("window", "full", "short", "diagonal")
+    )
+    diff = max(
+        max_abs_diff(windowed[:, :w], short),
+        max_abs_diff(full[:, :w], short),
+        max_abs_diff(diagonal, v),
+    )
+    del windowed, full, short, diagonal
     times = timing.run(calls, checked=True)
     tol = OUTPUT_TOLERANCE[dtype]
     common = dict(
@@ -143,4 +161,24 @@ def measure_window(
                 1 / visible_pairs(w, None),
             ),
         ),
+        timed_row(
+            **common,
+            subject=win,
+            baseline=f"window (0, 0) @{s}",
+            subject_times=times["window"],
+            baseline_times=times["diagonal"],
+            ratio_name="full / window, less diagonal",
+            ratio=excess_ratio(times["full"], times["window"], times["diagonal"]),
+        ),
     ]
+
+
+def excess_ratio(full: list[float], windowed: list[float], diagonal: list[float]) -> Stats:
+    """Per run, ``(full - diagonal) / (windowed - diagonal)``: the two times less what a call
+    at the same length costs with no keys to speak of (runs from one alternation). A time at
+    or below the diagonal's (timer noise at tiny sizes) counts as a picosecond above it."""
+
+    def less(times: list[float]) -> list[float]:
+        return [max(t - d, 1e-12) for t, d in zip(times, diagonal, strict=True)]
+
+    return paired_ratio(less(full), less(windowed))
