@@ -25,7 +25,7 @@ nan = float("nan")  # in the spare pages and past each sequence: a read of them 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 2, 4, 8])  # query heads per KV head
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])  # query heads per KV head
 @pytest.mark.parametrize("page_size", [16, 48, 24, 1000])
 @pytest.mark.parametrize("d", [64, 40])  # 40: value rows that do not fill 16-column panels
 def test_paged_decode_equals_the_contiguous_cache(isa, dtype, group, page_size, d):
