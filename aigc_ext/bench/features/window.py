@@ -115,7 +115,6 @@ def measure_window(
     )
     del windowed, full, short, diagonal
     times = timing.run(calls, checked=True)
-    tol = OUTPUT_TOLERANCE[dtype]
     common = dict(
         feature="window",
         problem=problem or describe(sizes),
@@ -124,51 +123,46 @@ def measure_window(
         note=note(sizes),
     )
     win = f"window ({w}, 0) @{s}"
-    return [
-        timed_row(
+
+    def row(baseline: str, against: str, ratio_name: str, ratio: Stats, **extra) -> FeatureRow:
+        """A row of the window's times against those of the contender ``against``."""
+        return timed_row(
             **common,
             subject=win,
-            baseline=f"full causal @{s}",
+            baseline=baseline,
             subject_times=times["window"],
-            baseline_times=times["full"],
-            ratio_name="full / window",
-            ratio=paired_ratio(times["full"], times["window"]),
+            baseline_times=times[against],
+            ratio_name=ratio_name,
+            ratio=ratio,
+            **extra,
+        )
+
+    per_pair = paired_ratio(
+        times["window"], times["short"], 1 / visible_pairs(s, w), 1 / visible_pairs(w, None)
+    )
+    return [
+        row(
+            f"full causal @{s}",
+            "full",
+            "full / window",
+            paired_ratio(times["full"], times["window"]),
             target=FULL_TARGET,
             max_diff=diff,
-            tolerance=tol,
+            tolerance=OUTPUT_TOLERANCE[dtype],
         ),
-        timed_row(
-            **common,
-            subject=win,
-            baseline=f"full causal @{w}",
-            subject_times=times["window"],
-            baseline_times=times["short"],
-            ratio_name="per query row",
-            ratio=paired_ratio(times["window"], times["short"], 1 / s, 1 / w),
+        row(
+            f"full causal @{w}",
+            "short",
+            "per query row",
+            paired_ratio(times["window"], times["short"], 1 / s, 1 / w),
             target=ROW_TARGET,
         ),
-        timed_row(
-            **common,
-            subject=win,
-            baseline=f"full causal @{w}",
-            subject_times=times["window"],
-            baseline_times=times["short"],
-            ratio_name="per (q, k) pair",
-            ratio=paired_ratio(
-                times["window"],
-                times["short"],
-                1 / visible_pairs(s, w),
-                1 / visible_pairs(w, None),
-            ),
-        ),
-        timed_row(
-            **common,
-            subject=win,
-            baseline=f"window (0, 0) @{s}",
-            subject_times=times["window"],
-            baseline_times=times["diagonal"],
-            ratio_name="full / window, less diagonal",
-            ratio=excess_ratio(times["full"], times["window"], times["diagonal"]),
+        row(f"full causal @{w}", "short", "per (q, k) pair", per_pair),
+        row(
+            f"window (0, 0) @{s}",
+            "diagonal",
+            "full / window, less diagonal",
+            excess_ratio(times["full"], times["window"], times["diagonal"]),
         ),
     ]
 
