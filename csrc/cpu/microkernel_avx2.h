@@ -245,10 +245,10 @@ inline int64_t l1d_bytes() {
 // The loop order of gemm_rows. Where all of B's panels fit in L1 with this much to spare (for A's
 // six rows, C's lines and the rest), rows go outside: each block of six rows of A stays in L1
 // while B passes, and B stays in L1 across the row blocks. On a 48 KiB L1 (Sapphire Rapids) that
-// took Q K^T and P V at E = 64 from 151-188 to 188-199 GFLOP/s (fp32 forward at L = 1024, 2
-// threads, the AVX2 build). Otherwise a panel up to kPanelInL1Bytes (K <= 256) stays in L1 while
-// every row block passes over it (32 KiB L1: AMD Zen 2/3, Intel before Ice Lake), and a longer
-// one streams, past each row block's A.
+// covers Q K^T and P V at E = 64, and took the fp32 forward at L = 4096 from 183-189 to 191-200
+// GFLOP/s (2 threads, the AVX2 build). Otherwise a panel up to kPanelInL1Bytes (K <= 256) stays in
+// L1 while every row block passes over it (32 KiB L1: AMD Zen 2/3, Intel before Ice Lake), and a
+// longer one streams, past each row block's A.
 constexpr int64_t kL1Spare = 16 * 1024;
 constexpr int64_t kPanelInL1Bytes = 16 * 1024;
 
