@@ -258,22 +258,8 @@ inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
   const int64_t rs = kTransA ? 1 : ld, ks = kTransA ? ld : 1;
   // Rows [i, i + rows) over C's columns [n_lo, n_hi) (n_lo a multiple of 16), within the band.
   const auto part = [&](int64_t i, int rows, int64_t n_lo, int64_t n_hi) {
-    int64_t k_lo = 0, k_hi = K, lo, hi;
-    if (band.kind == RowBand::Kind::kCols) {
-      if (!band.rows_range(i, rows, N, &lo, &hi)) return;
-      n_lo = std::max(n_lo, lo / kNR * kNR);
-      n_hi = std::min(n_hi, hi);
-      if (n_lo >= n_hi) return;
-    } else if (band.kind == RowBand::Kind::kTerms) {
-      if (band.rows_range(i, rows, K, &lo, &hi)) {
-        k_lo = lo;
-        k_hi = hi;
-      } else if (add) {
-        return;  // no terms: C stays
-      } else {
-        k_hi = 0;  // no terms: zeros
-      }
-    }
+    int64_t k_lo = 0, k_hi = K;
+    if (!band.narrow(i, rows, N, K, add, kNR, &n_lo, &n_hi, &k_lo, &k_hi)) return;
     rows_dispatch<kTransA>(rows, n_hi - n_lo, k_hi - k_lo, a + i * rs + k_lo * ks, ld,
                            b + (n_lo / kNR) * panel_stride + k_lo * kNR, panel_stride,
                            c + i * ldc + n_lo, ldc, add);

@@ -192,24 +192,9 @@ inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
       const int64_t p1 = std::min(np, p0 + kNV);
       for_row_blocks(M, [&](int64_t i, int rows) {
         // Panels [pl, ph) and terms [kl, kh) of this slice, within the band.
-        int64_t pl = p0, ph = p1, kl = k0, kh = k0 + kc, lo, hi;
-        if (band.kind == RowBand::Kind::kCols) {
-          if (!band.rows_range(i, rows, N, &lo, &hi)) return;
-          pl = std::max(pl, lo / kNR);
-          ph = std::min(ph, (hi + kNR - 1) / kNR);
-          if (pl >= ph) return;
-        } else if (band.kind == RowBand::Kind::kTerms) {
-          if (band.rows_range(i, rows, K, &lo, &hi)) {
-            kl = std::max(kl, lo);
-            kh = std::min(kh, hi);
-          } else {
-            kh = kl;
-          }
-          if (kh <= kl) {
-            if (add_slice) return;  // no terms in this slice: C stays
-            kh = kl;                // zeros, for later slices to add to
-          }
-        }
+        int64_t n_lo = p0 * kNR, n_hi = std::min(p1 * kNR, N), kl = k0, kh = k0 + kc;
+        if (!band.narrow(i, rows, N, K, add_slice, kNR, &n_lo, &n_hi, &kl, &kh)) return;
+        const int64_t pl = n_lo / kNR, ph = (n_hi + kNR - 1) / kNR;
         const float* bp[kNV];
         for (int64_t j = pl; j < ph; ++j) bp[j - pl] = b + j * panel_stride + kl * kNR;
         tile_dispatch<kTransA>(rows, static_cast<int>(ph - pl), kh - kl, a + i * rs + kl * ks, ld,

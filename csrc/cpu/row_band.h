@@ -41,6 +41,33 @@ struct RowBand {
     *end = std::min(e, limit);
     return *begin < *end;
   }
+
+  // Narrows the product of rows [i, i + rows) of C over its columns [*n_lo, *n_hi) (of N) and
+  // the terms [*k_lo, *k_hi) (of K) to these rows' ranges; *n_lo stays a multiple of panel.
+  // False where nothing is left to compute: no column of the rows' ranges, or no term with add
+  // (C stays). With no term and no add the terms come back empty, and the product writes zeros.
+  bool narrow(int64_t i, int rows, int64_t N, int64_t K, bool add, int64_t panel, int64_t* n_lo,
+              int64_t* n_hi, int64_t* k_lo, int64_t* k_hi) const {
+    int64_t lo, hi;
+    if (kind == Kind::kCols) {
+      if (!rows_range(i, rows, N, &lo, &hi)) return false;
+      *n_lo = std::max(*n_lo, lo / panel * panel);
+      *n_hi = std::min(*n_hi, hi);
+      return *n_lo < *n_hi;
+    }
+    if (kind == Kind::kTerms) {
+      const bool any = rows_range(i, rows, K, &lo, &hi);
+      if (any) {
+        *k_lo = std::max(*k_lo, lo);
+        *k_hi = std::min(*k_hi, hi);
+      }
+      if (!any || *k_hi <= *k_lo) {
+        *k_hi = *k_lo;
+        return !add;
+      }
+    }
+    return true;
+  }
 };
 
 }  // namespace
