@@ -133,7 +133,9 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
   // largest raw score.
   const bool fused_cap = !std::is_same_v<T, double> && f.softcap > 0 && !f.alibi &&
                          p.mask_kind == MaskKind::kNone && scale > 0;
-  const float cap = fused_cap ? static_cast<float>(f.softcap) : 0.f;
+  const FusedSoftcap fcap =
+      fused_cap ? FusedSoftcap(static_cast<float>(scale), static_cast<float>(f.softcap), kLazyMax)
+                : FusedSoftcap{};
   const Dropout drop(f);
 
   parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
@@ -244,15 +246,15 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
                 bool visible = valid > lo;
                 if (visible && m[ri] == neg_inf<A>()) {
                   A bmax = row_max(s, valid) * eff_scale;
-                  if (fused_cap) bmax = cap * std::tanh(bmax / cap);
+                  if (fused_cap) bmax = fcap.capped(bmax);
                   visible = bmax != neg_inf<A>();
                   if (visible) m[ri] = bmax;
                 }
                 // The pass starts at lo: the keys before the window are no work (and the fused
-                // softcap would map their -inf to -cap).
+                // softcap would map their -inf to -softcap).
                 const auto exp_pass = [&](A shift, float* xmax) {
                   std::fill(pr, pr + lo, P(0));
-                  return row_exp_sum_to(s + lo, valid - lo, eff_scale, shift, pr + lo, xmax, cap);
+                  return row_exp_sum_to(s + lo, valid - lo, eff_scale, shift, pr + lo, xmax, fcap);
                 };
                 if (visible) {
                   // A NaN m (NaN among the first visible scores) makes every exponential, hence l

@@ -37,6 +37,48 @@ constexpr float kTanhQ[5] = {1.f, 0.467836201190948f, 2.619074285030365e-2f, 3.4
 constexpr float kTanhSmallSq = 0.25f;
 constexpr float kTanhSmall[4] = {-0.333331794f, 0.133269161f, -0.0531272739f, 0.0174319521f};
 
+// The softcap as the forward's fused row pass takes it: softcap * tanh(s * scale / softcap),
+// prepared once per call. Its cheap tier, for probabilities rounded to bf16, is the Taylor
+// polynomial tanh(y) ~= y - y^3 / 3 + 2 y^5 / 15 (y = s * scale / softcap), whose error is at most
+// 17 |y|^7 / 315 for |y| <= 1/2 (the series alternates with shrinking terms). In the base-2
+// exponent it is softcap * log2e * tanh(y) ~= s * (scale * log2e + s^2 (c3 + c5 s^2)), with c3 =
+// -log2e scale^3 / (3 softcap^2) and c5 = 2 log2e scale^5 / (15 softcap^4); its error stays under
+// 2^-12 (a relative error of p under 2^-12 ln 2, a sixteenth of bf16's rounding) while s^2 <=
+// taylor_bound (finite, so that infinite scores fail the test). With softcap 30 and scale
+// 1/sqrt(64) that is |s * scale| <= 8.1.
+struct FusedSoftcap {
+  float cap = 0.f;                                // 0: no softcap
+  float c3 = 0.f, c5 = 0.f, taylor_bound = -1.f;  // taylor_bound < 0: the tier is never taken
+  float x_bound = -1.f;  // the tier's bound on the scaled score x = s * scale
+  // The caller's lazy-rescaling bound: a pass whose bound on max(x) exceeds it reports the true
+  // maximum instead (see row_exp_sum_taylor_avx512).
+  float lazy_max = 0.f;
+
+  FusedSoftcap() = default;
+  FusedSoftcap(float scale, float softcap, float lazy) : cap(softcap), lazy_max(lazy) {
+    if (!(softcap > 0) || !(scale > 0)) return;
+    constexpr double kTol = 1.0 / 4096, kLog2eD = 1.44269504088896341;
+    const double c = softcap, sc = scale;
+    const double y_max = std::min(0.5, std::pow(kTol * 315 / (17 * c * kLog2eD), 1.0 / 7));
+    const double s_max = y_max * c / sc, r = sc / c;
+    x_bound = static_cast<float>(y_max * c);
+    c3 = static_cast<float>(-kLog2eD * sc * r * r / 3);
+    c5 = static_cast<float>(2 * kLog2eD * sc * r * r * r * r / 15);
+    taylor_bound =
+        static_cast<float>(std::min<double>(s_max * s_max, std::numeric_limits<float>::max()));
+  }
+
+  // softcap * tanh(x / softcap) for a scaled score x (a row's maximum): the Taylor polynomial
+  // where it holds, libm's tanh elsewhere (NaN stays NaN, -inf gives -softcap).
+  float capped(float x) const {
+    if (std::abs(x) <= x_bound) {
+      const float y2 = x * x / (cap * cap);
+      return x * (1.f + y2 * (-1.f / 3 + y2 * (2.f / 15)));
+    }
+    return cap * std::tanh(x / cap);
+  }
+};
+
 // ------------------------------------------------------------------------------------------
 // Row operations of the online softmax (vectorised over keys)
 // ------------------------------------------------------------------------------------------
@@ -121,10 +163,12 @@ inline bool cpu_has_avx512_bf16() {
 // send every FMA of the P V product that reads them through a microcode assist (a window's
 // hidden keys, -inf, made the forward 4x slower). NaN propagates (the unordered compare keeps its
 // lane); large inputs give +inf (the caller redoes such rows against a larger maximum).
-template <int kDegree>
+// kFlush = false leaves out the flush for callers whose inputs are known to stay above -120.
+template <int kDegree, bool kFlush = true>
 inline __m512 exp2_avx512(__m512 x) {
   static_assert(kDegree == 4 || kDegree == 5);
-  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.5f), _CMP_NLE_UQ);
+  const __mmask16 normal =
+      kFlush ? _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.5f), _CMP_NLE_UQ) : __mmask16(0xFFFF);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p;
@@ -182,8 +226,9 @@ inline __m512 tanh_avx512(__m512 x) {
 template <typename T, bool kCap>
 __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const float* s, int64_t n,
                                                                       float scale, float shift,
-                                                                      float softcap, T* out,
-                                                                      float* xmax) {
+                                                                      const FusedSoftcap& fcap,
+                                                                      T* out, float* xmax) {
+  const float softcap = fcap.cap;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   static_assert(kBf16 || std::is_same_v<T, float>);
   constexpr int kDegree = kBf16 ? 4 : 5;
@@ -232,6 +277,63 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
   }
   *xmax = _mm512_reduce_max_ps(_mm512_max_ps(vmax, vmax1)) * kLn2;
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
+}
+
+// The softcap's Taylor tier (FusedSoftcap) for bf16 probabilities: row_exp_sum_avx512's pass
+// with x[i] = s[i] * (scale' + s[i]^2 (c3 + c5 s[i]^2)) - shift, in base 2. Three instructions a
+// vector over the pass without a softcap: s^2 and two FMAs; the maximum of s^2 it tracks instead of
+// max(x) both tests the tier and bounds the exponents (x is increasing in s on the tier, so
+// x(sqrt(max s^2)) >= max(x)). That bound stands for max(x) unless it exceeds fcap.lazy_max,
+// where the caller redoes the row against the new maximum: then the true maximum is taken
+// (a pass of row_max; such rows are rare). Returns false, with out partly written, where a
+// score lies beyond the tier (or is infinite): the caller takes the exact pass instead.
+template <bool kFlush>
+__attribute__((target("avx512bf16"))) inline bool row_exp_sum_taylor_avx512(
+    const float* s, int64_t n, float scale, float shift, const FusedSoftcap& fcap,
+    c10::BFloat16* out, float* xmax, float* sum) {
+  const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
+  const __m512 vc3 = _mm512_set1_ps(fcap.c3), vc5 = _mm512_set1_ps(fcap.c5);
+  const auto exponent = [&](__m512 x, __m512 t) {
+    const __m512 slope = _mm512_fmadd_ps(_mm512_fmadd_ps(t, vc5, vc3), t, vscale);
+    return _mm512_fmsub_ps(x, slope, vshift);
+  };
+  const auto exponent1 = [&](float x) {
+    const float t = x * x;
+    return (x * (scale * kLog2e + t * (fcap.c3 + t * fcap.c5)) - shift * kLog2e) * kLn2;
+  };
+  // vmaxps returns its second operand where one is NaN: with the new value first, the running
+  // maxima of s^2 never turn NaN and keep an infinite score's +inf (NaN scores give NaN either
+  // way).
+  __m512 vsum = _mm512_setzero_ps(), vsum1 = vsum, tmax = vsum, tmax1 = vsum;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 s0 = _mm512_loadu_ps(s + i), s1 = _mm512_loadu_ps(s + i + 16);
+    const __m512 t0 = _mm512_mul_ps(s0, s0), t1 = _mm512_mul_ps(s1, s1);
+    tmax = _mm512_max_ps(t0, tmax);
+    tmax1 = _mm512_max_ps(t1, tmax1);
+    const __m512 e0 = exp2_avx512<4, kFlush>(exponent(s0, t0));
+    const __m512 e1 = exp2_avx512<4, kFlush>(exponent(s1, t1));
+    vsum = _mm512_add_ps(vsum, e0);
+    vsum1 = _mm512_add_ps(vsum1, e1);
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, s + i), t = _mm512_mul_ps(x, x);
+    tmax = _mm512_max_ps(t, tmax);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<4, kFlush>(exponent(x, t)));
+    vsum = _mm512_add_ps(vsum, e);
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  const float t_top = _mm512_reduce_max_ps(_mm512_max_ps(tmax, tmax1));
+  if (!(t_top <= fcap.taylor_bound)) return false;
+  float x_top = exponent1(std::sqrt(t_top));
+  if (x_top > fcap.lazy_max)
+    x_top = exponent1(row_max(s, n));  // the true maximum, for the
+                                       // caller's new shift
+  *xmax = x_top;
+  *sum = _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
+  return true;
 }
 #endif
 
@@ -288,8 +390,9 @@ inline __m256 tanh_avx2(__m256 x) {
 // 2^(x * log2e), one FMA for the exponent without a softcap; 16 scores a step, two independent
 // sums and maxima.
 template <typename T, bool kCap>
-inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift, float softcap,
-                              T* out, float* xmax) {
+inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift,
+                              const FusedSoftcap& fcap, T* out, float* xmax) {
+  const float softcap = fcap.cap;
   const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
   const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
   const __m256 vinv = _mm256_set1_ps(kCap ? scale / softcap : 0.f);
@@ -400,26 +503,40 @@ inline A row_exp_sum(A* s, int64_t n, A scale, A shift) {
 }
 
 // out[i] = exp(x[i]) rounded to T (fp32, bf16 or fp16), for i < n, where x[i] = s[i] * scale -
-// shift, or softcap * tanh(s[i] * scale / softcap) - shift when softcap > 0 (the softcap fused
-// into the pass instead of a pass of its own); returns the fp32 sum and, in *xmax, max(x[i]).
+// shift, or softcap * tanh(s[i] * scale / softcap) - shift when fcap.cap > 0 (the softcap fused
+// into the pass instead of a pass of its own; fcap built for this scale); returns the fp32 sum
+// and, in *xmax, max(x[i]).
 // Fuses the score modification, the exponential, the row sum, the row maximum and the
 // down-conversion into one pass over the scores.
 template <typename T>
 inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift, T* out,
-                            float* xmax, float softcap = 0.f) {
+                            float* xmax, const FusedSoftcap& fcap = {}) {
+  const float softcap = fcap.cap;
   const bool cap = softcap > 0;
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr bool kFast = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
   if constexpr (kFast) {
     if (std::is_same_v<T, float> || cpu_has_avx512_bf16()) {
-      return cap ? row_exp_sum_avx512<T, true>(s, n, scale, shift, softcap, out, xmax)
-                 : row_exp_sum_avx512<T, false>(s, n, scale, shift, softcap, out, xmax);
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        float sum;
+        if (cap && fcap.taylor_bound >= 0) {
+          // On the tier, x >= -(x_bound + shift): far from the exponentials' underflow, the
+          // flush is left out.
+          const bool ok =
+              fcap.x_bound + shift <= 80.f
+                  ? row_exp_sum_taylor_avx512<false>(s, n, scale, shift, fcap, out, xmax, &sum)
+                  : row_exp_sum_taylor_avx512<true>(s, n, scale, shift, fcap, out, xmax, &sum);
+          if (ok) return sum;
+        }
+      }
+      return cap ? row_exp_sum_avx512<T, true>(s, n, scale, shift, fcap, out, xmax)
+                 : row_exp_sum_avx512<T, false>(s, n, scale, shift, fcap, out, xmax);
     }
   }
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
-  return cap ? row_exp_sum_avx2<T, true>(s, n, scale, shift, softcap, out, xmax)
-             : row_exp_sum_avx2<T, false>(s, n, scale, shift, softcap, out, xmax);
+  return cap ? row_exp_sum_avx2<T, true>(s, n, scale, shift, fcap, out, xmax)
+             : row_exp_sum_avx2<T, false>(s, n, scale, shift, fcap, out, xmax);
 #endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;

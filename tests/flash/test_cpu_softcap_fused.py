@@ -122,3 +122,46 @@ def test_softcap_never_reaches_keys_before_the_window():
     v2[:, :80] = 1.0e6  # hidden from every row >= 97 (its window starts at row - 16 > 80)
     out2 = fa.flash_attn_func(q, k, v2, causal=True, window_size=(16, 0), softcap=4.0)
     torch.testing.assert_close(out2[:, 97:], out[:, 97:], rtol=0, atol=0)
+
+
+def _tier_problem(cap: float, span: float, order: str, *, lq: int = 96, lk: int = 1600):
+    """Scores ``s = q_i k_j`` laid out exactly: the scaled score of key j is ``y_j * cap * row
+    factor`` with ``y_j`` spread over ``[-span, span]`` (head dim 8, one nonzero component,
+    scale 1). ``order`` places the keys: ``up`` (each key block's maximum above the last by
+    more than the lazy bound: the rows are redone), ``down`` and ``shuffled``."""
+    y = torch.linspace(-span, span, lk, dtype=torch.float64)
+    if order == "down":
+        y = y.flip(0)
+    elif order == "shuffled":
+        y = y[torch.randperm(lk, generator=torch.Generator().manual_seed(9))]
+    k = torch.zeros(1, lk, 2, 8, dtype=torch.float64)
+    k[..., 0] = (y * cap)[None, :, None]
+    q = torch.zeros(1, lq, 4, 8, dtype=torch.float64)
+    q[..., 0] = 0.75 + 0.25 * torch.rand(1, lq, 4, generator=torch.Generator().manual_seed(10))
+    v = rand((1, lk, 2, 8), seed=11).double()
+    return q, k, v
+
+
+@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "no-amx"])
+@pytest.mark.parametrize("order", ["up", "down", "shuffled"])
+@pytest.mark.parametrize("cap,span", [(30.0, 0.26), (3.0, 0.34), (300.0, 0.19), (30.0, 0.6)])
+def test_fused_softcap_bf16_taylor_tier(cap, span, order, use_amx):
+    """bf16's cheap tier of the fused softcap (a Taylor polynomial of tanh, taken where every
+    score of a row's key block is small against the cap) at the edge of its range and past it
+    (span 0.6: the exact pass), with key blocks whose maxima climb past the lazy bound. The
+    output against the float64 oracle with the 2x error rule; the log-sum-exp, which the fp32
+    row sums carry and the tier's exponent error shifts directly, within 2^-11 of it (the tier
+    claims 2^-12 ln 2)."""
+    q16, k16, v16 = (t.to(BF16) for t in _tier_problem(cap, span, order))
+    kw = {"scale": 1.0, "causal": False, "window": (-1, -1), "softcap": cap, "alibi": None}
+    ref, ref_lse = naive_dense(q16.double(), k16.double(), v16.double(), **kw)
+    base, _ = naive_dense(q16, k16, v16, **kw)
+    with cpu_kernel(use_amx=use_amx):
+        out, lse, _ = fa.flash_attn_func(
+            q16, k16, v16, softmax_scale=1.0, softcap=cap, return_attn_probs=True
+        )
+    what = f"cap {cap}, span {span}, keys {order}"
+    result = check_error_rule(out.double(), ref, base.double())
+    assert result.ok, result.describe(f"out ({what})")
+    lse_err = (lse.double() - ref_lse).abs().max().item()
+    assert lse_err <= 2.0**-11, f"softmax_lse off by {lse_err:.3g} ({what})"
