@@ -37,41 +37,57 @@ constexpr float kTanhQ[5] = {1.f, 0.467836201190948f, 2.619074285030365e-2f, 3.4
 constexpr float kTanhSmallSq = 0.25f;
 constexpr float kTanhSmall[4] = {-0.333331794f, 0.133269161f, -0.0531272739f, 0.0174319521f};
 
+// One polynomial tier of the fused softcap: where s^2 <= bound for every score s of a pass, the
+// base-2 exponent softcap * log2e * tanh(s * scale / softcap) is s * (scale * log2e + s^2 P(s^2))
+// within the tier's accuracy, P of degree kTerms - 1 (coefficients p, lowest first), folded into
+// the exponent's FMA. x_bound = scale * sqrt(bound) bounds |s * scale| on the tier.
+struct SoftcapTier {
+  float p[4] = {};
+  float bound = -1.f;  // < 0: never taken; finite, so that infinite scores fail the test
+  float x_bound = -1.f;
+};
+
 // The softcap as the forward's fused row pass takes it: softcap * tanh(s * scale / softcap),
-// prepared once per call. Its cheap tier, for probabilities rounded to bf16, is the Taylor
-// polynomial tanh(y) ~= y - y^3 / 3 + 2 y^5 / 15 (y = s * scale / softcap), whose error is at most
-// 17 |y|^7 / 315 for |y| <= 1/2 (the series alternates with shrinking terms). In the base-2
-// exponent it is softcap * log2e * tanh(y) ~= s * (scale * log2e + s^2 (c3 + c5 s^2)), with c3 =
-// -log2e scale^3 / (3 softcap^2) and c5 = 2 log2e scale^5 / (15 softcap^4); its error stays under
-// 2^-12 (a relative error of p under 2^-12 ln 2, a sixteenth of bf16's rounding) while s^2 <=
-// taylor_bound (finite, so that infinite scores fail the test). With softcap 30 and scale
-// 1/sqrt(64) that is |s * scale| <= 8.1.
+// prepared once per call, y = s * scale / softcap. Two polynomial tiers (SoftcapTier):
+// - bf16 probabilities: tanh's Taylor polynomial y - y^3 / 3 + 2 y^5 / 15, whose error is at most
+//   17 |y|^7 / 315 for |y| <= 1/2 (the series alternates with shrinking terms), kept to where the
+//   exponent's error stays under 2^-12 (a relative error of p under 2^-12 ln 2, a sixteenth of
+//   bf16's rounding): |s * scale| <= 8.1 for softcap 30 and scale 1/sqrt(64);
+// - fp32 probabilities: y + y^3 R(y^2) with the fit kTanhSmall (under 1 ulp for |y| <= 1/2).
+// Other passes take the full tanh (tanh_avx512, tanh_avx2).
 struct FusedSoftcap {
-  float cap = 0.f;                                // 0: no softcap
-  float c3 = 0.f, c5 = 0.f, taylor_bound = -1.f;  // taylor_bound < 0: the tier is never taken
-  float x_bound = -1.f;  // the tier's bound on the scaled score x = s * scale
+  float cap = 0.f;  // 0: no softcap
+  SoftcapTier bf16, f32;
   // The caller's lazy-rescaling bound: a pass whose bound on max(x) exceeds it reports the true
-  // maximum instead (see row_exp_sum_taylor_avx512).
+  // maximum instead (see row_exp_sum_tier).
   float lazy_max = 0.f;
 
   FusedSoftcap() = default;
   FusedSoftcap(float scale, float softcap, float lazy) : cap(softcap), lazy_max(lazy) {
     if (!(softcap > 0) || !(scale > 0)) return;
     constexpr double kTol = 1.0 / 4096, kLog2eD = 1.44269504088896341;
-    const double c = softcap, sc = scale;
-    const double y_max = std::min(0.5, std::pow(kTol * 315 / (17 * c * kLog2eD), 1.0 / 7));
-    const double s_max = y_max * c / sc, r = sc / c;
-    x_bound = static_cast<float>(y_max * c);
-    c3 = static_cast<float>(-kLog2eD * sc * r * r / 3);
-    c5 = static_cast<float>(2 * kLog2eD * sc * r * r * r * r / 15);
-    taylor_bound =
-        static_cast<float>(std::min<double>(s_max * s_max, std::numeric_limits<float>::max()));
+    const double c = softcap, sc = scale, r = sc / c, r2 = r * r;
+    const auto finish = [&](SoftcapTier& tier, double y_max) {
+      const double s_max = y_max * c / sc;
+      tier.bound =
+          static_cast<float>(std::min<double>(s_max * s_max, std::numeric_limits<float>::max()));
+      tier.x_bound = static_cast<float>(y_max * c);
+    };
+    // softcap * log2e * y^3 * a_i y^(2i) = s^3 * (log2e * scale * r^2 * a_i r^(2i)) s^(2i).
+    const double k3 = kLog2eD * sc * r2;
+    bf16.p[0] = static_cast<float>(-k3 / 3);
+    bf16.p[1] = static_cast<float>(k3 * r2 * 2 / 15);
+    finish(bf16, std::min(0.5, std::pow(kTol * 315 / (17 * c * kLog2eD), 1.0 / 7)));
+    double ri = 1;
+    for (int t = 0; t < 4; ++t, ri *= r2) f32.p[t] = static_cast<float>(k3 * kTanhSmall[t] * ri);
+    finish(f32, 0.5);
   }
 
-  // softcap * tanh(x / softcap) for a scaled score x (a row's maximum): the Taylor polynomial
-  // where it holds, libm's tanh elsewhere (NaN stays NaN, -inf gives -softcap).
+  // softcap * tanh(x / softcap) for a scaled score x (a row's maximum): the bf16 tier's
+  // polynomial where it holds (the row maximum is a shift: its accuracy is immaterial), libm's
+  // tanh elsewhere (NaN stays NaN, -inf gives -softcap).
   float capped(float x) const {
-    if (std::abs(x) <= x_bound) {
+    if (std::abs(x) <= bf16.x_bound) {
       const float y2 = x * x / (cap * cap);
       return x * (1.f + y2 * (-1.f / 3 + y2 * (2.f / 15)));
     }
@@ -279,27 +295,38 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
 }
 
-// The softcap's Taylor tier (FusedSoftcap) for bf16 probabilities: row_exp_sum_avx512's pass
-// with x[i] = s[i] * (scale' + s[i]^2 (c3 + c5 s[i]^2)) - shift, in base 2. Three instructions a
-// vector over the pass without a softcap: s^2 and two FMAs; the maximum of s^2 it tracks instead of
-// max(x) both tests the tier and bounds the exponents (x is increasing in s on the tier, so
-// x(sqrt(max s^2)) >= max(x)). That bound stands for max(x) unless it exceeds fcap.lazy_max,
-// where the caller redoes the row against the new maximum: then the true maximum is taken
-// (a pass of row_max; such rows are rare). Returns false, with out partly written, where a
-// score lies beyond the tier (or is infinite): the caller takes the exact pass instead.
-template <bool kFlush>
-__attribute__((target("avx512bf16"))) inline bool row_exp_sum_taylor_avx512(
-    const float* s, int64_t n, float scale, float shift, const FusedSoftcap& fcap,
-    c10::BFloat16* out, float* xmax, float* sum) {
+// A softcap tier's pass (SoftcapTier, FusedSoftcap) for bf16 or fp32 probabilities:
+// row_exp_sum_avx512's contract with x[i] = s[i] * (scale' + s[i]^2 P(s[i]^2)) - shift, in base
+// 2: 1 + kTerms instructions a vector over the pass without a softcap (s^2 and the FMAs of the
+// slope), against 9 or more for tanh. The maximum of s^2 it tracks instead of max(x) both tests
+// the tier and bounds the exponents (x is increasing in s on the tier, so x(sqrt(max s^2)) >=
+// max(x)). That bound stands for max(x) unless it exceeds fcap.lazy_max, where the caller redoes
+// the row against the new maximum: then the true maximum is taken (a pass of row_max; such rows
+// are rare). Returns false, with out partly written, where a score lies beyond the tier (or is
+// infinite): the caller takes the full pass instead. kFlush = false leaves out the underflow
+// flush, for callers whose tier keeps the exponents above -120.
+template <typename T, bool kFlush>
+__attribute__((target("avx512bf16"))) inline bool row_exp_sum_tier_avx512(const float* s, int64_t n,
+                                                                          float scale, float shift,
+                                                                          const SoftcapTier& tier,
+                                                                          float lazy_max, T* out,
+                                                                          float* xmax, float* sum) {
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  static_assert(kBf16 || std::is_same_v<T, float>);
+  constexpr int kTerms = kBf16 ? 2 : 4, kDegree = kBf16 ? 4 : 5;
   const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(shift * kLog2e);
-  const __m512 vc3 = _mm512_set1_ps(fcap.c3), vc5 = _mm512_set1_ps(fcap.c5);
+  __m512 vp[kTerms];
+  for (int c = 0; c < kTerms; ++c) vp[c] = _mm512_set1_ps(tier.p[c]);
   const auto exponent = [&](__m512 x, __m512 t) {
-    const __m512 slope = _mm512_fmadd_ps(_mm512_fmadd_ps(t, vc5, vc3), t, vscale);
-    return _mm512_fmsub_ps(x, slope, vshift);
+    __m512 poly = vp[kTerms - 1];
+    for (int c = kTerms - 2; c >= 0; --c) poly = _mm512_fmadd_ps(poly, t, vp[c]);
+    return _mm512_fmsub_ps(x, _mm512_fmadd_ps(poly, t, vscale), vshift);
   };
   const auto exponent1 = [&](float x) {
     const float t = x * x;
-    return (x * (scale * kLog2e + t * (fcap.c3 + t * fcap.c5)) - shift * kLog2e) * kLn2;
+    float poly = tier.p[kTerms - 1];
+    for (int c = kTerms - 2; c >= 0; --c) poly = poly * t + tier.p[c];
+    return (x * (scale * kLog2e + t * poly) - shift * kLog2e) * kLn2;
   };
   // vmaxps returns its second operand where one is NaN: with the new value first, the running
   // maxima of s^2 never turn NaN and keep an infinite score's +inf (NaN scores give NaN either
@@ -311,26 +338,33 @@ __attribute__((target("avx512bf16"))) inline bool row_exp_sum_taylor_avx512(
     const __m512 t0 = _mm512_mul_ps(s0, s0), t1 = _mm512_mul_ps(s1, s1);
     tmax = _mm512_max_ps(t0, tmax);
     tmax1 = _mm512_max_ps(t1, tmax1);
-    const __m512 e0 = exp2_avx512<4, kFlush>(exponent(s0, t0));
-    const __m512 e1 = exp2_avx512<4, kFlush>(exponent(s1, t1));
+    const __m512 e0 = exp2_avx512<kDegree, kFlush>(exponent(s0, t0));
+    const __m512 e1 = exp2_avx512<kDegree, kFlush>(exponent(s1, t1));
     vsum = _mm512_add_ps(vsum, e0);
     vsum1 = _mm512_add_ps(vsum1, e1);
-    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    if constexpr (kBf16) {
+      _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    } else {
+      _mm512_storeu_ps(out + i, e0);
+      _mm512_storeu_ps(out + i + 16, e1);
+    }
   }
   for (; i < n; i += 16) {
     const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
     const __m512 x = _mm512_maskz_loadu_ps(k, s + i), t = _mm512_mul_ps(x, x);
     tmax = _mm512_max_ps(t, tmax);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<4, kFlush>(exponent(x, t)));
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<kDegree, kFlush>(exponent(x, t)));
     vsum = _mm512_add_ps(vsum, e);
-    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    if constexpr (kBf16) {
+      _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    } else {
+      _mm512_mask_storeu_ps(out + i, k, e);
+    }
   }
   const float t_top = _mm512_reduce_max_ps(_mm512_max_ps(tmax, tmax1));
-  if (!(t_top <= fcap.taylor_bound)) return false;
+  if (!(t_top <= tier.bound)) return false;
   float x_top = exponent1(std::sqrt(t_top));
-  if (x_top > fcap.lazy_max)
-    x_top = exponent1(row_max(s, n));  // the true maximum, for the
-                                       // caller's new shift
+  if (x_top > lazy_max) x_top = exponent1(row_max(s, n));  // the true maximum: the new shift
   *xmax = x_top;
   *sum = _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
   return true;
@@ -447,6 +481,60 @@ inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shif
   *xmax = mx * kLn2Avx2;
   return total;
 }
+
+// The fp32 softcap tier's pass on AVX2 (row_exp_sum_tier_avx512's contract and test; fp32
+// probabilities, as the AVX2 micro-kernels take them).
+inline bool row_exp_sum_tier_avx2(const float* s, int64_t n, float scale, float shift,
+                                  const SoftcapTier& tier, float lazy_max, float* out, float* xmax,
+                                  float* sum) {
+  const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
+  const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
+  const __m256 p0 = _mm256_set1_ps(tier.p[0]), p1 = _mm256_set1_ps(tier.p[1]);
+  const __m256 p2 = _mm256_set1_ps(tier.p[2]), p3 = _mm256_set1_ps(tier.p[3]);
+  const auto exponent = [&](__m256 x, __m256 t) {
+    __m256 poly = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(p3, t, p2), t, p1), t, p0);
+    return _mm256_fmsub_ps(x, _mm256_fmadd_ps(poly, t, vscale), vshift);
+  };
+  const auto exponent2 = [&](float x) {  // base 2, one score
+    const float t = x * x;
+    const float poly = ((tier.p[3] * t + tier.p[2]) * t + tier.p[1]) * t + tier.p[0];
+    return x * (scale * kLog2eAvx2 + t * poly) - shift * kLog2eAvx2;
+  };
+  // New values first in vmaxps: the maxima of s^2 never turn NaN (see the AVX-512 pass).
+  __m256 vsum = _mm256_setzero_ps(), vsum1 = vsum, tmax = vsum, tmax1 = vsum;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 s0 = _mm256_loadu_ps(s + i), s1 = _mm256_loadu_ps(s + i + 8);
+    const __m256 t0 = _mm256_mul_ps(s0, s0), t1 = _mm256_mul_ps(s1, s1);
+    tmax = _mm256_max_ps(t0, tmax);
+    tmax1 = _mm256_max_ps(t1, tmax1);
+    const __m256 e0 = exp2_avx2(exponent(s0, t0)), e1 = exp2_avx2(exponent(s1, t1));
+    vsum = _mm256_add_ps(vsum, e0);
+    vsum1 = _mm256_add_ps(vsum1, e1);
+    _mm256_storeu_ps(out + i, e0);
+    _mm256_storeu_ps(out + i + 8, e1);
+  }
+  float total = 0, t_top = 0;
+  for (; i < n; ++i) {  // the last (up to 15) scores one by one
+    const float x = s[i], t = x * x;
+    if (t > t_top) t_top = t;  // NaN leaves t_top as it is
+    const float x2 = exponent2(x);
+    const float e = x2 < -126.f ? 0.f : std::exp2(x2);  // no denormals (see exp2_avx2)
+    out[i] = e;
+    total += e;
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(tmax, tmax1));
+  for (int j = 0; j < 8; ++j) t_top = std::max(t_top, lanes[j]);
+  if (!(t_top <= tier.bound)) return false;
+  _mm256_store_ps(lanes, _mm256_add_ps(vsum, vsum1));
+  for (int j = 0; j < 8; ++j) total += lanes[j];
+  float x_top = exponent2(std::sqrt(t_top)) * kLn2Avx2;
+  if (x_top > lazy_max) x_top = exponent2(row_max(s, n)) * kLn2Avx2;  // the true maximum
+  *xmax = x_top;
+  *sum = total;
+  return true;
+}
 #endif
 
 // exp(x), NaN for NaN x.
@@ -517,16 +605,18 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
   constexpr bool kFast = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
   if constexpr (kFast) {
     if (std::is_same_v<T, float> || cpu_has_avx512_bf16()) {
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (cap) {
+        // On the tier, x >= -(x_bound + shift): far from the exponentials' underflow where that
+        // is above -80 (-115 in base 2), and the flush is left out.
+        const SoftcapTier& tier = std::is_same_v<T, float> ? fcap.f32 : fcap.bf16;
         float sum;
-        if (cap && fcap.taylor_bound >= 0) {
-          // On the tier, x >= -(x_bound + shift): far from the exponentials' underflow, the
-          // flush is left out.
-          const bool ok =
-              fcap.x_bound + shift <= 80.f
-                  ? row_exp_sum_taylor_avx512<false>(s, n, scale, shift, fcap, out, xmax, &sum)
-                  : row_exp_sum_taylor_avx512<true>(s, n, scale, shift, fcap, out, xmax, &sum);
-          if (ok) return sum;
+        if (tier.bound >= 0 &&
+            (tier.x_bound + shift <= 80.f
+                 ? row_exp_sum_tier_avx512<T, false>(s, n, scale, shift, tier, fcap.lazy_max, out,
+                                                     xmax, &sum)
+                 : row_exp_sum_tier_avx512<T, true>(s, n, scale, shift, tier, fcap.lazy_max, out,
+                                                    xmax, &sum))) {
+          return sum;
         }
       }
       return cap ? row_exp_sum_avx512<T, true>(s, n, scale, shift, fcap, out, xmax)
@@ -535,6 +625,13 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
   }
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    float sum;
+    if (cap && fcap.f32.bound >= 0 &&
+        row_exp_sum_tier_avx2(s, n, scale, shift, fcap.f32, fcap.lazy_max, out, xmax, &sum)) {
+      return sum;
+    }
+  }
   return cap ? row_exp_sum_avx2<T, true>(s, n, scale, shift, fcap, out, xmax)
              : row_exp_sum_avx2<T, false>(s, n, scale, shift, fcap, out, xmax);
 #endif

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flash_testing import cpu_ready, naive_dense, rand
-from sdpa_testing import cpu_isa, cpu_kernel
+from sdpa_testing import cpu_isa, cpu_isa_supported, cpu_kernel
 
 from aigc_ext import flash_attn_interface as fa
 from aigc_ext.testing import check_error_rule
@@ -142,26 +142,41 @@ def _tier_problem(cap: float, span: float, order: str, *, lq: int = 96, lk: int 
     return q, k, v
 
 
-@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "no-amx"])
+# (dtype, kernel settings, log-sum-exp tolerance): the tiers' claims (bf16: 2^-12 ln 2 in the
+# exponent; fp32: tanh's fit to under 1 ulp) with room for the fp32 row sums.
+TIER_RUNS = {
+    "bf16-amx": (BF16, {"use_amx": True}, 2.0**-11),
+    "bf16-no-amx": (BF16, {"use_amx": False}, 2.0**-11),
+    "fp32-avx512": (F32, {"isa": "avx512"}, 2.0**-16),
+    "fp32-avx2": (F32, {"isa": "avx2"}, 2.0**-16),
+}
+
+
+@pytest.mark.parametrize("run", list(TIER_RUNS))
 @pytest.mark.parametrize("order", ["up", "down", "shuffled"])
-@pytest.mark.parametrize("cap,span", [(30.0, 0.26), (3.0, 0.34), (300.0, 0.19), (30.0, 0.6)])
-def test_fused_softcap_bf16_taylor_tier(cap, span, order, use_amx):
-    """bf16's cheap tier of the fused softcap (a Taylor polynomial of tanh, taken where every
-    score of a row's key block is small against the cap) at the edge of its range and past it
-    (span 0.6: the exact pass), with key blocks whose maxima climb past the lazy bound. The
-    output against the float64 oracle with the 2x error rule; the log-sum-exp, which the fp32
-    row sums carry and the tier's exponent error shifts directly, within 2^-11 of it (the tier
-    claims 2^-12 ln 2)."""
-    q16, k16, v16 = (t.to(BF16) for t in _tier_problem(cap, span, order))
+@pytest.mark.parametrize(
+    "cap,span", [(30.0, 0.26), (3.0, 0.34), (300.0, 0.19), (30.0, 0.49), (30.0, 0.6)]
+)
+def test_fused_softcap_tiers(cap, span, order, run):
+    """The fused softcap's polynomial tiers (tanh's Taylor polynomial for bf16 probabilities,
+    the small-argument fit for fp32, taken where every score of a row's key block is small
+    against the cap) at the edges of their ranges and past them (span 0.6: the full tanh),
+    with key blocks whose maxima climb past the lazy bound. The output against the float64
+    oracle with the 2x error rule; the log-sum-exp, which the fp32 row sums carry and a tier's
+    exponent error shifts directly, within the tier's tolerance of it."""
+    dtype, settings, lse_tol = TIER_RUNS[run]
+    if "isa" in settings and not cpu_isa_supported(settings["isa"]):
+        pytest.skip(f"CPU ISA {settings['isa']} not compiled in or not supported here")
+    q16, k16, v16 = (t.to(dtype) for t in _tier_problem(cap, span, order))
     kw = {"scale": 1.0, "causal": False, "window": (-1, -1), "softcap": cap, "alibi": None}
     ref, ref_lse = naive_dense(q16.double(), k16.double(), v16.double(), **kw)
     base, _ = naive_dense(q16, k16, v16, **kw)
-    with cpu_kernel(use_amx=use_amx):
+    with cpu_kernel(**settings):
         out, lse, _ = fa.flash_attn_func(
             q16, k16, v16, softmax_scale=1.0, softcap=cap, return_attn_probs=True
         )
-    what = f"cap {cap}, span {span}, keys {order}"
+    what = f"{run}, cap {cap}, span {span}, keys {order}"
     result = check_error_rule(out.double(), ref, base.double())
     assert result.ok, result.describe(f"out ({what})")
     lse_err = (lse.double() - ref_lse).abs().max().item()
-    assert lse_err <= 2.0**-11, f"softmax_lse off by {lse_err:.3g} ({what})"
+    assert lse_err <= lse_tol, f"softmax_lse off by {lse_err:.3g} ({what})"
