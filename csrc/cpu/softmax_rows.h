@@ -233,6 +233,26 @@ inline __m512 tanh_avx512(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(x, p), r);
 }
 
+// Probabilities of the fused row passes stored as T (bf16, by the hardware conversion, or fp32):
+// 32 from two vectors, or the lanes k of one.
+template <typename T>
+__attribute__((target("avx512bf16"))) inline void store_probs32(T* out, __m512 e0, __m512 e1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  } else {
+    _mm512_storeu_ps(out, e0);
+    _mm512_storeu_ps(out + 16, e1);
+  }
+}
+template <typename T>
+__attribute__((target("avx512bf16"))) inline void store_probs_tail(T* out, __mmask16 k, __m512 e) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_mask_storeu_epi16(out, k, (__m256i)_mm512_cvtneps_pbh(e));
+  } else {
+    _mm512_mask_storeu_ps(out, k, e);
+  }
+}
+
 // The fused row pass of the forward for bf16 (hardware conversion) and fp32 probabilities:
 // out[i] = exp(x[i]) rounded to T, the fp32 sum returned, max(x[i]) in *xmax, where x[i] =
 // s[i] * scale - shift, or softcap * tanh(s[i] * scale / softcap) - shift when softcap > 0.
@@ -271,12 +291,7 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
     const __m512 e1 = exp2_avx512<kDegree>(x1);
     vsum = _mm512_add_ps(vsum, e0);
     vsum1 = _mm512_add_ps(vsum1, e1);
-    if constexpr (kBf16) {
-      _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    } else {
-      _mm512_storeu_ps(out + i, e0);
-      _mm512_storeu_ps(out + i + 16, e1);
-    }
+    store_probs32(out + i, e0, e1);
   }
   for (; i < n; i += 16) {
     const int64_t r = std::min<int64_t>(16, n - i);
@@ -285,11 +300,7 @@ __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const floa
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
     const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<kDegree>(x));
     vsum = _mm512_add_ps(vsum, e);
-    if constexpr (kBf16) {
-      _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
-    } else {
-      _mm512_mask_storeu_ps(out + i, k, e);
-    }
+    store_probs_tail(out + i, k, e);
   }
   *xmax = _mm512_reduce_max_ps(_mm512_max_ps(vmax, vmax1)) * kLn2;
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
@@ -342,12 +353,7 @@ __attribute__((target("avx512bf16"))) inline bool row_exp_sum_tier_avx512(const 
     const __m512 e1 = exp2_avx512<kDegree, kFlush>(exponent(s1, t1));
     vsum = _mm512_add_ps(vsum, e0);
     vsum1 = _mm512_add_ps(vsum1, e1);
-    if constexpr (kBf16) {
-      _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    } else {
-      _mm512_storeu_ps(out + i, e0);
-      _mm512_storeu_ps(out + i + 16, e1);
-    }
+    store_probs32(out + i, e0, e1);
   }
   for (; i < n; i += 16) {
     const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
@@ -355,11 +361,7 @@ __attribute__((target("avx512bf16"))) inline bool row_exp_sum_tier_avx512(const 
     tmax = _mm512_max_ps(t, tmax);
     const __m512 e = _mm512_maskz_mov_ps(k, exp2_avx512<kDegree, kFlush>(exponent(x, t)));
     vsum = _mm512_add_ps(vsum, e);
-    if constexpr (kBf16) {
-      _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(e));
-    } else {
-      _mm512_mask_storeu_ps(out + i, k, e);
-    }
+    store_probs_tail(out + i, k, e);
   }
   const float t_top = _mm512_reduce_max_ps(_mm512_max_ps(tmax, tmax1));
   if (!(t_top <= tier.bound)) return false;
