@@ -42,9 +42,17 @@ constexpr float kTanhSmall[4] = {-0.333331794f, 0.133269161f, -0.0531272739f, 0.
 // within the tier's accuracy, P of degree kTerms - 1 (coefficients p, lowest first), folded into
 // the exponent's FMA. x_bound = scale * sqrt(bound) bounds |s * scale| on the tier.
 struct SoftcapTier {
-  float p[4] = {};
+  float p[4] = {};     // unused terms stay 0 (the bf16 tier has two)
   float bound = -1.f;  // < 0: never taken; finite, so that infinite scores fail the test
   float x_bound = -1.f;
+
+  // The tier's base-2 exponent for one score s on the tier, scale2 = scale * log2e and shift2 =
+  // shift * log2e (the vector passes' scalar twin).
+  float exponent2(float s, float scale2, float shift2) const {
+    const float t = s * s;
+    const float poly = ((p[3] * t + p[2]) * t + p[1]) * t + p[0];
+    return s * (scale2 + t * poly) - shift2;
+  }
 };
 
 // The softcap as the forward's fused row pass takes it: softcap * tanh(s * scale / softcap),
@@ -59,7 +67,7 @@ struct FusedSoftcap {
   float cap = 0.f;  // 0: no softcap
   SoftcapTier bf16, f32;
   // The caller's lazy-rescaling bound: a pass whose bound on max(x) exceeds it reports the true
-  // maximum instead (see row_exp_sum_tier).
+  // maximum instead (see row_exp_sum_tier_avx512).
   float lazy_max = 0.f;
 
   FusedSoftcap() = default;
@@ -262,9 +270,8 @@ __attribute__((target("avx512bf16"))) inline void store_probs_tail(T* out, __mma
 template <typename T, bool kCap>
 __attribute__((target("avx512bf16"))) inline float row_exp_sum_avx512(const float* s, int64_t n,
                                                                       float scale, float shift,
-                                                                      const FusedSoftcap& fcap,
-                                                                      T* out, float* xmax) {
-  const float softcap = fcap.cap;
+                                                                      float softcap, T* out,
+                                                                      float* xmax) {
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   static_assert(kBf16 || std::is_same_v<T, float>);
   constexpr int kDegree = kBf16 ? 4 : 5;
@@ -333,11 +340,8 @@ __attribute__((target("avx512bf16"))) inline bool row_exp_sum_tier_avx512(const 
     for (int c = kTerms - 2; c >= 0; --c) poly = _mm512_fmadd_ps(poly, t, vp[c]);
     return _mm512_fmsub_ps(x, _mm512_fmadd_ps(poly, t, vscale), vshift);
   };
-  const auto exponent1 = [&](float x) {
-    const float t = x * x;
-    float poly = tier.p[kTerms - 1];
-    for (int c = kTerms - 2; c >= 0; --c) poly = poly * t + tier.p[c];
-    return (x * (scale * kLog2e + t * poly) - shift * kLog2e) * kLn2;
+  const auto exponent1 = [&](float x) {  // nats
+    return tier.exponent2(x, scale * kLog2e, shift * kLog2e) * kLn2;
   };
   // vmaxps returns its second operand where one is NaN: with the new value first, the running
   // maxima of s^2 never turn NaN and keep an infinite score's +inf (NaN scores give NaN either
@@ -426,9 +430,8 @@ inline __m256 tanh_avx2(__m256 x) {
 // 2^(x * log2e), one FMA for the exponent without a softcap; 16 scores a step, two independent
 // sums and maxima.
 template <typename T, bool kCap>
-inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift,
-                              const FusedSoftcap& fcap, T* out, float* xmax) {
-  const float softcap = fcap.cap;
+inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift, float softcap,
+                              T* out, float* xmax) {
   const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
   const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
   const __m256 vinv = _mm256_set1_ps(kCap ? scale / softcap : 0.f);
@@ -498,9 +501,7 @@ inline bool row_exp_sum_tier_avx2(const float* s, int64_t n, float scale, float 
     return _mm256_fmsub_ps(x, _mm256_fmadd_ps(poly, t, vscale), vshift);
   };
   const auto exponent2 = [&](float x) {  // base 2, one score
-    const float t = x * x;
-    const float poly = ((tier.p[3] * t + tier.p[2]) * t + tier.p[1]) * t + tier.p[0];
-    return x * (scale * kLog2eAvx2 + t * poly) - shift * kLog2eAvx2;
+    return tier.exponent2(x, scale * kLog2eAvx2, shift * kLog2eAvx2);
   };
   // New values first in vmaxps: the maxima of s^2 never turn NaN (see the AVX-512 pass).
   __m256 vsum = _mm256_setzero_ps(), vsum1 = vsum, tmax = vsum, tmax1 = vsum;
@@ -621,8 +622,8 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
           return sum;
         }
       }
-      return cap ? row_exp_sum_avx512<T, true>(s, n, scale, shift, fcap, out, xmax)
-                 : row_exp_sum_avx512<T, false>(s, n, scale, shift, fcap, out, xmax);
+      return cap ? row_exp_sum_avx512<T, true>(s, n, scale, shift, softcap, out, xmax)
+                 : row_exp_sum_avx512<T, false>(s, n, scale, shift, softcap, out, xmax);
     }
   }
 #endif
@@ -634,8 +635,8 @@ inline float row_exp_sum_to(const float* s, int64_t n, float scale, float shift,
       return sum;
     }
   }
-  return cap ? row_exp_sum_avx2<T, true>(s, n, scale, shift, fcap, out, xmax)
-             : row_exp_sum_avx2<T, false>(s, n, scale, shift, fcap, out, xmax);
+  return cap ? row_exp_sum_avx2<T, true>(s, n, scale, shift, softcap, out, xmax)
+             : row_exp_sum_avx2<T, false>(s, n, scale, shift, softcap, out, xmax);
 #endif
   using fVec = Vectorized<float>;
   using rVec = Vectorized<T>;
