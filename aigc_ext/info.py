@@ -16,8 +16,9 @@ import torch
 
 from aigc_ext import dispatch
 from aigc_ext._version import __version__
+from aigc_ext.cpu_family import cpu_family
 
-__all__ = ["ISA_FLAGS", "compiled_in", "cpu_description", "describe", "format_text"]
+__all__ = ["ISA_FLAGS", "compiled_in", "cpu_description", "cpu_summary", "describe", "format_text"]
 
 # The /proc/cpuinfo flags that matter to the kernels, in the order they are reported.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
@@ -44,6 +45,13 @@ def cpu_description() -> tuple[str, list[str]]:
     except OSError:
         pass
     return model, [f for f in ISA_FLAGS if f in flags]
+
+
+def cpu_summary(cpu: dict) -> str:
+    """One line for a machine document's ``cpu`` entry: model, generation, ISA flags, e.g.
+    ``AMD EPYC [Zen 4 (AMD family 25, model 17)] (avx2, fma, avx512f, avx512_bf16)``."""
+    family = f" [{cpu['family']}]" if cpu.get("family") else ""
+    return f"{cpu.get('model')}{family} ({', '.join(cpu.get('isa', [])) or 'no listed ISA flags'})"
 
 
 def compiled_in() -> dict:
@@ -73,7 +81,12 @@ def describe() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": {"model": model, "isa": isa, "threads": torch.get_num_threads()},
+        "cpu": {
+            "model": model,
+            "family": cpu_family().label(),
+            "isa": isa,
+            "threads": torch.get_num_threads(),
+        },
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": {"available": torch.cuda.is_available(), "devices": gpus},
         "cpu_kernel": _cpu_ops().cpu_kernel_config(),
@@ -108,7 +121,7 @@ def format_text(doc: dict) -> str:
     lines = [
         f"aigc_ext {doc['aigc_ext']}  torch {doc['torch']}  python {doc['python']}",
         f"platform: {doc['platform']}",
-        f"cpu: {cpu['model']} ({', '.join(cpu['isa']) or 'no AVX'}), {cpu['threads']} threads",
+        f"cpu: {cpu_summary(cpu)}, {cpu['threads']} threads",
         f"torch cpu capability: {doc['torch_cpu_capability']}",
         f"gpu: {gpu}",
         f"cpu kernel: {doc['cpu_kernel']}",

@@ -65,6 +65,7 @@ from aigc_ext.bench import emulate
 from aigc_ext.bench.flops import attention_flop
 from aigc_ext.bench.measure import reset_peak_rss, status_kib
 from aigc_ext.bench.roofline import cpu_peaks
+from aigc_ext.cpu_family import cpu_family
 
 DTYPES = {
     "fp32": torch.float32,
@@ -303,6 +304,7 @@ def machine_info(threads: int) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": _cpu_model(),
+        "cpu_family": cpu_family().label(),
         "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
@@ -319,7 +321,9 @@ def machine_info(threads: int) -> dict:
 
 
 def print_machine_info(info: dict) -> None:
-    print(f"cpu:        {info['cpu_model']} ({', '.join(info['cpu_flags']) or 'no flags read'})")
+    family = f" [{info['cpu_family']}]" if info.get("cpu_family") else ""
+    flags = ", ".join(info["cpu_flags"]) or "no flags read"
+    print(f"cpu:        {info['cpu_model']}{family} ({flags})")
     print(f"threads:    {info['torch_threads']} (os.cpu_count() = {info['cpu_count']})")
     print(f"torch:      {info['torch_version']} (cpu capability {info['torch_cpu_capability']})")
     print(f"aigc_ext:   {info['aigc_ext_version']}  {info['cpu_kernel_config']}")

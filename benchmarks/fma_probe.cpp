@@ -83,6 +83,12 @@ int main(int argc, char** argv) {
     const fp::Measurement m = fp::measure(isa, 1, t);
     std::printf("per core, %s: %.1f GFLOP/s\n", fp::isa_name(isa), m.gflops);
   }
+  if (fp::isa_supported(fp::Isa::kAvx512Bf16, f)) {
+    // The ceiling of bf16 products on vdpbf16ps (4 FLOPs per fp32 lane: two bf16 products).
+    const fp::Measurement m = fp::measure(fp::Isa::kAvx512Bf16, 1, seconds / 4);
+    std::printf("per core, vdpbf16ps (avx512_bf16, bf16 pairs into fp32): %.1f GFLOP/s\n",
+                m.gflops);
+  }
   const fp::Measurement all = fp::measure(widest, static_cast<int>(threads), seconds);
   std::printf("%ld thread%s, %s: %.1f GFLOP/s (%ld probes run together, best of %lld rounds)\n",
               threads, threads == 1 ? "" : "s", fp::isa_name(widest), all.gflops, threads,

@@ -402,10 +402,12 @@ def print_table(
     if any(_peak_fraction(r)[1] for r in rows):
         console.print(Text(f"{_CAPPED} {_CAPPED_NOTE}"))
     if machine is not None:
+        from aigc_ext.info import cpu_summary
+
         cpu = machine.get("cpu", {})
         console.print(
             Text(
-                f"machine: {cpu.get('model')} ({', '.join(cpu.get('isa', []))}), "
+                f"machine: {cpu_summary(cpu)}, "
                 f"torch {machine.get('torch')}, aigc_ext {machine.get('aigc_ext')}"
             )
         )

@@ -6,7 +6,10 @@ On a CPU:
   :func:`~aigc_ext.bench.measure.fma_peak`).
 * bf16 / fp16 rows: a matmul peak of that dtype only where the CPU has hardware for it (AMX or
   AVX512_BF16 for bf16; AMX-FP16 or AVX512_FP16 for fp16), and never below the fp32 FMA peak,
-  since any implementation can convert to fp32. Without such hardware the dtype is computed in
+  since any implementation can convert to fp32. bf16 on AVX512_BF16 without AMX takes the
+  register-only ``vdpbf16ps`` probe instead of a matmul (every bf16 product there runs on that
+  instruction or in fp32): torch's bf16 matmul reaches 80-90% of it, which would make a
+  kernel at the instruction's ceiling read above 100%. Without such hardware the dtype is computed in
   fp32 and its rows are scaled by the fp32 FMA peak; no matmul is timed (torch runs a bf16
   matmul at ~0.3 GFLOP/s on such a CPU: a ``2048^3`` probe took minutes and gave a "peak" that
   rows exceeded 150-fold).
@@ -36,6 +39,7 @@ __all__ = [
     "cpu_peaks",
     "gpu_peaks",
     "kernel_computes_in_fp32",
+    "kernel_takes_vdpbf16ps",
     "peak_for",
 ]
 
@@ -205,6 +209,14 @@ def kernel_computes_in_fp32(dtype: str, config: Mapping[str, str] | None) -> boo
     return not (dtype == "bf16" and "vdpbf16ps" in on)
 
 
+def kernel_takes_vdpbf16ps(config: Mapping[str, str] | None) -> bool:
+    """Whether the ``cpu`` backend's bf16 GEMMs run on its vdpbf16ps micro-kernel (neither AMX
+    tiles nor brgemm take them, and ``vdpbf16ps=1``)."""
+    if config is None or config.get("vdpbf16ps") != "1":
+        return False
+    return kernel_computes_in_fp32("bf16", {**config, "vdpbf16ps": "0"})
+
+
 # The FMA probe's loop for each instruction set the CPU kernel is built for.
 _KERNEL_FMA_ISA = {"avx512": "avx512", "avx2": "avx2", "default": "scalar"}
 
@@ -241,8 +253,11 @@ def cpu_peaks(
             out[dtype] = fp32
             continue
         hardware = next((name for f, name in _HARDWARE[dtype] if features.get(f)), None)
+        dpbf16 = _dpbf16_peak(threads) if hardware == "AVX512_BF16" and dtype == "bf16" else None
         if hardware is None:
             out[dtype] = _as_fp32(fp32, f"no {dtype} hardware: computed in fp32")
+        elif dpbf16 is not None:
+            out[dtype] = dpbf16 if dpbf16.gflops > fp32.gflops else fp32
         else:
             matmuls[dtype] = measure.matmul_peak_gflops(_TORCH_DTYPES[dtype])
             if matmuls[dtype] > fp32.gflops:
@@ -253,7 +268,25 @@ def cpu_peaks(
         fp32_path = kernel_computes_in_fp32(dtype, kernel_config)
         if fp32_path and out[dtype].gflops != fp32.gflops:
             kernel[dtype] = _as_fp32(fp32, f"the kernel computes {dtype} in fp32 here")
+        elif hardware == "AMX" and dtype == "bf16" and kernel_takes_vdpbf16ps(kernel_config):
+            # AMX switched off for the kernel (cpu_kernel_config(use_amx=False)), vdpbf16ps on.
+            dp = _dpbf16_peak(threads)
+            if dp is not None:
+                kernel[dtype] = dp if dp.gflops > fp32.gflops else fp32
     return Peaks(out, kernel, fma, matmuls, "cpu")
+
+
+def _dpbf16_peak(threads: int | None) -> Peak | None:
+    """The vdpbf16ps probe's peak for ``threads`` threads; None in a build without that probe
+    (or where the CPU refuses it)."""
+    try:
+        dp = measure.fma_peak(threads, isa="avx512_bf16")
+    except RuntimeError:  # an extension built before the probe had the loop
+        return None
+    if dp is None:
+        return None
+    note = f"probe, {dp.threads} threads; {dp.per_core_gflops:.4g} per core"
+    return Peak(dp.all_threads_gflops, "bf16 vdpbf16ps", note)
 
 
 def _as_fp32(fp32: Peak, why: str) -> Peak:

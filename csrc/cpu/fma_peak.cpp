@@ -28,14 +28,16 @@ constexpr int64_t kMaxThreads = 4096;
 fp::Isa parse_isa(const std::string& isa) {
   if (isa == "auto") return fp::widest_isa();
   fp::Isa want = fp::Isa::kScalar;
-  if (isa == "avx512") {
+  if (isa == "avx512_bf16") {
+    want = fp::Isa::kAvx512Bf16;
+  } else if (isa == "avx512") {
     want = fp::Isa::kAvx512;
   } else if (isa == "avx2") {
     want = fp::Isa::kAvx2;
   } else {
     TORCH_CHECK(isa == "scalar",
-                "_fma_peak_gflops: isa must be one of auto, scalar, avx2, avx512; ", "got '", isa,
-                "'");
+                "_fma_peak_gflops: isa must be one of auto, scalar, avx2, avx512, avx512_bf16; ",
+                "got '", isa, "'");
   }
   TORCH_CHECK(fp::isa_supported(want), "_fma_peak_gflops: isa='", isa,
               "' is not supported by this CPU (the widest it has is ",
@@ -44,7 +46,7 @@ fp::Isa parse_isa(const std::string& isa) {
 }
 
 // GFLOP/s of `threads` threads (0: torch's intra-op thread count) running the fp32 FMA loop of
-// `isa` together for about `seconds`.
+// `isa` (or, for avx512_bf16, the vdpbf16ps loop) together for about `seconds`.
 double fma_peak_gflops(double seconds, int64_t threads, const std::string& isa) {
   TORCH_CHECK(std::isfinite(seconds) && seconds > 0 && seconds <= kMaxSeconds,
               "_fma_peak_gflops: seconds must be a finite number in (0, ", kMaxSeconds, "], got ",

@@ -1,9 +1,13 @@
-// The machine's fp32 FMA peak, measured with register-only multiply-adds.
+// The machine's fp32 FMA peak, measured with register-only multiply-adds, and the peak of
+// AVX512_BF16's vdpbf16ps where the CPU has it.
 //
 // A roofline needs the arithmetic ceiling of the path a kernel takes. For fp32 (and for bf16 or
 // fp16 where the CPU has no hardware for them and a kernel converts to fp32) that ceiling is the
 // fp32 FMA rate: the widest FMA instruction the CPU has, issued on independent accumulator
 // chains so that neither latency nor memory limits it. GFLOP/s = 2 * lanes * FMAs / time.
+// For bf16 on the vdpbf16ps micro-kernel it is that instruction's rate: each of its 16 fp32
+// lanes adds two bf16 products, 4 FLOPs a lane (twice an FMA's on AMD Zen 4, the same as an
+// FMA's where it issues at half the FMA rate, as on Sapphire Rapids).
 //
 // Shared by the extension (csrc/cpu/fma_peak.cpp, the operator aigc_ext::_fma_peak_gflops) and
 // the standalone program benchmarks/fma_probe.cpp, so this header includes no torch header.
@@ -34,8 +38,9 @@
 
 namespace aigc_ext::fma_peak {
 
-// The instruction sets the probe has a loop for, narrowest first.
-enum class Isa { kScalar, kAvx2, kAvx512 };
+// The instruction sets the probe has a loop for: fp32 FMAs narrowest first, then vdpbf16ps
+// (bf16 pairs into fp32 accumulators), which widest_isa() never picks.
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
 // What the CPU (and the OS, for the register state) supports.
 struct CpuFeatures {
@@ -49,6 +54,8 @@ struct CpuFeatures {
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -58,8 +65,15 @@ inline const char* isa_name(Isa isa) {
   }
 }
 
-// fp32 lanes per instruction.
-inline int isa_lanes(Isa isa) { return isa == Isa::kAvx512 ? 16 : isa == Isa::kAvx2 ? 8 : 1; }
+// fp32 lanes (accumulators) per instruction.
+inline int isa_lanes(Isa isa) {
+  return isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16 ? 16 : isa == Isa::kAvx2 ? 8 : 1;
+}
+
+// FLOPs per instruction: a multiply and an add per lane, two of each for vdpbf16ps.
+inline int isa_flop_per_instruction(Isa isa) {
+  return 2 * isa_lanes(isa) * (isa == Isa::kAvx512Bf16 ? 2 : 1);
+}
 
 // Independent accumulator chains per loop: FMA latency (4-5 cycles) times throughput (up to 2 a
 // cycle) needs at least 10 in flight. The scalar loop counts a multiply and an add per chain.
@@ -113,6 +127,8 @@ inline CpuFeatures detect_cpu() {
 
 inline bool isa_supported(Isa isa, const CpuFeatures& f = detect_cpu()) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return f.avx512_bf16;
     case Isa::kAvx512:
       return f.avx512f;
     case Isa::kAvx2:
@@ -144,6 +160,30 @@ __attribute__((target("avx512f"), noinline)) inline float run_avx512(int64_t ite
   const __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(0.001f);
 #define AIGC_INIT(i) __m512 x##i = _mm512_set1_ps(seed + 0.01f * i);
 #define AIGC_STEP(i) x##i = _mm512_fmadd_ps(x##i, a, b);
+#define AIGC_SUM(i) s = _mm512_add_ps(s, x##i);
+  AIGC_FMA_PEAK_CHAINS(AIGC_INIT)
+  for (int64_t n = 0; n < iters; ++n) {
+    AIGC_FMA_PEAK_CHAINS(AIGC_STEP)
+  }
+  __m512 s = _mm512_setzero_ps();
+  AIGC_FMA_PEAK_CHAINS(AIGC_SUM)
+#undef AIGC_INIT
+#undef AIGC_STEP
+#undef AIGC_SUM
+  alignas(64) float out[16];
+  _mm512_store_ps(out, s);
+  float total = 0.f;
+  for (float v : out) total += v;
+  return total;
+}
+
+// x = x + a0 * b0 + a1 * b1 per fp32 lane with bf16 pairs a = b = (2^-10, 2^-10): the chains
+// grow by 2^-19 a step from about 1, so they stay normal numbers and finite at any length.
+__attribute__((target("avx512f,avx512bf16"), noinline)) inline float run_avx512_bf16(int64_t iters,
+                                                                                     float seed) {
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3A80);  // bf16 2^-10
+#define AIGC_INIT(i) __m512 x##i = _mm512_set1_ps(seed + 0.01f * i);
+#define AIGC_STEP(i) x##i = _mm512_dpbf16_ps(x##i, a, a);
 #define AIGC_SUM(i) s = _mm512_add_ps(s, x##i);
   AIGC_FMA_PEAK_CHAINS(AIGC_INIT)
   for (int64_t n = 0; n < iters; ++n) {
@@ -204,6 +244,7 @@ __attribute__((noinline)) inline float run_scalar(int64_t iters, float seed) {
 // One chunk of the loop for `isa`; the caller has checked isa_supported(isa).
 inline float run_chunk(Isa isa, int64_t iters, float seed) {
 #if AIGC_FMA_PEAK_X86
+  if (isa == Isa::kAvx512Bf16) return run_avx512_bf16(iters, seed);
   if (isa == Isa::kAvx512) return run_avx512(iters, seed);
   if (isa == Isa::kAvx2) return run_avx2(iters, seed);
 #endif
@@ -212,7 +253,8 @@ inline float run_chunk(Isa isa, int64_t iters, float seed) {
 
 // FLOPs one thread does in one chunk of `iters` iterations.
 inline double chunk_flop(Isa isa, int64_t iters) {
-  return 2.0 * isa_lanes(isa) * kAccumulators * static_cast<double>(iters);
+  return static_cast<double>(isa_flop_per_instruction(isa)) * kAccumulators *
+         static_cast<double>(iters);
 }
 
 // ---------------------------------------------------------------------------------------------

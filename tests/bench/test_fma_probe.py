@@ -90,7 +90,7 @@ def test_every_supported_isa_runs_and_wider_is_faster():
 
 def test_unsupported_isa_is_refused():
     info = _info()
-    for isa, key in (("avx2", "avx2_fma"), ("avx512", "avx512f")):
+    for isa, key in (("avx2", "avx2_fma"), ("avx512", "avx512f"), ("avx512_bf16", "avx512_bf16")):
         if info[key] == "0":
             with pytest.raises(RuntimeError, match=f"isa='{isa}' is not supported by this CPU"):
                 torch.ops.aigc_ext._fma_peak_gflops(0.01, 1, isa)
@@ -106,7 +106,10 @@ def test_unsupported_isa_is_refused():
         ((61.0,), r"seconds must be .*, got 61"),
         ((0.01, -1), r"threads must be in \[0, 4096\] .*, got -1"),
         ((0.01, 5000), r"threads must be in \[0, 4096\] .*, got 5000"),
-        ((0.01, 1, "sse"), r"isa must be one of auto, scalar, avx2, avx512; got 'sse'"),
+        (
+            (0.01, 1, "sse"),
+            r"isa must be one of auto, scalar, avx2, avx512, avx512_bf16; got 'sse'",
+        ),
     ],
 )
 def test_bad_arguments_are_named(args, message):
@@ -157,6 +160,12 @@ def test_program_prints_per_core_and_all_thread_figures(probe_binary: Path):
     assert PLAUSIBLE_PER_CORE[0] < per_core[widest] < PLAUSIBLE_PER_CORE[1]
     assert per_core[widest] >= per_core["scalar"]
     assert 0 < together < 2 * per_core[widest] * 1.5
+    dp = re.search(
+        r"^per core, vdpbf16ps \(avx512_bf16, bf16 pairs into fp32\): ([\d.]+) GFLOP/s$", text, re.M
+    )
+    assert (dp is not None) == (_info()["avx512_bf16"] == "1"), text
+    if dp is not None:  # two bf16 products a lane: up to twice the fp32 FMA's FLOPs
+        assert 0.7 * per_core[widest] < float(dp.group(1)) < 2.4 * per_core[widest]
     assert elapsed < 10, f"0.2 s per figure took {elapsed:.1f} s"
 
 

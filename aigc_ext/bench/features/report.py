@@ -30,21 +30,29 @@ CAPTION = (
 def machine() -> dict:
     """CPU model and flags, threads, torch and aigc_ext versions (as aigc-ext info reports)."""
     from aigc_ext._version import __version__
+    from aigc_ext.cpu_family import cpu_family
     from aigc_ext.info import cpu_description
 
     model, isa = cpu_description()
     return {
-        "cpu": {"model": model, "isa": isa, "threads": torch.get_num_threads()},
+        "cpu": {
+            "model": model,
+            "family": cpu_family().label(),
+            "isa": isa,
+            "threads": torch.get_num_threads(),
+        },
         "torch": torch.__version__,
         "aigc_ext": __version__,
     }
 
 
 def machine_line(doc: dict | None = None) -> str:
+    from aigc_ext.info import cpu_summary
+
     doc = doc or machine()
     cpu = doc["cpu"]
     return (
-        f"machine: {cpu['model']} ({', '.join(cpu['isa']) or 'no listed ISA flags'}), "
+        f"machine: {cpu_summary(cpu)}, "
         f"{cpu['threads']} threads, torch {doc['torch']}, aigc_ext {doc['aigc_ext']}"
     )
 
