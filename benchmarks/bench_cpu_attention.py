@@ -64,7 +64,7 @@ import aigc_ext
 from aigc_ext.bench import emulate
 from aigc_ext.bench.flops import attention_flop
 from aigc_ext.bench.measure import reset_peak_rss, status_kib
-from aigc_ext.bench.roofline import cpu_peaks
+from aigc_ext.bench.roofline import CPU_KERNEL_BACKEND, Peaks, cpu_peaks
 from aigc_ext.cpu_family import cpu_family
 
 DTYPES = {
@@ -414,6 +414,10 @@ class Row:
     max_abs_diff: float | None = None
     spread: float | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    # Our kernel's GFLOP/s over the peak of the path it takes here (roofline.Peaks.for_row with
+    # the cpu backend: fp32 FMA, vdpbf16ps or AMX); None without a peak (fp64, --memory).
+    peak_gflops: float | None = None
+    peak_fraction: float | None = None
 
 
 def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -491,11 +495,20 @@ TABLE = [
     ("ours GF/s", 9, lambda r: _fmt(r.gflops.get("ours"), 1, ".1f")),
     ("flash GF/s", 10, lambda r: _fmt(r.gflops.get("torch-flash"), 1, ".1f")),
     ("math GF/s", 9, lambda r: _fmt(r.gflops.get("torch-math"), 1, ".1f")),
+    ("% peak", 6, lambda r: _percent_of_peak(r.peak_fraction)),
     ("ours/flash", 10, lambda r: _fmt(r.ratio_flash, 1, ".2f")),
     ("ours/math", 9, lambda r: _fmt(r.ratio_math, 1, ".2f")),
     ("max|diff|", 9, lambda r: _fmt(r.max_abs_diff, 1, ".1e")),
     ("spread", 6, lambda r: _fmt(r.spread, 100, ".0f", "%")),
 ]
+
+
+def _percent_of_peak(fraction: float | None) -> str:
+    """At most 100%: above it (a peak probed while other work loaded the machine) reads
+    "100%*", as in aigc-ext bench."""
+    if fraction is None:
+        return "-"
+    return "100%*" if fraction > 1.0 else f"{fraction * 100:.0f}%"
 
 
 def _fmt(value: float | None, mult: float, spec: str, suffix: str = "") -> str:
@@ -546,6 +559,19 @@ def summarize(rows: list[Row]) -> list[dict]:
                 "min": getattr(worst, attr),
                 "min_cell": _cell_name(worst),
             }
+        # The roofline: the best cell, and the range over the long ones (L >= 2048, E >= 128),
+        # where the two GEMMs dominate.
+        scaled = [r for r in rs if r.peak_fraction is not None]
+        if scaled:
+            best = max(scaled, key=lambda r: r.peak_fraction)
+            long = [r.peak_fraction for r in scaled if r.seq_q >= 2048 and r.head_dim >= 128]
+            entry["peak"] = {
+                "gflops": best.peak_gflops,
+                "best": best.peak_fraction,
+                "best_cell": _cell_name(best),
+                "long_min": min(long) if long else None,
+                "long_max": max(long) if long else None,
+            }
         summary.append(entry)
     return summary
 
@@ -565,6 +591,27 @@ def print_summary(summary: list[dict]) -> None:
                 f"({s['min_cell']}) over {s['cells']} cells"
             )
         print(f"  {e['dtype']:<4} {e['mode']:<7}  " + "; ".join(parts))
+    peaks = [e for e in summary if "peak" in e]
+    if peaks:
+        print(
+            "ours as % of the peak of its path (peak line above; 100%* = above a peak probed low):"
+        )
+    for e in peaks:
+        p = e["peak"]
+        text = f"best {_percent_of_peak(p['best'])} ({p['best_cell']})"
+        if p["long_min"] is not None:
+            lo, hi = _percent_of_peak(p["long_min"]), _percent_of_peak(p["long_max"])
+            text += f"; L >= 2048, E >= 128: {lo}" + (f" to {hi}" if hi != lo else "")
+        print(f"  {e['dtype']:<4} {e['mode']:<7}  of {p['gflops']:.1f} GFLOP/s: {text}")
+
+
+def set_peak_fraction(row: Row, peaks: Peaks | None) -> None:
+    """Our kernel's fraction of the peak of its path (the cpu backend's rows of the roofline)."""
+    peak = peaks.for_row(row.dtype, CPU_KERNEL_BACKEND) if peaks is not None else None
+    ours = row.gflops.get("ours")
+    if peak and ours is not None:
+        row.peak_gflops = peak
+        row.peak_fraction = ours / peak
 
 
 def run_grid(args) -> tuple[list[Row], list[dict]]:
@@ -581,6 +628,7 @@ def run_grid(args) -> tuple[list[Row], list[dict]]:
                 for length in args.seqs:
                     for head_dim in args.head_dims:
                         row = bench_cell(args, dtype, mode, causal, length, head_dim)
+                        set_peak_fraction(row, args.peaks)
                         print_row(row)
                         rows.append(row)
                         gc.collect()
@@ -799,13 +847,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_kernel:
         aigc_ext.ops.cpu_kernel_config(**args.cpu_kernel)
     info = machine_info(args.threads)
+    args.peaks = None
     if args.emulate:
         info["emulation"] = emulate.EMULATIONS[args.emulate].describe()
     if not args.memory:
         # The roofline of aigc-ext bench: fp32 FMA probe, a bounded bf16/fp16 matmul only where
         # the CPU has hardware for the dtype (about a second per probe on any machine).
         names = [DTYPE_NAMES[d] for d in args.dtypes if DTYPE_NAMES[d] != "fp64"]
-        info["peaks"] = cpu_peaks(list(dict.fromkeys(names)), args.threads).as_dict()
+        args.peaks = cpu_peaks(list(dict.fromkeys(names)), args.threads)
+        info["peaks"] = args.peaks.as_dict()
     print_machine_info(info)
     print()
     report: dict = {
