@@ -44,3 +44,32 @@ def test_paged_decode_equals_the_contiguous_cache(isa, dtype, group, page_size, 
     tol = 2e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out_p.float(), out_c.float(), atol=tol, rtol=0)
     torch.testing.assert_close(lse_p, lse_c, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4])  # fused P V (one or two rows) and the GEMM paths
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("mods", [{}, {"softcap": 20.0, "window_size": (700, 0)}])
+def test_the_cache_layout_leaves_every_bit(isa, dtype, group, num_splits, mods):
+    # A (B, S, H, D) cache holds every KV head in each key row: a decoding task takes all heads
+    # of a batch row, one block of keys at a time. A head-major cache (the same values through
+    # a (B, H, S, D) tensor) takes a task per head. Each head's work, split and block order
+    # stay the same, so the outputs and logsumexps must agree to the bit.
+    hkv, length = 3, 1300
+    q = rand((2, 1, hkv * group, 64), dtype, seed=4)
+    k_rows = rand((2, length, hkv, 64), dtype, seed=5)
+    v_rows = rand((2, length, hkv, 64), dtype, seed=6)
+    k_heads = k_rows.transpose(1, 2).contiguous().transpose(1, 2)
+    v_heads = v_rows.transpose(1, 2).contiguous().transpose(1, 2)
+    assert k_heads.stride(2) > k_heads.stride(1) and torch.equal(k_heads, k_rows)
+    seqlens = torch.tensor([length, 777], dtype=torch.int32)
+    kw = dict(cache_seqlens=seqlens, causal=True, num_splits=num_splits, **mods)
+    with cpu_isa(isa):
+        out_r, lse_r = fa.flash_attn_with_kvcache(q, k_rows, v_rows, return_softmax_lse=True, **kw)
+        out_h, lse_h = fa.flash_attn_with_kvcache(
+            q, k_heads, v_heads, return_softmax_lse=True, **kw
+        )
+    assert torch.isfinite(out_r).all()
+    assert torch.equal(out_r, out_h)
+    assert torch.equal(lse_r, lse_h)
