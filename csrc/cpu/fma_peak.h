@@ -156,25 +156,28 @@ static_assert(kAccumulators == 12, "the loops below spell out 12 chains");
 #define AIGC_FMA_PEAK_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
 #if AIGC_FMA_PEAK_X86
+// The zmm loops' body, around AIGC_STEP(i) (one instruction on chain x##i): 12 chains from
+// about 1, then their sum.
+#define AIGC_ZMM_CHAINS_BODY            \
+  AIGC_FMA_PEAK_CHAINS(AIGC_INIT)       \
+  for (int64_t n = 0; n < iters; ++n) { \
+    AIGC_FMA_PEAK_CHAINS(AIGC_STEP)     \
+  }                                     \
+  __m512 s = _mm512_setzero_ps();       \
+  AIGC_FMA_PEAK_CHAINS(AIGC_SUM)        \
+  alignas(64) float out[16];            \
+  _mm512_store_ps(out, s);              \
+  float total = 0.f;                    \
+  for (float v : out) total += v;       \
+  return total;
+#define AIGC_INIT(i) __m512 x##i = _mm512_set1_ps(seed + 0.01f * i);
+#define AIGC_SUM(i) s = _mm512_add_ps(s, x##i);
+
 __attribute__((target("avx512f"), noinline)) inline float run_avx512(int64_t iters, float seed) {
   const __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(0.001f);
-#define AIGC_INIT(i) __m512 x##i = _mm512_set1_ps(seed + 0.01f * i);
 #define AIGC_STEP(i) x##i = _mm512_fmadd_ps(x##i, a, b);
-#define AIGC_SUM(i) s = _mm512_add_ps(s, x##i);
-  AIGC_FMA_PEAK_CHAINS(AIGC_INIT)
-  for (int64_t n = 0; n < iters; ++n) {
-    AIGC_FMA_PEAK_CHAINS(AIGC_STEP)
-  }
-  __m512 s = _mm512_setzero_ps();
-  AIGC_FMA_PEAK_CHAINS(AIGC_SUM)
-#undef AIGC_INIT
+  AIGC_ZMM_CHAINS_BODY
 #undef AIGC_STEP
-#undef AIGC_SUM
-  alignas(64) float out[16];
-  _mm512_store_ps(out, s);
-  float total = 0.f;
-  for (float v : out) total += v;
-  return total;
 }
 
 // x = x + a0 * b0 + a1 * b1 per fp32 lane with bf16 pairs a = b = (2^-10, 2^-10): the chains
@@ -182,24 +185,13 @@ __attribute__((target("avx512f"), noinline)) inline float run_avx512(int64_t ite
 __attribute__((target("avx512f,avx512bf16"), noinline)) inline float run_avx512_bf16(int64_t iters,
                                                                                      float seed) {
   const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3A80);  // bf16 2^-10
-#define AIGC_INIT(i) __m512 x##i = _mm512_set1_ps(seed + 0.01f * i);
 #define AIGC_STEP(i) x##i = _mm512_dpbf16_ps(x##i, a, a);
-#define AIGC_SUM(i) s = _mm512_add_ps(s, x##i);
-  AIGC_FMA_PEAK_CHAINS(AIGC_INIT)
-  for (int64_t n = 0; n < iters; ++n) {
-    AIGC_FMA_PEAK_CHAINS(AIGC_STEP)
-  }
-  __m512 s = _mm512_setzero_ps();
-  AIGC_FMA_PEAK_CHAINS(AIGC_SUM)
-#undef AIGC_INIT
+  AIGC_ZMM_CHAINS_BODY
 #undef AIGC_STEP
-#undef AIGC_SUM
-  alignas(64) float out[16];
-  _mm512_store_ps(out, s);
-  float total = 0.f;
-  for (float v : out) total += v;
-  return total;
 }
+#undef AIGC_INIT
+#undef AIGC_SUM
+#undef AIGC_ZMM_CHAINS_BODY
 
 __attribute__((target("avx2,fma"), noinline)) inline float run_avx2(int64_t iters, float seed) {
   const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(0.001f);

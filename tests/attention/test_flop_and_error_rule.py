@@ -6,13 +6,11 @@ The benchmark scripts count FLOPs with the package's model, and the test suite's
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_benchmark
 from sdpa_testing import assert_error_rule
 
 from aigc_ext.bench import config, flops
@@ -26,17 +24,11 @@ from aigc_ext.testing import (
     within_bound,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 F64 = torch.float64
 
 
 def _load_script(name: str, monkeypatch):
-    """Imports ``benchmarks/<name>.py`` for the test (its dataclasses need it in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 
 from aigc_ext.bench.roofline import Peak, Peaks
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cpu_attention.py"
 
 
 @pytest.fixture
 def script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_cpu_attention_roofline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_cpu_attention", monkeypatch, "bench_cpu_attention_roofline")
 
 
 def _row(script, dtype: str, gflops: float | None, seq: int = 2048, head_dim: int = 128):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 
 from aigc_ext.bench import emulate, measure, roofline
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cpu_attention.py"
 ALL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
 
 
@@ -101,11 +99,7 @@ def test_the_roofline_hides_what_the_emulated_family_lacks(monkeypatch, no_emula
 
 
 def _load_script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_cpu_attention_emulate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_cpu_attention", monkeypatch, "bench_cpu_attention_emulate")
 
 
 def test_the_benchmark_restarts_itself_and_sets_the_kernel(monkeypatch, no_emulation):
