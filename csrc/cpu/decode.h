@@ -122,39 +122,53 @@ inline void prefetch_rows(const KeyRows<T>& rows, int64_t j, int64_t n, int64_t 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for G <= 2 rows of probabilities and
-// fp32 or bf16 values (widened on the fly). Each 64-column chunk of the rows' accumulators stays
-// in registers across all keys, and bf16 values need no fp32 copy written and read back: a
-// decoding step is bound by memory traffic.
-template <typename T>
-void pv_rows(const float* s, int64_t lds, int64_t G, const T* v, int64_t ldv, int64_t nb,
-             float* acc, int64_t Ev) {
+// acc[g * Ev + e] += sum_j s[g * lds + j] * v[j * ldv + e] for kG <= 4 rows of probabilities
+// and fp32 or bf16 values (widened on the fly). Each 64-column chunk of the rows' accumulators
+// stays in registers across all keys (4 kG of them, kG broadcasts and one value vector), and
+// bf16 values need no fp32 copy written and read back: a decoding step is bound by memory
+// traffic.
+template <typename T, int kG>
+void pv_rows_of(const float* s, int64_t lds, const T* v, int64_t ldv, int64_t nb, float* acc,
+                int64_t Ev) {
   for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
     __mmask16 mk[4];
     for (int u = 0; u < 4; ++u) {
       const int64_t left = std::clamp<int64_t>(Ev - c0 - 16 * u, 0, 16);
       mk[u] = static_cast<__mmask16>((1u << left) - 1);
     }
-    __m512 a0[4], a1[4];
-    for (int u = 0; u < 4; ++u) {
-      a0[u] = _mm512_maskz_loadu_ps(mk[u], acc + c0 + 16 * u);
-      a1[u] = G > 1 ? _mm512_maskz_loadu_ps(mk[u], acc + Ev + c0 + 16 * u) : _mm512_setzero_ps();
-    }
+    __m512 a[kG][4];
+    for (int g = 0; g < kG; ++g)
+      for (int u = 0; u < 4; ++u)
+        a[g][u] = _mm512_maskz_loadu_ps(mk[u], acc + g * Ev + c0 + 16 * u);
     for (int64_t j = 0; j < nb; ++j) {
       const T* vj = v + j * ldv + c0;
-      const __m512 p0 = _mm512_set1_ps(s[j]);
-      const __m512 p1 = _mm512_set1_ps(G > 1 ? s[lds + j] : 0.f);
+      __m512 pr[kG];
+      for (int g = 0; g < kG; ++g) pr[g] = _mm512_set1_ps(s[g * lds + j]);
       for (int u = 0; u < 4; ++u) {
         if (!mk[u]) break;
         const __m512 x = load16_f32(vj + 16 * u, mk[u]);
-        a0[u] = _mm512_fmadd_ps(p0, x, a0[u]);
-        if (G > 1) a1[u] = _mm512_fmadd_ps(p1, x, a1[u]);
+        for (int g = 0; g < kG; ++g) a[g][u] = _mm512_fmadd_ps(pr[g], x, a[g][u]);
       }
     }
-    for (int u = 0; u < 4; ++u) {
-      _mm512_mask_storeu_ps(acc + c0 + 16 * u, mk[u], a0[u]);
-      if (G > 1) _mm512_mask_storeu_ps(acc + Ev + c0 + 16 * u, mk[u], a1[u]);
-    }
+    for (int g = 0; g < kG; ++g)
+      for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(acc + g * Ev + c0 + 16 * u, mk[u], a[g][u]);
+  }
+}
+
+// pv_rows_of for G in 1..kPvRowsMax rows.
+constexpr int64_t kPvRowsMax = 4;
+template <typename T>
+void pv_rows(const float* s, int64_t lds, int64_t G, const T* v, int64_t ldv, int64_t nb,
+             float* acc, int64_t Ev) {
+  switch (G) {
+    case 1:
+      return pv_rows_of<T, 1>(s, lds, v, ldv, nb, acc, Ev);
+    case 2:
+      return pv_rows_of<T, 2>(s, lds, v, ldv, nb, acc, Ev);
+    case 3:
+      return pv_rows_of<T, 3>(s, lds, v, ldv, nb, acc, Ev);
+    default:
+      return pv_rows_of<T, 4>(s, lds, v, ldv, nb, acc, Ev);
   }
 }
 
@@ -197,10 +211,13 @@ void decode_impl(const AttentionForwardParams& p) {
   const int64_t ntasks = B * Hkv * splits;
   // Partial states: (B, Hkv, splits, G) rows of m, l and acc (Ev).
   std::vector<A> part_m(ntasks * G), part_l(ntasks * G), part_acc(ntasks * G * Ev);
-  // One or two fp32 or bf16 rows: P V straight from the values (pv_rows).
+  // A few rows: P V straight from the values (pv_rows).
   bool fused_pv = false;
 #if defined(CPU_CAPABILITY_AVX512)
-  fused_pv = (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) && G <= 2;
+  // bf16 up to kPvRowsMax rows (its scores are dot products or a BLAS product either way);
+  // fp32 only up to two, since more rows take the micro-kernel scores below.
+  fused_pv =
+      std::is_same_v<T, c10::BFloat16> ? G <= kPvRowsMax : std::is_same_v<T, float> && G <= 2;
 #endif
   // fp32 scores of more rows on the micro-kernels, as the backward recomputes them: the same
   // products in the same order give the same scores, so the backward's probabilities stay
