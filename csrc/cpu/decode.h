@@ -25,7 +25,9 @@ namespace {
 // key split). A task takes every query row of the GQA group at once (group * L rows), so each
 // key and value is read once per group, streams its keys in blocks (converted to fp32 when
 // needed), keeps a partial online-softmax state (m, l, acc) per row, and the partial states
-// of the splits are merged at the end through their logsumexps.
+// of the splits are merged at the end through their logsumexps. Where the cache's key rows
+// hold every KV head side by side, a thread runs the tasks of all KV heads of a (batch, key
+// split) together, block by block (see decode_impl).
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Lane j of the result is the sum of the 16 lanes of v[j]: a transpose-and-add tree, 45
@@ -197,8 +199,8 @@ void decode_impl(const AttentionForwardParams& p) {
   // Read head by head, over the whole cache each time, every slice costs a TLB miss and the
   // prefetchers follow nothing. There a task takes every KV head of a batch row and split, and
   // each block of keys (kDecodeBlock) goes to every head in turn while its rows' pages are in
-  // the TLB and its lines nearby in the caches: a bf16 step (B = 8, 32 query and 8 KV heads,
-  // 8192 keys) took 25-30% less time on an AMD Zen 4, a paged one with 16-key pages 30%.
+  // the TLB and its lines nearby in the caches: on an AMD Zen 4 a bf16 step (B = 8, 32 query and
+  // 8 KV heads, 8192 keys, D = 128) went from 41.4 to 32.0 ms, an fp32 one from 57.2 to 47.4.
   const bool interleaved = Hkv > 1 && p.k_stride_h < p.k_stride_l && p.v_stride_h < p.v_stride_l;
   const int64_t heads_per_task = interleaved ? Hkv : 1;
   int64_t splits =
@@ -209,6 +211,7 @@ void decode_impl(const AttentionForwardParams& p) {
   const int64_t blocks_per_split = ceil_div(nblocks, splits);
   splits = ceil_div(nblocks, blocks_per_split);
   const int64_t ntasks = B * Hkv * splits;
+  const int64_t nunits = ntasks / heads_per_task;  // what a thread takes at a time
   // Partial states: (B, Hkv, splits, G) rows of m, l and acc (Ev).
   std::vector<A> part_m(ntasks * G), part_l(ntasks * G), part_acc(ntasks * G * Ev);
   // A few rows: P V straight from the values (pv_rows).
@@ -255,7 +258,7 @@ void decode_impl(const AttentionForwardParams& p) {
     }
   };
 
-  parallel_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+  parallel_tasks(nunits, [&](std::atomic<int64_t>& next) {
     A* qf_all = thread_buffer<A, 20>(heads_per_task * G * E);
     A* sbuf = thread_buffer<A, 21>(G * kDecodeLds);
     A* kf = thread_buffer<A, 22>(kReduced<T> ? kDecodeBlock * E : 0);
@@ -352,157 +355,154 @@ void decode_impl(const AttentionForwardParams& p) {
           fn(j0, w, kr.row(n0 + j0), vr.row(n0 + j0));
         }
       };
-      {
-        const bool one_page = kr.run(n0, nb) == nb && vr.run(n0, nb) == nb;
-        const A* kb = nullptr;
-        const A* vb = nullptr;
-        int64_t ldk = 0, ldv = 0;
-        bool scores_done = false;
+      const bool one_page = kr.run(n0, nb) == nb && vr.run(n0, nb) == nb;
+      const A* kb = nullptr;
+      const A* vb = nullptr;
+      int64_t ldk = 0, ldv = 0;
+      bool scores_done = false;
 #if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
-          // amortise converting the keys for a GEMM.
-          if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
-            for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
-              qk_dot(qb, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
-            });
-            scores_done = true;
-          }
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        // Dot products pay a horizontal sum each: worth it for a few rows only; more rows
+        // amortise converting the keys for a GEMM.
+        if (G <= kDecodeDotRows && cpu_has_avx512_bf16()) {
+          for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+            qk_dot(qb, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
+          });
+          scores_done = true;
         }
-        if constexpr (std::is_same_v<T, float>) {
-          if (fused_pv) {
-            for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
-              qk_dot(qf, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
-            });
-            scores_done = true;
-          }
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (fused_pv) {
+          for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+            qk_dot(qf, G, E, kp, p.k_stride_l, w, sbuf + j0, kDecodeLds);
+          });
+          scores_done = true;
         }
+      }
 #endif
-        if constexpr (kReduced<T>) {
-          // Widened: the keys unless their scores are done, the values unless pv_rows reads them.
-          const int widen = (scores_done ? 0 : kAheadK) | (fused_pv ? 0 : kAheadV);
-          if (widen != 0)
-            for_pages(n0, nb, widen, [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
-              for (int64_t j = 0; j < w; ++j) {
-                if (widen & kAheadK) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
-                if (widen & kAheadV) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
+      if constexpr (kReduced<T>) {
+        // Widened: the keys unless their scores are done, the values unless pv_rows reads them.
+        const int widen = (scores_done ? 0 : kAheadK) | (fused_pv ? 0 : kAheadV);
+        if (widen != 0)
+          for_pages(n0, nb, widen, [&](int64_t j0, int64_t w, const T* kp, const T* vp) {
+            for (int64_t j = 0; j < w; ++j) {
+              if (widen & kAheadK) convert_row(kp + j * p.k_stride_l, kf + (j0 + j) * E, E);
+              if (widen & kAheadV) convert_row(vp + j * p.v_stride_l, vf + (j0 + j) * Ev, Ev);
+            }
+          });
+        kb = kf;
+        vb = vf;
+        ldk = E;
+        ldv = Ev;
+      } else if (one_page) {
+        kb = kr.row(n0);
+        vb = vr.row(n0);
+        ldk = p.k_stride_l;
+        ldv = p.v_stride_l;
+      }
+#if AIGC_EXT_MICROKERNEL
+      if constexpr (std::is_same_v<T, float>) {
+        if (micro_scores) {
+          // 64 keys at a time: their panels stay in L1 between packing and the product. Pages
+          // that start on a panel (16 keys) are packed side by side into one product; others
+          // take a product each (whose columns past the page, up to the next 16, land on keys
+          // computed next or on the row's padding).
+          for (int64_t w0 = 0; w0 < nb; w0 += kDecodePanelKeys) {
+            const int64_t ww = std::min(kDecodePanelKeys, nb - w0);
+            bool aligned = true;
+            for_pages(n0 + w0, ww, 0, [&](int64_t j0, int64_t, const T*, const T*) {
+              aligned = aligned && j0 % mk::kNR == 0;
+            });
+            for_pages(n0 + w0, ww, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+              if (aligned) {
+                mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel + j0 * E);
+              } else {
+                mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel);
+                mk::gemm(G, w, E, false, qf, E, kpanel, E * mk::kNR, sbuf + w0 + j0, kDecodeLds,
+                         false);
               }
             });
-          kb = kf;
-          vb = vf;
-          ldk = E;
-          ldv = Ev;
-        } else if (one_page) {
-          kb = kr.row(n0);
-          vb = vr.row(n0);
-          ldk = p.k_stride_l;
-          ldv = p.v_stride_l;
-        }
-#if AIGC_EXT_MICROKERNEL
-        if constexpr (std::is_same_v<T, float>) {
-          if (micro_scores) {
-            // 64 keys at a time: their panels stay in L1 between packing and the product. Pages
-            // that start on a panel (16 keys) are packed side by side into one product; others
-            // take a product each (whose columns past the page, up to the next 16, land on keys
-            // computed next or on the row's padding).
-            for (int64_t w0 = 0; w0 < nb; w0 += kDecodePanelKeys) {
-              const int64_t ww = std::min(kDecodePanelKeys, nb - w0);
-              bool aligned = true;
-              for_pages(n0 + w0, ww, 0, [&](int64_t j0, int64_t, const T*, const T*) {
-                aligned = aligned && j0 % mk::kNR == 0;
-              });
-              for_pages(n0 + w0, ww, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
-                if (aligned) {
-                  mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel + j0 * E);
-                } else {
-                  mk::pack_panels(/*trans=*/true, E, w, kp, p.k_stride_l, kpanel);
-                  mk::gemm(G, w, E, false, qf, E, kpanel, E * mk::kNR, sbuf + w0 + j0, kDecodeLds,
-                           false);
-                }
-              });
-              if (aligned)
-                mk::gemm(G, ww, E, false, qf, E, kpanel, E * mk::kNR, sbuf + w0, kDecodeLds, false);
-            }
-            scores_done = true;
+            if (aligned)
+              mk::gemm(G, ww, E, false, qf, E, kpanel, E * mk::kNR, sbuf + w0, kDecodeLds, false);
           }
+          scores_done = true;
         }
+      }
 #endif
-        if (!scores_done) {
-          if (kb != nullptr) {
-            blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeLds);
-          } else if constexpr (!kReduced<T>) {  // (reduced types always have kb: kf)
-            for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
-              blas_gemm<A>(false, true, G, w, E, qf, E, kp, p.k_stride_l, A(0), sbuf + j0,
-                           kDecodeLds);
-            });
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = hk * group + g / L, i = g % L;
-          A* s = sbuf + g * kDecodeLds;
-          if (i >= sq.len_q) {
-            std::fill(s, s + nb, A(0));
-            continue;
-          }
-          const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, nb);
-          const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, nb);
-          A eff_scale = scale;
-          if (mods) {
-            score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0, nullptr);
-            if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
-              apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
-                                   mask_ptr(p, mesize, b, h, i, n0 + lo));
-            eff_scale = 1;
-          } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
-            apply_mask_row<T, A>(
-                s, valid, scale, p,
-                p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
-            eff_scale = 1;
-          }
-          std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
-          if (valid > lo &&
-              online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
-            if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, n0);
-            std::fill(s, s + lo, A(0));
-            std::fill(s + valid, s + nb, A(0));
-          } else {
-            std::fill(s, s + nb, A(0));  // nothing visible: P = 0, state unchanged
-          }
-        }
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
-          if (fused_pv) {
-            for_pages(n0, nb, kAheadV, [&](int64_t j0, int64_t w, const T*, const T* vp) {
-              pv_rows(sbuf + j0, kDecodeLds, G, vp, p.v_stride_l, w, acc, Ev);
-            });
-            return;
-          }
-        }
-#endif
-        if (vb != nullptr) {
-          blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeLds, vb, ldv, A(1), acc, Ev);
-        } else if constexpr (!kReduced<T>) {  // (reduced types always have vb: vf)
-          for_pages(n0, nb, kAheadV, [&](int64_t j0, int64_t w, const T*, const T* vp) {
-#if AIGC_EXT_MICROKERNEL
-            // A small page's values packed for the micro-kernel (in L1): a BLAS call would cost
-            // more than its product. Larger pages stay with BLAS, which reads them in place.
-            if constexpr (std::is_same_v<T, float>) {
-              if (micro_pv && w <= kDecodePanelKeys) {
-                mk::pack_panels(/*trans=*/false, w, Ev, vp, p.v_stride_l, vpanel);
-                mk::gemm(G, Ev, w, false, sbuf + j0, kDecodeLds, vpanel, w * mk::kNR, acc, Ev,
-                         /*add=*/true);
-                return;
-              }
-            }
-#endif
-            blas_gemm<A>(false, false, G, Ev, w, sbuf + j0, kDecodeLds, vp, p.v_stride_l, A(1), acc,
-                         Ev);
+      if (!scores_done) {
+        if (kb != nullptr) {
+          blas_gemm<A>(false, true, G, nb, E, qf, E, kb, ldk, A(0), sbuf, kDecodeLds);
+        } else if constexpr (!kReduced<T>) {  // (reduced types always have kb: kf)
+          for_pages(n0, nb, kAheadK, [&](int64_t j0, int64_t w, const T* kp, const T*) {
+            blas_gemm<A>(false, true, G, w, E, qf, E, kp, p.k_stride_l, A(0), sbuf + j0,
+                         kDecodeLds);
           });
         }
       }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * group + g / L, i = g % L;
+        A* s = sbuf + g * kDecodeLds;
+        if (i >= sq.len_q) {
+          std::fill(s, s + nb, A(0));
+          continue;
+        }
+        const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, nb);
+        const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, nb);
+        A eff_scale = scale;
+        if (mods) {
+          score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0, nullptr);
+          if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
+            apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
+                                 mask_ptr(p, mesize, b, h, i, n0 + lo));
+          eff_scale = 1;
+        } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+          apply_mask_row<T, A>(
+              s, valid, scale, p,
+              p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+          eff_scale = 1;
+        }
+        std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
+        if (valid > lo && online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
+          if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, n0);
+          std::fill(s, s + lo, A(0));
+          std::fill(s + valid, s + nb, A(0));
+        } else {
+          std::fill(s, s + nb, A(0));  // nothing visible: P = 0, state unchanged
+        }
+      }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
+        if (fused_pv) {
+          for_pages(n0, nb, kAheadV, [&](int64_t j0, int64_t w, const T*, const T* vp) {
+            pv_rows(sbuf + j0, kDecodeLds, G, vp, p.v_stride_l, w, acc, Ev);
+          });
+          return;
+        }
+      }
+#endif
+      if (vb != nullptr) {
+        blas_gemm<A>(false, false, G, Ev, nb, sbuf, kDecodeLds, vb, ldv, A(1), acc, Ev);
+      } else if constexpr (!kReduced<T>) {  // (reduced types always have vb: vf)
+        for_pages(n0, nb, kAheadV, [&](int64_t j0, int64_t w, const T*, const T* vp) {
+#if AIGC_EXT_MICROKERNEL
+          // A small page's values packed for the micro-kernel (in L1): a BLAS call would cost
+          // more than its product. Larger pages stay with BLAS, which reads them in place.
+          if constexpr (std::is_same_v<T, float>) {
+            if (micro_pv && w <= kDecodePanelKeys) {
+              mk::pack_panels(/*trans=*/false, w, Ev, vp, p.v_stride_l, vpanel);
+              mk::gemm(G, Ev, w, false, sbuf + j0, kDecodeLds, vpanel, w * mk::kNR, acc, Ev,
+                       /*add=*/true);
+              return;
+            }
+          }
+#endif
+          blas_gemm<A>(false, false, G, Ev, w, sbuf + j0, kDecodeLds, vp, p.v_stride_l, A(1), acc,
+                       Ev);
+        });
+      }
     };
     std::vector<Task> tasks(heads_per_task);
-    for (int64_t u = next++; u < ntasks / heads_per_task; u = next++) {
+    for (int64_t u = next++; u < nunits; u = next++) {
       // u = (b, sp) with every head of the batch row (interleaved), or u = t.
       const int64_t b_u = interleaved ? u / splits : 0, sp_u = interleaved ? u % splits : 0;
       int64_t started = 0;

@@ -153,6 +153,26 @@ inline A row_max(const A* s, int64_t n) {
   return m;
 }
 
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// The end of a softcap tier's pass (row_exp_sum_tier_avx512, row_exp_sum_tier_avx2), given the
+// largest s^2 of its n scores s: false where a score lies beyond the tier (or is infinite),
+// else true with *xmax the pass's max(x) in nats. The exponent at sqrt(max s^2) bounds it (x is
+// increasing in s on the tier) and stands for it, unless it exceeds lazy_max, where the caller
+// redoes the row against the new maximum: then the true maximum is taken.
+inline bool tier_top_exponent(const SoftcapTier& tier, float t_top, float scale, float shift,
+                              const float* s, int64_t n, float lazy_max, float* xmax) {
+  if (!(t_top <= tier.bound)) return false;
+  const auto nats = [&](float x) {
+    return tier.exponent2(x, scale * kLog2e, shift * kLog2e) * kLn2;
+  };
+  float x_top = nats(std::sqrt(t_top));
+  if (x_top > lazy_max) x_top = nats(row_max(s, n));  // the true maximum: the new shift
+  *xmax = x_top;
+  return true;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // exp(x) for 16 floats: x = n*ln2 + r with |r| <= ln2/2 (ln2 split in two for the reduction),
 // e^r by its Taylor polynomial of degree 6 (relative error ~1e-7), 2^n applied with vscalefps.
@@ -210,9 +230,6 @@ inline __m512 exp2_avx512(__m512 x) {
   }
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
-
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
 
 // tanh for 16 floats on the rational fit above; the division as vrcp14ps and one Newton step
 // (relative error ~2^-23; vdivps would cost more than the rest of the softcap). The clamp keeps
@@ -340,9 +357,6 @@ __attribute__((target("avx512bf16"))) inline bool row_exp_sum_tier_avx512(const 
     for (int c = kTerms - 2; c >= 0; --c) poly = _mm512_fmadd_ps(poly, t, vp[c]);
     return _mm512_fmsub_ps(x, _mm512_fmadd_ps(poly, t, vscale), vshift);
   };
-  const auto exponent1 = [&](float x) {  // nats
-    return tier.exponent2(x, scale * kLog2e, shift * kLog2e) * kLn2;
-  };
   // vmaxps returns its second operand where one is NaN: with the new value first, the running
   // maxima of s^2 never turn NaN and keep an infinite score's +inf (NaN scores give NaN either
   // way).
@@ -368,10 +382,7 @@ __attribute__((target("avx512bf16"))) inline bool row_exp_sum_tier_avx512(const 
     store_probs_tail(out + i, k, e);
   }
   const float t_top = _mm512_reduce_max_ps(_mm512_max_ps(tmax, tmax1));
-  if (!(t_top <= tier.bound)) return false;
-  float x_top = exponent1(std::sqrt(t_top));
-  if (x_top > lazy_max) x_top = exponent1(row_max(s, n));  // the true maximum: the new shift
-  *xmax = x_top;
+  if (!tier_top_exponent(tier, t_top, scale, shift, s, n, lazy_max, xmax)) return false;
   *sum = _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1));
   return true;
 }
@@ -398,9 +409,6 @@ inline __m256 exp2_avx2(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-
-constexpr float kLog2eAvx2 = 1.44269504088896341f;
-constexpr float kLn2Avx2 = 0.693147180559945309f;
 
 // tanh for 8 floats on the rational fit above (vdivps ymm is cheap enough here). The clamp keeps
 // NaN (vminps/vmaxps return their second operand when one is NaN).
@@ -432,10 +440,10 @@ inline __m256 tanh_avx2(__m256 x) {
 template <typename T, bool kCap>
 inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shift, float softcap,
                               T* out, float* xmax) {
-  const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
-  const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
+  const __m256 vscale = _mm256_set1_ps(scale * kLog2e);
+  const __m256 vshift = _mm256_set1_ps(shift * kLog2e);
   const __m256 vinv = _mm256_set1_ps(kCap ? scale / softcap : 0.f);
-  const __m256 vcap = _mm256_set1_ps(softcap * kLog2eAvx2);
+  const __m256 vcap = _mm256_set1_ps(softcap * kLog2e);
   const auto exponent = [&](__m256 x) {
     if constexpr (kCap) {
       return _mm256_fmsub_ps(tanh_avx2(_mm256_mul_ps(x, vinv)), vcap, vshift);
@@ -483,7 +491,7 @@ inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shif
   _mm256_store_ps(lanes, _mm256_add_ps(vsum, vsum1));
   float total = 0;
   for (int j = 0; j < 8; ++j) total += lanes[j];
-  *xmax = mx * kLn2Avx2;
+  *xmax = mx * kLn2;
   return total;
 }
 
@@ -492,8 +500,8 @@ inline float row_exp_sum_avx2(const float* s, int64_t n, float scale, float shif
 inline bool row_exp_sum_tier_avx2(const float* s, int64_t n, float scale, float shift,
                                   const SoftcapTier& tier, float lazy_max, float* out, float* xmax,
                                   float* sum) {
-  const __m256 vscale = _mm256_set1_ps(scale * kLog2eAvx2);
-  const __m256 vshift = _mm256_set1_ps(shift * kLog2eAvx2);
+  const __m256 vscale = _mm256_set1_ps(scale * kLog2e);
+  const __m256 vshift = _mm256_set1_ps(shift * kLog2e);
   const __m256 p0 = _mm256_set1_ps(tier.p[0]), p1 = _mm256_set1_ps(tier.p[1]);
   const __m256 p2 = _mm256_set1_ps(tier.p[2]), p3 = _mm256_set1_ps(tier.p[3]);
   const auto exponent = [&](__m256 x, __m256 t) {
@@ -501,7 +509,7 @@ inline bool row_exp_sum_tier_avx2(const float* s, int64_t n, float scale, float 
     return _mm256_fmsub_ps(x, _mm256_fmadd_ps(poly, t, vscale), vshift);
   };
   const auto exponent2 = [&](float x) {  // base 2, one score
-    return tier.exponent2(x, scale * kLog2eAvx2, shift * kLog2eAvx2);
+    return tier.exponent2(x, scale * kLog2e, shift * kLog2e);
   };
   // New values first in vmaxps: the maxima of s^2 never turn NaN (see the AVX-512 pass).
   __m256 vsum = _mm256_setzero_ps(), vsum1 = vsum, tmax = vsum, tmax1 = vsum;
@@ -529,12 +537,9 @@ inline bool row_exp_sum_tier_avx2(const float* s, int64_t n, float scale, float 
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_max_ps(tmax, tmax1));
   for (int j = 0; j < 8; ++j) t_top = std::max(t_top, lanes[j]);
-  if (!(t_top <= tier.bound)) return false;
+  if (!tier_top_exponent(tier, t_top, scale, shift, s, n, lazy_max, xmax)) return false;
   _mm256_store_ps(lanes, _mm256_add_ps(vsum, vsum1));
   for (int j = 0; j < 8; ++j) total += lanes[j];
-  float x_top = exponent2(std::sqrt(t_top)) * kLn2Avx2;
-  if (x_top > lazy_max) x_top = exponent2(row_max(s, n)) * kLn2Avx2;  // the true maximum
-  *xmax = x_top;
   *sum = total;
   return true;
 }
