@@ -18,7 +18,15 @@ from aigc_ext import dispatch
 from aigc_ext._version import __version__
 from aigc_ext.cpu_family import cpu_family
 
-__all__ = ["ISA_FLAGS", "compiled_in", "cpu_description", "cpu_summary", "describe", "format_text"]
+__all__ = [
+    "ISA_FLAGS",
+    "compiled_in",
+    "cpu_description",
+    "cpu_document",
+    "cpu_summary",
+    "describe",
+    "format_text",
+]
 
 # The /proc/cpuinfo flags that matter to the kernels, in the order they are reported.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
@@ -45,6 +53,18 @@ def cpu_description() -> tuple[str, list[str]]:
     except OSError:
         pass
     return model, [f for f in ISA_FLAGS if f in flags]
+
+
+def cpu_document() -> dict:
+    """The ``cpu`` entry of a machine document: model name, generation (:mod:`aigc_ext.cpu_family`),
+    ISA flags and torch's thread count."""
+    model, isa = cpu_description()
+    return {
+        "model": model,
+        "family": cpu_family().label(),
+        "isa": isa,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def cpu_summary(cpu: dict) -> str:
@@ -74,19 +94,13 @@ def compiled_in() -> dict:
 
 def describe() -> dict:
     """The machine document (JSON-serialisable); loads the plugins for the backend list."""
-    model, isa = cpu_description()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "aigc_ext": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": {
-            "model": model,
-            "family": cpu_family().label(),
-            "isa": isa,
-            "threads": torch.get_num_threads(),
-        },
+        "cpu": cpu_document(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": {"available": torch.cuda.is_available(), "devices": gpus},
         "cpu_kernel": _cpu_ops().cpu_kernel_config(),

@@ -30,17 +30,10 @@ CAPTION = (
 def machine() -> dict:
     """CPU model and flags, threads, torch and aigc_ext versions (as aigc-ext info reports)."""
     from aigc_ext._version import __version__
-    from aigc_ext.cpu_family import cpu_family
-    from aigc_ext.info import cpu_description
+    from aigc_ext.info import cpu_document
 
-    model, isa = cpu_description()
     return {
-        "cpu": {
-            "model": model,
-            "family": cpu_family().label(),
-            "isa": isa,
-            "threads": torch.get_num_threads(),
-        },
+        "cpu": cpu_document(),
         "torch": torch.__version__,
         "aigc_ext": __version__,
     }
