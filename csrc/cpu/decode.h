@@ -448,20 +448,8 @@ void decode_impl(const AttentionForwardParams& p) {
         }
         const int64_t lo = std::clamp<int64_t>(sq.lo(i) - n0, 0, nb);
         const int64_t valid = std::clamp<int64_t>(sq.hi(i) - n0, lo, nb);
-        A eff_scale = scale;
-        if (mods) {
-          score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, n0, nullptr);
-          if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
-            apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
-                                 mask_ptr(p, mesize, b, h, i, n0 + lo));
-          eff_scale = 1;
-        } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
-          apply_mask_row<T, A>(
-              s, valid, scale, p,
-              p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
-          eff_scale = 1;
-        }
-        std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
+        const A eff_scale =
+            prepare_row_scores<T, A>(s, lo, valid, scale, mods, p, mesize, sq, b, h, i, n0);
         if (valid > lo && online_softmax_block(s, valid, eff_scale, m[g], l[g], acc + g * Ev, Ev)) {
           if (f.dropout_p > 0) drop.apply(s, lo, valid, b * Hq + h, i, n0);
           std::fill(s, s + lo, A(0));

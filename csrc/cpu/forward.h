@@ -219,20 +219,9 @@ void forward_impl(const AttentionForwardParams& p, const KernelOptions& opt) {
             A* s = sbuf + r * lds + c0;
             // Keys base + [lo, valid) take part for this row.
             const int64_t lo = row_lo[r], valid = row_hi[r];
-            A eff_scale = scale;
-            if (mods && !fused_cap) {
-              score_mods_row<A>(s, lo, valid, scale, f, sq, h, i, base, nullptr);
-              if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
-                apply_mask_row<T, A>(s + lo, valid - lo, A(1), p,
-                                     mask_ptr(p, mesize, b, h, i, base + lo));
-              eff_scale = 1;
-            } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
-              apply_mask_row<T, A>(
-                  s, valid, scale, p,
-                  p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, base));
-              eff_scale = 1;
-            }
-            std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
+            // (A fused softcap is applied by the exponential pass instead.)
+            A eff_scale = prepare_row_scores<T, A>(s, lo, valid, scale, mods && !fused_cap, p,
+                                                   mesize, sq, b, h, i, base);
             A* acc_row = acc + ri * ev_pad;
             if constexpr (!std::is_same_v<T, double>) {
               // Lazy rescaling: exponentiate against the running maximum m and track the block's

@@ -133,6 +133,31 @@ inline void score_mods_row(A* s, int64_t start, int64_t end, A scale, const Flas
   }
 }
 
+// Query row i's raw scores s[0, valid), of sequence keys n0 + j, made ready for the forward's
+// exponential: with mods the score modifications (softcap, ALiBi; scale included) on [lo,
+// valid), then the mask added unscaled; else the mask with the scale (also where scale <= 0);
+// keys before lo (before the row's window) set to -inf. Returns the scale still to apply: 1
+// where one of those applied it, else scale (the fused passes apply it). b, h index the mask.
+template <typename T, typename A>
+inline A prepare_row_scores(A* s, int64_t lo, int64_t valid, A scale, bool mods,
+                            const AttentionForwardParams& p, size_t mesize, const Sequence& sq,
+                            int64_t b, int64_t h, int64_t i, int64_t n0) {
+  A eff_scale = scale;
+  if (mods) {
+    score_mods_row<A>(s, lo, valid, scale, p.flash, sq, h, i, n0, nullptr);
+    if (p.mask_kind != MaskKind::kNone)  // added after the modifications, unscaled
+      apply_mask_row<T, A>(s + lo, valid - lo, A(1), p, mask_ptr(p, mesize, b, h, i, n0 + lo));
+    eff_scale = 1;
+  } else if (p.mask_kind != MaskKind::kNone || !(scale > 0)) {
+    apply_mask_row<T, A>(
+        s, valid, scale, p,
+        p.mask_kind == MaskKind::kNone ? nullptr : mask_ptr(p, mesize, b, h, i, n0));
+    eff_scale = 1;
+  }
+  std::fill(s, s + lo, neg_inf<A>());  // keys before the window take no part
+  return eff_scale;
+}
+
 // ------------------------------------------------------------------------------------------
 // Dropout: Philox4x32-10 keep mask (docs/flash-contract.md)
 // ------------------------------------------------------------------------------------------
